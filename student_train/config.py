@@ -1,0 +1,118 @@
+"""The training run's configuration: one dataclass, from which the command line is generated."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, dataclass, field, fields
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run (bad flag, student/cache mismatch); says what to fix."""
+
+
+DIVERGENCES = ("fkl", "fkl_tail", "rkl")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TrainConfig:
+    cache: str = _opt(MISSING, "teacher cache directory or fsspec URL")
+    out: str = _opt(MISSING, "run directory: checkpoint, metrics.jsonl, summary.json, student/")
+    student: str = _opt("xs", "student preset (xs, s, m, l)")
+    overrides: dict[str, str] = _opt(
+        None, "override a preset field, e.g. --set hidden_size=256 (repeatable)", flag="--set",
+        metavar="KEY=VALUE")
+    max_steps: int = _opt(200, "optimizer steps to train for")
+    batch_size: int = _opt(8, "sequences per micro-step summed over all ranks (the global batch "
+                           "is batch_size * grad_accum)")
+    grad_accum: int = _opt(1, "micro-steps accumulated per optimizer step")
+    lr: float = _opt(3e-3, "peak learning rate")
+    min_lr_ratio: float = _opt(0.1, "final learning rate of the cosine decay, as a fraction of lr")
+    warmup: int = _opt(20, "linear warmup steps")
+    weight_decay: float = _opt(0.1, "AdamW weight decay (matrices only)")
+    grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0 disables)")
+    ce_weight: float = _opt(1.0, "weight of the cross-entropy on the true next token")
+    kd_weight: float = _opt(1.0, "weight of the divergence to the teacher's top-k (0: CE only)")
+    divergence: str = _opt("fkl", "divergence to the teacher", choices=DIVERGENCES)
+    temperature: float = _opt(1.0, "distillation temperature")
+    select: str = _opt("none", "training rows: none, top:F (highest-score fraction F) or random:F")
+    val_fraction: float = _opt(0.05, "fraction of sequences held out for evaluation (chosen by a "
+                               "hash of the seq_id)")
+    shuffle_buffer: int = _opt(256, "rows in the shuffle buffer (each holds seq_len * top_k "
+                                "teacher entries in memory)")
+    seed: int = _opt(0, "seed of the model init and the data order")
+    eval_every: int = _opt(50, "evaluate every N steps (and at the end; 0: only at the end)")
+    eval_batch_size: int = _opt(8, "sequences per evaluation forward")
+    checkpoint_every: int = _opt(50, "write a checkpoint every N steps (0: only at the end)")
+    log_every: int = _opt(10, "write a training metrics record every N steps")
+    resume: bool = _opt(False, "continue from OUT/checkpoint.pt if it exists")
+    precision: str = _opt("auto", "auto: bf16 autocast on GPUs that support it, fp32 on CPU",
+                          choices=PRECISIONS)
+    device: str = _opt("auto", "auto, cpu, cuda")
+    workers: int = _opt(0, "data loader worker processes per rank")
+    loss_impl: str = _opt("auto", "kernels.sparse_kd_loss implementation (auto, reference, triton)")
+
+    def __post_init__(self) -> None:
+        self.overrides = dict(self.overrides or {})
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_batch_size", "shuffle_buffer"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError("--val-fraction must be in [0, 1)")
+        if self.ce_weight < 0 or self.kd_weight < 0 or self.ce_weight + self.kd_weight == 0:
+            raise ConfigError("--ce-weight and --kd-weight must be >= 0 and not both 0")
+        if self.temperature <= 0:
+            raise ConfigError("--temperature must be positive")
+
+    @property
+    def rows_per_step(self) -> int:
+        """Sequences per optimizer step over all ranks."""
+        return self.batch_size * self.grad_accum
+
+
+# What a resumed run may change without changing the result of the steps already taken.
+RESUMABLE_CHANGES = frozenset({
+    "out", "cache", "max_steps", "eval_every", "checkpoint_every", "log_every", "resume", "device",
+    "workers", "eval_batch_size"})
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set hidden_size=256")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
+    """One flag per TrainConfig field (`batch_size` -> `--batch-size`), help from the field."""
+    for f in fields(TrainConfig):
+        if f.name in skip:
+            continue
+        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
+        required = f.default is MISSING
+        help_text = f.metadata["help"] + ("" if required else f" (default: {f.default})")
+        if f.type == "bool":
+            parser.add_argument(flag, dest=f.name, action="store_true", help=f.metadata["help"])
+        elif f.name == "overrides":
+            parser.add_argument(flag, dest=f.name, action="append", default=[],
+                                metavar=f.metadata["metavar"], help=f.metadata["help"])
+        else:
+            kind = {"int": int, "float": float, "str": str}[f.type]
+            parser.add_argument(flag, dest=f.name, type=kind, required=required,
+                                default=None if required else f.default,
+                                choices=f.metadata.get("choices"), help=help_text)
+
+
+def config_from_args(args: argparse.Namespace, **fixed: Any) -> TrainConfig:
+    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
+    values["overrides"] = parse_overrides(values.get("overrides") or [])
+    values.update(fixed)
+    return TrainConfig(**values)
