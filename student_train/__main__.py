@@ -1,0 +1,44 @@
+"""`python -m student_train --cache DIR --student xs --out DIR --max-steps N ...`
+
+Under `torchrun --nproc_per_node N -m student_train ...` every process runs this and the run is DDP.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch.distributed as dist
+
+from student_train.config import ConfigError, add_arguments, config_from_args
+from student_train.presets import PRESETS
+from teacher_cache.format import CacheError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m student_train",
+        description="Train a student on a teacher cache with CE on the true tokens plus a "
+                    "divergence to the teacher's cached top-k logprobs. Student presets: "
+                    + ", ".join(PRESETS) + ".")
+    add_arguments(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from student_train.train import train  # after argument errors, so --help stays fast
+
+    try:
+        train(config_from_args(args))
+    except (CacheError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

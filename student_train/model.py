@@ -1,0 +1,74 @@
+"""The student: a Llama from transformers, its distillation objective, and its saved form."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+from kernels import sparse_kd_loss
+from student_train.data import IGNORE_INDEX
+from teacher_cache.format import Manifest
+
+log = logging.getLogger(__name__)
+
+
+def build_student(config: LlamaConfig, seed: int) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Distinct parameters: a tied embedding counts once."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+class DistillationObjective(nn.Module):
+    """CE on the true next token plus a divergence to the teacher's cached top-k, as one module so
+    DistributedDataParallel wraps the whole step. The full [tokens, vocab] logits never exist: the
+    loss kernel takes the final hidden states and the LM head weight."""
+
+    def __init__(self, student: LlamaForCausalLM, *, divergence: str, temperature: float,
+                 ce_weight: float, kd_weight: float, impl: str = "auto"):
+        super().__init__()
+        self.student = student
+        self.loss_options = dict(divergence=divergence, temperature=temperature,
+                                 ce_weight=ce_weight, kd_weight=kd_weight,
+                                 ignore_index=IGNORE_INDEX, impl=impl)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, topk_ids: torch.Tensor,
+                topk_logprobs: torch.Tensor) -> torch.Tensor:
+        hidden = self.student.model(input_ids=input_ids, use_cache=False).last_hidden_state
+        weight = self.student.lm_head.weight
+        # Under autocast the hidden states come out in bf16 while the weight stays float32.
+        return sparse_kd_loss(hidden.flatten(0, 1).to(weight.dtype), weight, labels.flatten(),
+                              topk_ids.flatten(0, 1), topk_logprobs.flatten(0, 1),
+                              **self.loss_options)
+
+
+def save_student(student: LlamaForCausalLM, out_dir: str | os.PathLike,
+                 manifest: Manifest) -> Path:
+    """A Hugging Face model directory (config, safetensors, and the teacher's tokenizer when its
+    path in the manifest exists on this machine) that `AutoModelForCausalLM` loads."""
+    out = Path(out_dir)
+    student.save_pretrained(out, safe_serialization=True)
+    teacher_path = manifest.teacher.get("path")
+    if teacher_path and os.path.exists(teacher_path):
+        try:
+            tokenizer = _load_tokenizer(teacher_path)
+        except (OSError, ValueError) as e:
+            log.warning("teacher tokenizer at %s not copied: %s", teacher_path, e)
+        else:
+            tokenizer.save_pretrained(out)
+    return out
+
+
+def _load_tokenizer(path: str):
+    if path.endswith(".gguf"):
+        return AutoTokenizer.from_pretrained(os.path.dirname(path) or ".",
+                                             gguf_file=os.path.basename(path))
+    return AutoTokenizer.from_pretrained(path)

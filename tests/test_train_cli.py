@@ -1,0 +1,104 @@
+"""`python -m student_train`: bad input gets one clear message and exit code 2, before any step."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from student_train.__main__ import build_parser, main
+from student_train.synthetic import write_synthetic_cache
+
+TINY = ["--set", "hidden_size=32", "--set", "num_hidden_layers=1", "--set",
+        "num_attention_heads=2", "--set", "num_key_value_heads=2", "--set", "intermediate_size=64"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cache")
+    write_synthetic_cache(path, sequences=24, seq_len=8, top_k=2, vocab_size=64, rows_per_shard=8)
+    return path
+
+
+def run(cache, out, *extra) -> int:
+    return main(["--cache", str(cache), "--out", str(out), "--max-steps", "2", "--batch-size", "2",
+                 *TINY, *extra])
+
+
+def expect_error(capsys, code: int, *fragments: str) -> None:
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ")
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--cache", "--student", "--out", "--max-steps", "--batch-size", "--grad-accum",
+                 "--lr", "--warmup", "--ce-weight", "--kd-weight", "--divergence",
+                 "--temperature", "--select", "--seed", "--eval-every", "--checkpoint-every",
+                 "--resume", "--set"):
+        assert flag in text
+
+
+def test_a_good_run_exits_zero(cache_dir, tmp_path):
+    assert run(cache_dir, tmp_path) == 0
+    assert (tmp_path / "student" / "model.safetensors").exists()
+
+
+def test_missing_cache(tmp_path, capsys):
+    expect_error(capsys, run(tmp_path / "nowhere", tmp_path / "out"), "nowhere",
+                 "no manifest.json")
+
+
+def test_incomplete_cache(tmp_path, capsys):
+    write_synthetic_cache(tmp_path / "cache", sequences=8, seq_len=8, top_k=2, vocab_size=64,
+                          rows_per_shard=8, complete=False)
+    expect_error(capsys, run(tmp_path / "cache", tmp_path / "out"), "incomplete")
+
+
+def test_vocabulary_mismatch(cache_dir, tmp_path, capsys):
+    expect_error(capsys, run(cache_dir, tmp_path, "--set", "vocab_size=100"),
+                 "vocab_size 100", "64")
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_corrupt_shard(cache_dir, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    shutil.copytree(cache_dir, cache)
+    shard = cache / "shards" / "shard-000001.arrow"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    expect_error(capsys, run(cache, tmp_path / "out"), "shard-000001.arrow", "checksum")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--set", "depth=3"], "--set depth"),
+    (["--set", "hidden_size=big"], "--set hidden_size=big"),
+    (["--student", "xxl"], "unknown student preset 'xxl'"),
+    (["--select", "top:2"], "--select"),
+    (["--select", "top:0.5"], "no score"),
+    (["--batch-size", "0"], "--batch-size"),
+])
+def test_bad_settings(cache_dir, tmp_path, capsys, extra, message):
+    expect_error(capsys, run(cache_dir, tmp_path, *extra), message)
+
+
+def test_resume_with_other_settings_is_refused(cache_dir, tmp_path, capsys):
+    assert run(cache_dir, tmp_path) == 0
+    capsys.readouterr()
+    expect_error(capsys, run(cache_dir, tmp_path, "--resume", "--lr", "0.5"), "lr", "--resume")
+
+
+def test_resume_of_a_finished_run_changes_nothing(cache_dir, tmp_path):
+    assert run(cache_dir, tmp_path) == 0
+    weights = Path(tmp_path / "student" / "model.safetensors").read_bytes()
+    assert run(cache_dir, tmp_path, "--resume") == 0
+    assert Path(tmp_path / "student" / "model.safetensors").read_bytes() == weights

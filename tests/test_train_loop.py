@@ -1,0 +1,138 @@
+"""The training loop on a tiny synthetic cache: learning, exact resume, DDP, the saved student."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+import student_train.train as train_module
+from student_train.checkpoint import load_checkpoint
+from student_train.config import TrainConfig
+from student_train.data import TrainStream, split_rows
+from student_train.selection import Selection
+from student_train.synthetic import write_synthetic_cache
+from student_train.train import lr_factor, train
+from teacher_cache.reader import open_cache
+
+TINY = {"hidden_size": "32", "num_hidden_layers": "1", "num_attention_heads": "2",
+        "num_key_value_heads": "2", "intermediate_size": "64"}
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cache")
+    write_synthetic_cache(path, sequences=48, seq_len=16, top_k=4, vocab_size=128,
+                          rows_per_shard=8, seed=2)
+    return str(path)
+
+
+def tiny_config(cache_dir, out, **changes) -> TrainConfig:
+    values = dict(cache=cache_dir, out=str(out), student="xs", overrides=dict(TINY), max_steps=8,
+                  batch_size=4, lr=1e-2, warmup=2, eval_every=4, checkpoint_every=4, log_every=1,
+                  val_fraction=0.2, shuffle_buffer=8, eval_batch_size=4)
+    return TrainConfig(**(values | changes))
+
+
+def records(out, key) -> list[dict]:
+    lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if key in r]
+
+
+def test_a_few_steps_lower_the_loss(cache_dir, tmp_path):
+    summary = train(tiny_config(cache_dir, tmp_path, max_steps=30, eval_every=10))
+    losses = [r["loss"] for r in records(tmp_path, "loss")]
+    evals = records(tmp_path, "val_ce")
+    assert [r["step"] for r in evals] == [0, 10, 20, 30]
+    assert sum(losses[-5:]) < 0.8 * sum(losses[:5])
+    assert evals[-1]["val_ce"] < evals[0]["val_ce"] - 0.3
+    assert evals[-1]["val_kl"] < evals[0]["val_kl"]
+    assert summary["tokens_seen"] == 30 * 4 * 16
+    assert summary["val_ce"] == evals[-1]["val_ce"]
+    assert 0 <= summary["val_top1"] <= 1
+
+
+def test_resume_continues_exactly(cache_dir, tmp_path, monkeypatch):
+    train(tiny_config(cache_dir, tmp_path / "straight", grad_accum=2))
+
+    save = train_module.save_checkpoint
+
+    def save_then_crash(run_dir, state):
+        save(run_dir, state)
+        if state["step"] == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(cache_dir, tmp_path / "resumed", grad_accum=2))
+    monkeypatch.undo()
+    checkpoint = load_checkpoint(tmp_path / "resumed")
+    assert checkpoint["step"] == 4
+    assert checkpoint["data"]["micro_batches"] == 8
+    with (tmp_path / "resumed" / "metrics.jsonl").open("a") as f:  # written after the checkpoint
+        f.write(json.dumps({"step": 5, "loss": 123.0}) + "\n")
+    train(tiny_config(cache_dir, tmp_path / "resumed", grad_accum=2, resume=True))
+
+    for key in ("loss", "val_ce"):
+        straight, resumed = records(tmp_path / "straight", key), records(tmp_path / "resumed", key)
+        assert [r["step"] for r in straight] == [r["step"] for r in resumed]
+        assert [r[key] for r in resumed] == pytest.approx([r[key] for r in straight], rel=1e-5)
+    straight = load_file(tmp_path / "straight" / "student" / "model.safetensors")
+    resumed = load_file(tmp_path / "resumed" / "student" / "model.safetensors")
+    for name, tensor in straight.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_saved_student_loads_and_gives_the_training_logits(cache_dir, tmp_path):
+    config = tiny_config(cache_dir, tmp_path, max_steps=3)
+    train(config)
+    checkpoint = load_checkpoint(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
+    assert isinstance(loaded, LlamaForCausalLM)
+    trained = LlamaForCausalLM(loaded.config)
+    trained.load_state_dict(checkpoint["model"])
+    split = split_rows(open_cache(cache_dir), config.val_fraction, Selection(), config.seed)
+    batch = next(iter(TrainStream(cache_dir, split.train, global_batch=2, rank=0, world_size=1,
+                                  seed=0, shuffle_buffer=4)))
+    with torch.no_grad():
+        hidden = trained.model(input_ids=batch.input_ids).last_hidden_state
+        expected = hidden @ trained.lm_head.weight.T
+        torch.testing.assert_close(loaded(input_ids=batch.input_ids).logits, expected)
+
+
+@pytest.mark.slow
+def test_ddp_on_two_processes_matches_one_process(cache_dir, tmp_path):
+    single = tiny_config(cache_dir, tmp_path / "single", max_steps=4, eval_every=2)
+    train(single)
+    flags = ["--cache", cache_dir, "--out", str(tmp_path / "ddp"), "--max-steps", "4",
+             "--batch-size", "4", "--lr", "1e-2", "--warmup", "2", "--eval-every", "2",
+             "--checkpoint-every", "4", "--log-every", "1", "--val-fraction", "0.2",
+             "--shuffle-buffer", "8", "--eval-batch-size", "4",
+             *[f for k, v in TINY.items() for f in ("--set", f"{k}={v}")]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "student_train", *flags], env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for key in ("loss", "val_ce", "val_kl", "val_top1"):
+        one, two = records(tmp_path / "single", key), records(tmp_path / "ddp", key)
+        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-4)
+    one = load_file(tmp_path / "single" / "student" / "model.safetensors")
+    two = load_file(tmp_path / "ddp" / "student" / "model.safetensors")
+    for name, tensor in one.items():
+        torch.testing.assert_close(two[name], tensor, rtol=1e-4, atol=1e-5)
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor(cache_dir, tmp_path):
+    config = tiny_config(cache_dir, tmp_path, max_steps=100, warmup=10, min_lr_ratio=0.1)
+    factors = [lr_factor(s, config) for s in range(101)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(factors[9:], factors[10:], strict=False))
+    assert factors[100] == pytest.approx(0.1)
