@@ -1,0 +1,183 @@
+"""Where the documents come from: files, globs, directories, a `datasets` dataset, or the stdlib.
+
+`open_corpus` checks up front that every named path exists and that some file was found; the
+documents themselves are then read lazily, in a deterministic order, by `Corpus.documents()`.
+Files that are not UTF-8 are skipped with a warning and listed in `Corpus.skipped`.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import sys
+import sysconfig
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from teacher_cache.format import CacheError
+
+TEXT_SUFFIXES = (".txt", ".py", ".md")
+RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
+CORPUS_SUFFIXES = TEXT_SUFFIXES + RECORD_SUFFIXES
+STDLIB_EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "dist-packages",
+                        "__pycache__"}
+PARQUET_BATCH_ROWS = 1024
+
+
+@dataclass
+class CorpusConfig:
+    paths: list[str] = field(default_factory=list)  # files, directories or globs; empty = stdlib
+    dataset: str | None = None  # a `datasets.load_dataset` name: hub id, local path or builder
+    split: str = "train"
+    streaming: bool = False
+    text_field: str = "text"
+
+
+@dataclass
+class Corpus:
+    description: str  # stable text naming the source, part of the cache's build identity
+    files: list[Path]  # empty for a `datasets` dataset
+    config: CorpusConfig
+    skipped: list[str] = field(default_factory=list)
+    documents_read: int = 0
+
+    def documents(self) -> Iterator[str]:
+        source = _dataset_documents(self.config) if self.config.dataset else (
+            doc for path in self.files for doc in self._file_documents(path))
+        for doc in source:
+            self.documents_read += 1
+            yield doc
+
+    def _file_documents(self, path: Path) -> Iterator[str]:
+        if path.suffix == ".parquet":
+            yield from _parquet_documents(path, self.config.text_field)
+            return
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            warnings.warn(f"{path}: not UTF-8 ({e.reason} at byte {e.start}); skipped",
+                          stacklevel=2)
+            self.skipped.append(str(path))
+            return
+        if path.suffix == ".jsonl":
+            yield from _jsonl_documents(path, text, self.config.text_field)
+        elif path.suffix == ".json":
+            yield from _json_documents(path, text, self.config.text_field)
+        else:
+            yield text
+
+
+def open_corpus(config: CorpusConfig) -> Corpus:
+    if config.dataset:
+        return Corpus(f"dataset:{config.dataset}:{config.split}:{config.text_field}", [], config)
+    if not config.paths:
+        root = Path(sysconfig.get_paths()["stdlib"])
+        version = ".".join(map(str, sys.version_info[:3]))
+        return Corpus(f"python-stdlib-{version}", stdlib_files(root), config)
+    files: list[Path] = []
+    for spec in config.paths:
+        files.extend(_expand(spec))
+    if not files:
+        raise CacheError(f"corpus {' '.join(config.paths)}: no {'/'.join(CORPUS_SUFFIXES)} "
+                         f"files found; point --corpus at a directory, file or glob with documents")
+    return Corpus(f"files:{' '.join(config.paths)}:{config.text_field}", files, config)
+
+
+def stdlib_files(root: Path) -> list[Path]:
+    """The standard library's own .py files, tests and third-party packages excluded."""
+    found = []
+    for directory, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in STDLIB_EXCLUDED_DIRS]
+        found.extend(Path(directory) / n for n in names if n.endswith(".py"))
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _expand(spec: str) -> list[Path]:
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return sorted((p for p in path.rglob("*") if p.suffix in CORPUS_SUFFIXES and p.is_file()),
+                      key=lambda p: p.relative_to(path).as_posix())
+    if path.is_file():
+        if path.suffix not in CORPUS_SUFFIXES:
+            raise CacheError(f"corpus {spec}: unsupported file type {path.suffix!r}; expected one "
+                             f"of {' '.join(CORPUS_SUFFIXES)}")
+        return [path]
+    if glob.has_magic(spec):
+        return [Path(p) for p in sorted(glob.glob(os.path.expanduser(spec), recursive=True))
+                if Path(p).suffix in CORPUS_SUFFIXES and Path(p).is_file()]
+    raise CacheError(f"corpus {spec}: no such file or directory")
+
+
+def _text_of(record: object, text_field: str, where: str) -> str:
+    if not isinstance(record, dict):
+        raise CacheError(f"{where}: expected a JSON object with a {text_field!r} field, "
+                         f"got {type(record).__name__}")
+    if text_field not in record:
+        raise CacheError(f"{where}: no field {text_field!r}; fields here: "
+                         f"{', '.join(map(str, record)) or '(none)'}; pass --text-field")
+    text = record[text_field]
+    if not isinstance(text, str):
+        raise CacheError(f"{where}: field {text_field!r} is {type(text).__name__}, not a string")
+    return text
+
+
+def _jsonl_documents(path: Path, text: str, text_field: str) -> Iterator[str]:
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise CacheError(f"{path}:{number}: malformed JSON line ({e.msg} at column {e.colno})"
+                             ) from e
+        yield _text_of(record, text_field, f"{path}:{number}")
+
+
+def _json_documents(path: Path, text: str, text_field: str) -> Iterator[str]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise CacheError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from e
+    records = data if isinstance(data, list) else [data]
+    for index, record in enumerate(records):
+        yield _text_of(record, text_field, f"{path}[{index}]")
+
+
+def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        reader = pq.ParquetFile(path)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise CacheError(f"{path}: not a readable parquet file ({e})") from e
+    columns = reader.schema_arrow.names
+    if text_field not in columns:
+        raise CacheError(f"{path}: no column {text_field!r}; columns: {', '.join(columns)}; "
+                         f"pass --text-field")
+    try:
+        for batch in reader.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]):
+            yield from (t for t in batch.column(0).to_pylist() if t is not None)
+    except (pa.ArrowInvalid, OSError) as e:
+        raise CacheError(f"{path}: corrupt parquet data ({e})") from e
+
+
+def _dataset_documents(config: CorpusConfig) -> Iterator[str]:
+    import datasets
+
+    name = config.dataset
+    try:
+        if name and os.path.isfile(name):  # one local data file: let its suffix pick the builder
+            builder = {".jsonl": "json", ".txt": "text"}.get(Path(name).suffix,
+                                                             Path(name).suffix.lstrip("."))
+            data = datasets.load_dataset(builder, data_files=name, split=config.split,
+                                         streaming=config.streaming)
+        else:
+            data = datasets.load_dataset(name, split=config.split, streaming=config.streaming)
+    except Exception as e:  # datasets raises many unrelated types; the user needs one line
+        raise CacheError(f"dataset {name} (split {config.split}): cannot load it ({e})") from e
+    for index, record in enumerate(data):
+        yield _text_of(record, config.text_field, f"dataset {name} row {index}")
