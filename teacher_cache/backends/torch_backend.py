@@ -56,7 +56,7 @@ class TorchBackend:
 
     @torch.inference_mode()
     def predict(self, input_ids: np.ndarray, top_k: int) -> TeacherOutput:
-        ids = torch.as_tensor(input_ids, dtype=torch.long, device=self.device)
+        ids = torch.from_numpy(np.array(input_ids, dtype=np.int64)).to(self.device)
         outputs = [self._predict_batch(chunk, top_k)
                    for chunk in ids.split(self.config.batch_size)]
         return TeacherOutput(*(np.concatenate(parts) for parts in zip(*outputs, strict=True)))

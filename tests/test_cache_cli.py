@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import TINY_SEQ_LEN, TINY_SHARD_ROWS, TINY_TOP_K
+
+from teacher_cache import open_cache
+from teacher_cache.cli import main
+
+
+def tiny_args(out: Path, teacher: Path, corpus: Path | str) -> list[str]:
+    return ["build", "--out", str(out), "--teacher", str(teacher), "--corpus", str(corpus),
+            "--seq-len", str(TINY_SEQ_LEN), "--top-k", str(TINY_TOP_K), "--shard-rows",
+            str(TINY_SHARD_ROWS), "--max-tokens", str(6 * TINY_SEQ_LEN), "--dtype", "fp32",
+            "--no-progress"]
+
+
+def test_help_documents_every_build_flag():
+    result = subprocess.run([sys.executable, "-m", "teacher_cache", "build", "--help"],
+                            capture_output=True, text=True, check=True)
+    for flag in ("--corpus", "--teacher", "--out", "--max-tokens", "--seq-len", "--top-k",
+                 "--backend", "--dataset", "--split", "--streaming", "--text-field",
+                 "--batch-size", "--dtype", "--shard-rows", "--num-workers", "--worker-index",
+                 "--overwrite", "--reference"):
+        assert flag in result.stdout
+
+
+def test_build_then_finalize_from_the_command_line(tmp_path: Path, tiny_teacher_dir: Path,
+                                                   tiny_corpus_dir: Path, capsys):
+    out = tmp_path / "cache"
+    for worker in ("0", "1"):
+        argv = tiny_args(out, tiny_teacher_dir, tiny_corpus_dir)
+        assert main([*argv, "--num-workers", "2", "--worker-index", worker]) == 0
+    assert "finalize" in capsys.readouterr().out
+    assert main(["finalize", "--out", str(out)]) == 0
+    assert "complete, 6 sequences in 2 shards" in capsys.readouterr().out
+    assert open_cache(out).num_sequences == 6
+
+
+@pytest.mark.parametrize("problem, expected", [
+    ("missing", "missing.txt: no such file or directory"),
+    ("bad-line", "bad.jsonl:1: malformed JSON line"),
+    ("bad-field", "fields.jsonl:1: no field 'text'; fields here: body"),
+])
+def test_bad_input_is_one_line_on_stderr_and_exit_2(tmp_path: Path, tiny_teacher_dir: Path,
+                                                     capsys, problem: str, expected: str):
+    (tmp_path / "bad.jsonl").write_text("{oops\n", encoding="utf-8")
+    (tmp_path / "fields.jsonl").write_text(json.dumps({"body": "x"}) + "\n", encoding="utf-8")
+    corpus = {"missing": tmp_path / "missing.txt", "bad-line": tmp_path / "bad.jsonl",
+              "bad-field": tmp_path / "fields.jsonl"}[problem]
+    assert main(tiny_args(tmp_path / "cache", tiny_teacher_dir, corpus)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and expected in err[0]
+
+
+def test_finalize_of_an_empty_directory_exits_2(tmp_path: Path, capsys):
+    assert main(["finalize", "--out", str(tmp_path)]) == 2
+    assert "nothing was built here yet" in capsys.readouterr().err
+
+
+def test_invalid_numbers_exit_2(tmp_path: Path, tiny_teacher_dir: Path, tiny_corpus_dir: Path,
+                                capsys):
+    argv = tiny_args(tmp_path / "cache", tiny_teacher_dir, tiny_corpus_dir)
+    assert main([*argv, "--num-workers", "2", "--worker-index", "2"]) == 2
+    assert "--worker-index must be in [0, 2)" in capsys.readouterr().err

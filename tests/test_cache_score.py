@@ -1,0 +1,131 @@
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from teacher_cache import CacheError, open_cache
+from teacher_cache import score as score_module
+from teacher_cache.build import build_cache
+from teacher_cache.format import read_shard
+from teacher_cache.score import rescore_cache, score_stats, sequence_scores
+
+
+def brute_force_scores(input_ids: np.ndarray, teacher_dir: Path, reference_dir: Path) -> np.ndarray:
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.as_tensor(input_ids, dtype=torch.long)
+    targets = []
+    for path in (teacher_dir, reference_dir):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        with torch.inference_mode():
+            logprobs = torch.log_softmax(model(ids).logits.float(), dim=-1)
+        targets.append(logprobs[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1).double())
+    return (targets[0] - targets[1]).mean(dim=1).numpy()
+
+
+def tables(path: Path) -> list[pa.Table]:
+    cache = open_cache(path)
+    return [read_shard(cache.location, info) for info in cache.shards]
+
+
+def column_values(table: pa.Table, name: str) -> np.ndarray:
+    column = table.column(name).combine_chunks()
+    if pa.types.is_list(column.type) or pa.types.is_fixed_size_list(column.type):
+        column = column.flatten()
+    return column.to_numpy(zero_copy_only=False)
+
+
+def test_sequence_scores_average_target_positions_only():
+    teacher = np.array([[-1.0, -2.0, np.nan], [-0.5, -0.5, np.nan]], dtype=np.float32)
+    reference = np.array([[-3.0, -3.0, np.nan], [-0.5, -1.5, np.nan]], dtype=np.float32)
+    np.testing.assert_allclose(sequence_scores(teacher, reference), [1.5, 0.5])
+
+
+def test_score_stats():
+    stats = score_stats(np.array([1.0, 2.0, np.nan, 3.0, 4.0], dtype=np.float32))
+    assert stats["count"] == 4 and stats["mean"] == 2.5 and stats["min"] == 1 and stats["max"] == 4
+    assert stats["quantiles"]["0.5"] == 2.5
+    assert list(stats["quantiles"]) == [f"0.{i}" for i in range(1, 10)]
+
+
+@pytest.fixture(scope="module")
+def scored_cache(tmp_path_factory, tiny_build_config, tiny_reference_dir: Path) -> Path:
+    out = tmp_path_factory.mktemp("scored") / "cache"
+    build_cache(tiny_build_config(out, reference=str(tiny_reference_dir)))
+    return out
+
+
+def test_build_with_reference_fills_scores(scored_cache: Path, tiny_teacher_dir: Path,
+                                           tiny_reference_dir: Path):
+    cache = open_cache(scored_cache)
+    seq_ids, scores = cache.read_scores()
+    input_ids = np.concatenate([cache.read_shard(i).input_ids for i in cache.shards])
+    expected = brute_force_scores(input_ids, tiny_teacher_dir, tiny_reference_dir)
+    np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-4)
+    score = cache.manifest.score
+    assert score["reference"]["path"] == str(tiny_reference_dir)
+    assert score["stats"]["count"] == len(seq_ids)
+    assert score["stats"]["mean"] == pytest.approx(float(expected.mean()), abs=1e-4)
+
+
+def test_rescore_changes_only_the_score_column(tmp_path: Path, scored_cache: Path,
+                                               tiny_teacher_dir: Path):
+    out = tmp_path / "cache"
+    shutil.copytree(scored_cache, out)
+    before = tables(out)
+    manifest = rescore_cache(str(out), str(tiny_teacher_dir), dtype="fp32", progress=False)
+    after = tables(out)
+    for old, new in zip(before, after, strict=True):
+        assert old.schema == new.schema
+        for name in old.column_names:
+            if name != "score":
+                np.testing.assert_array_equal(column_values(old, name), column_values(new, name))
+    # The teacher as its own reference: every difference is zero.
+    _, scores = open_cache(out).read_scores()
+    np.testing.assert_allclose(scores, 0.0, atol=1e-6)
+    assert manifest.score["reference"]["path"] == str(tiny_teacher_dir)
+    assert manifest.score["stats"]["max"] == pytest.approx(0.0, abs=1e-6)
+    old_manifest = open_cache(scored_cache).manifest
+    assert [s.sha256 for s in manifest.shards] != [s.sha256 for s in old_manifest.shards]
+    assert manifest.totals["sequences"] == old_manifest.totals["sequences"]
+    assert not (out / "rescore").exists()
+
+
+def test_rescore_resumes_after_a_crash(tmp_path: Path, tiny_cache: Path, scored_cache: Path,
+                                       tiny_reference_dir: Path, monkeypatch):
+    out = tmp_path / "cache"
+    shutil.copytree(tiny_cache, out)
+    real_write_shard = score_module.write_shard
+    calls = []
+
+    def crash_on_second_shard(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated crash")
+        return real_write_shard(*args, **kwargs)
+
+    monkeypatch.setattr(score_module, "write_shard", crash_on_second_shard)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        rescore_cache(str(out), str(tiny_reference_dir), dtype="fp32", progress=False)
+    with pytest.raises(CacheError, match="incomplete"):
+        open_cache(out)
+    monkeypatch.undo()
+
+    manifest = rescore_cache(str(out), str(tiny_reference_dir), dtype="fp32", progress=False)
+    # Same reference and dtype as the scored build: the same shards, byte for byte.
+    assert manifest.shards == open_cache(scored_cache).manifest.shards
+    assert manifest.score["stats"] == open_cache(scored_cache).manifest.score["stats"]
+
+
+def test_reference_with_another_tokenizer_is_refused(tmp_path: Path, tiny_cache: Path,
+                                                     tiny_teacher_dir: Path):
+    other = tmp_path / "other"
+    shutil.copytree(tiny_teacher_dir, other)
+    (other / "tokenizer.json").write_text('{"version": "1.0"}', encoding="utf-8")
+    with pytest.raises(CacheError, match="tokenizer .* differs"):
+        rescore_cache(str(tiny_cache), str(other), progress=False)
