@@ -98,7 +98,7 @@ def add_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -
             continue
         flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
         required = f.default is MISSING
-        help_text = f.metadata["help"] + ("" if required else f" (default: {f.default})")
+        help_text = f.metadata["help"] + ("" if required else " (default: %(default)s)")
         if f.type == "bool":
             parser.add_argument(flag, dest=f.name, action="store_true", help=f.metadata["help"])
         elif f.name == "overrides":
