@@ -1,0 +1,236 @@
+"""Forward + backward of the fused LM-head sparse KD loss on a GPU, against its baselines.
+
+For each shape (N tokens, hidden H, vocabulary V, teacher top-k) in bf16 it times loss + backward
+(median of triton.testing.do_bench) and the peak memory above the inputs for:
+  triton         kernels.sparse_kd_loss(impl="triton")
+  reference      the chunked torch reference, eager
+  compiled       the same under torch.compile (compile time excluded)
+  liger_ce       Liger-Kernel's fused linear cross-entropy (CE only), when importable
+  floor          the three LM-head GEMMs alone (logits, grad_h, grad_W) with cuBLAS
+and prints effective TFLOP/s (6 N H V / time) and each time's ratio to the floor.
+
+    python benchmarks/bench_kernel.py --out runs/bench_kernel.json [--n 8192 --v 32768 ...]
+
+Without CUDA it prints why and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import platform
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from kernels import sparse_kd_loss
+from kernels.reference import KDSpec, sparse_kd_loss_reference
+
+IMPLS = ("triton", "reference", "compiled", "liger_ce", "floor")
+
+
+@dataclass(frozen=True)
+class Shape:
+    n: int
+    h: int
+    v: int
+    k: int
+
+    @property
+    def flops(self) -> float:
+        return 6.0 * self.n * self.h * self.v
+
+
+@dataclass
+class Result:
+    shape: Shape
+    impl: str
+    ms: float | None = None
+    tflops: float | None = None
+    peak_mib: float | None = None
+    ratio_to_floor: float | None = None
+    error: str | None = None
+
+
+@dataclass
+class Problem:
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    labels: torch.Tensor
+    topk_ids: torch.Tensor
+    topk_logprobs: torch.Tensor
+
+
+def make_problem(shape: Shape, seed: int = 0) -> Problem:
+    gen = torch.Generator(device="cuda").manual_seed(seed)
+    kw = dict(device="cuda", generator=gen)
+    hidden = torch.randn(shape.n, shape.h, dtype=torch.bfloat16, **kw).requires_grad_()
+    weight = (torch.randn(shape.v, shape.h, **kw) / shape.h**0.5).bfloat16().requires_grad_()
+    labels = torch.randint(0, shape.v, (shape.n,), **kw)
+    labels[::16] = -100
+    topk_ids = torch.randint(0, shape.v, (shape.n, shape.k), **kw)
+    # A plausible teacher: its top-k holds 90% of the mass.
+    topk_logprobs = torch.log_softmax(torch.randn(shape.n, shape.k, **kw) * 2, -1) + math.log(0.9)
+    return Problem(hidden, weight, labels, topk_ids, topk_logprobs.float())
+
+
+def loss_step(impl: str, problem: Problem, divergence: str) -> Callable[[], None]:
+    """One forward + backward of impl on problem."""
+    p = problem
+    spec = KDSpec(divergence)
+    if impl == "triton":
+        def run() -> torch.Tensor:
+            return sparse_kd_loss(p.hidden, p.weight, p.labels, p.topk_ids, p.topk_logprobs,
+                                  divergence=divergence, impl="triton")
+    elif impl in ("reference", "compiled"):
+        fn = sparse_kd_loss_reference if impl == "reference" else torch.compile(
+            sparse_kd_loss_reference
+        )
+
+        def run() -> torch.Tensor:
+            return fn(p.hidden, p.weight, p.labels, p.topk_ids, p.topk_logprobs, spec)
+    elif impl == "liger_ce":
+        from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+        liger = LigerFusedLinearCrossEntropyLoss()
+
+        def run() -> torch.Tensor:
+            return liger(p.weight, p.hidden, p.labels)
+    else:
+        return floor_step(problem)
+
+    def step() -> None:
+        run().backward()
+
+    return step
+
+
+def floor_step(problem: Problem) -> Callable[[], None]:
+    """The LM head's three GEMMs: logits = h W^T, grad_h = dZ W, grad_W = dZ^T h."""
+    h, w = problem.hidden.detach(), problem.weight.detach()
+    logits = torch.empty(h.shape[0], w.shape[0], dtype=h.dtype, device="cuda")
+    grad_h, grad_w = torch.empty_like(h), torch.empty_like(w)
+
+    def step() -> None:
+        torch.mm(h, w.T, out=logits)
+        torch.mm(logits, w, out=grad_h)
+        torch.mm(logits.T, h, out=grad_w)
+
+    return step
+
+
+def measure(impl: str, shape: Shape, divergence: str, warmup_ms: int, rep_ms: int) -> Result:
+    from triton.testing import do_bench
+
+    result = Result(shape, impl)
+    try:
+        problem = make_problem(shape)
+        step = loss_step(impl, problem, divergence)
+        step()  # compile / autotune outside the timed and measured region
+        problem.hidden.grad = problem.weight.grad = None
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        result.peak_mib = (torch.cuda.max_memory_allocated() - base) / 2**20
+        grads = [problem.hidden, problem.weight]
+        result.ms = do_bench(step, warmup=warmup_ms, rep=rep_ms, grad_to_none=grads,
+                             return_mode="median")
+        result.tflops = shape.flops / (result.ms * 1e-3) / 1e12
+    except ImportError as exc:
+        result.error = f"not importable: {exc}"
+    except torch.cuda.OutOfMemoryError:
+        result.error = "out of memory"
+    except Exception as exc:  # noqa: BLE001 - one failing baseline must not end the run
+        result.error = f"{type(exc).__name__}: {exc}".splitlines()[0][:300]
+    finally:
+        torch.cuda.empty_cache()
+    return result
+
+
+def environment() -> dict[str, str]:
+    import triton
+
+    env = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": str(torch.version.cuda),
+        "python": platform.python_version(),
+    }
+    try:
+        from importlib.metadata import version
+
+        env["liger_kernel"] = version("liger-kernel")
+    except Exception:  # noqa: BLE001 - absent is a valid answer
+        env["liger_kernel"] = "not installed"
+    return env
+
+
+def print_row(result: Result) -> None:
+    s = result.shape
+    head = f"N={s.n:<6} H={s.h:<5} V={s.v:<7} k={s.k:<3} {result.impl:<10}"
+    if result.error:
+        print(f"{head} {result.error}", flush=True)
+        return
+    ratio = f"{result.ratio_to_floor:6.2f}x" if result.ratio_to_floor else "      -"
+    print(f"{head} {result.ms:9.2f} ms {result.tflops:7.1f} TFLOP/s "
+          f"{result.peak_mib:9.0f} MiB peak  {ratio} floor", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_kernel.json"))
+    parser.add_argument("--n", type=int, nargs="+", default=[8192, 16384])
+    parser.add_argument("--h", type=int, nargs="+", default=[2048, 4096])
+    parser.add_argument("--v", type=int, nargs="+", default=[32768, 128256, 262144])
+    parser.add_argument("--k", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
+    parser.add_argument("--divergence", choices=("fkl", "fkl_tail", "rkl"), default="fkl")
+    parser.add_argument("--warmup-ms", type=int, default=100)
+    parser.add_argument("--rep-ms", type=int, default=500)
+    args = parser.parse_args(argv)
+
+    if not torch.cuda.is_available():
+        print("bench_kernel: no CUDA device; this benchmark needs a GPU. Nothing was measured.")
+        return 0
+    env = environment()
+    print(" ".join(f"{k}={v}" for k, v in env.items()), flush=True)
+
+    results: list[Result] = []
+    for n, h, v, k in itertools.product(args.n, args.h, args.v, args.k):
+        shape = Shape(n, h, v, k)
+        impls = [i for i in args.impls if i != "floor"]
+        floor = measure("floor", shape, args.divergence, args.warmup_ms, args.rep_ms)
+        shape_results = [floor] + [
+            measure(impl, shape, args.divergence, args.warmup_ms, args.rep_ms) for impl in impls
+        ]
+        for result in shape_results:
+            if result.ms and floor.ms:
+                result.ratio_to_floor = result.ms / floor.ms
+            if result.impl in args.impls:
+                print_row(result)
+                results.append(result)
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "environment": env,
+        "divergence": args.divergence,
+        "dtype": "bfloat16",
+        "flops_per_step": "6 N H V",
+        "results": [asdict(r) for r in results],
+    }
+    tmp = args.out.with_suffix(args.out.suffix + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    tmp.replace(args.out)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
