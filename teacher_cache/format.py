@@ -2,12 +2,12 @@
 
 Human-readable description: docs/cache-format.md. Summary:
 
-    CACHE/manifest.json            Manifest (below); `complete` is true once every shard is final
+    CACHE/manifest.json             Manifest (below); `complete` is true once every shard is final
     CACHE/shards/shard-NNNNNN.arrow Arrow IPC file (zstd), one row per packed sequence
-    CACHE/shards/shard-NNNNNN.json  ShardInfo, written after the .arrow: its presence marks the shard done
+    CACHE/shards/shard-NNNNNN.json  ShardInfo, written after the .arrow: marks the shard done
 
-Shard `i` holds the sequences with ids `[i * rows_per_shard, (i + 1) * rows_per_shard)` of the packed
-corpus, so shard identity does not depend on how many workers built the cache.
+Shard `i` holds the sequences with ids `[i * rows_per_shard, (i + 1) * rows_per_shard)` of the
+packed corpus, so shard identity does not depend on how many workers built the cache.
 
 Per position `t` of a sequence, `topk_ids[t]`/`topk_logprobs[t]` are the teacher's k most likely
 tokens for position `t + 1` (raw logprobs at temperature 1, sorted descending) and
@@ -109,9 +109,11 @@ class Manifest:
         try:
             raw = json.loads(text)
         except json.JSONDecodeError as e:
-            raise CacheError(f"{source}: not valid JSON ({e}); the cache is damaged, rebuild it") from e
+            raise CacheError(f"{source}: not valid JSON ({e}); the cache is damaged, rebuild it"
+                             ) from e
         if raw.get("format") != FORMAT_NAME:
-            raise CacheError(f"{source}: format {raw.get('format')!r} is not a {FORMAT_NAME} manifest")
+            raise CacheError(
+                f"{source}: format {raw.get('format')!r} is not a {FORMAT_NAME} manifest")
         if raw.get("version") != FORMAT_VERSION:
             raise CacheError(
                 f"{source}: cache format version {raw.get('version')!r} is not supported by this "
@@ -223,7 +225,8 @@ def write_shard(location: Location, index: int, batches: list[pa.RecordBatch],
                      tokens=rows * seq_len, sha256=hashlib.sha256(data).hexdigest(),
                      bytes=len(data), first_seq_id=index * rows_per_shard)
     location.write_bytes_atomic(data, SHARD_DIR, shard_name(index))
-    location.write_bytes_atomic(json.dumps(asdict(info)).encode(), SHARD_DIR, shard_info_name(index))
+    location.write_bytes_atomic(json.dumps(asdict(info)).encode(), SHARD_DIR,
+                                shard_info_name(index))
     return info
 
 

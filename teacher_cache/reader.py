@@ -96,6 +96,6 @@ def open_cache(path: str | os.PathLike, *, verify: bool = True, batch_size: int 
     location = resolve(path)
     manifest = read_manifest(location)
     if not manifest.complete and not allow_incomplete:
-        raise CacheError(f"{location.uri}: the cache is incomplete (its build was interrupted or is "
-                         f"still running); rerun the same build command to finish it")
+        raise CacheError(f"{location.uri}: the cache is incomplete (its build was interrupted or "
+                         f"is still running); rerun the same build command to finish it")
     return TeacherCache(location, manifest, verify=verify, batch_size=batch_size)

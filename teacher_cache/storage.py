@@ -56,7 +56,8 @@ class Location:
             return
         directory = os.path.dirname(target)
         os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(target))
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-",
+                                   suffix="-" + os.path.basename(target))
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
@@ -75,7 +76,7 @@ class Location:
 
 
 def resolve(uri: str | os.PathLike) -> Location:
-    """A local path, or any URL that pyarrow or fsspec understands (s3://, gs://, memory://, ...)."""
+    """A local path, or any URL that pyarrow or fsspec understands (s3://, gs://, memory://...)."""
     uri = os.fspath(uri)
     if "://" not in uri or uri.startswith("file://"):
         path = os.path.abspath(uri.removeprefix("file://"))

@@ -12,8 +12,9 @@ import numpy as np
 class TeacherOutput:
     """Teacher predictions for B packed sequences of length L, in the cache's convention.
 
-    Position t predicts token t + 1: `topk_*[:, t]` are the k most likely next tokens (raw logprobs at
-    temperature 1, sorted descending) and `target_logprobs[:, t]` is the logprob of `input_ids[:, t+1]`.
+    Position t predicts token t + 1: `topk_*[:, t]` are the k most likely next tokens (raw logprobs
+    at temperature 1, sorted descending) and `target_logprobs[:, t]` is the logprob of
+    `input_ids[:, t+1]`.
     Position L - 1 is undefined (the writer masks it).
     """
 
@@ -40,4 +41,4 @@ class BackendConfig:
     batch_size: int = 16  # sequences per forward
     dtype: str = "auto"  # "auto" = bf16 where the device supports it, else float32
     device: str = "auto"  # "auto" = cuda if available, else cpu
-    options: dict = field(default_factory=dict)  # backend-specific knobs (e.g. vLLM memory fraction)
+    options: dict = field(default_factory=dict)  # backend-specific knobs (e.g. vLLM memory share)
