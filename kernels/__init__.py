@@ -64,6 +64,15 @@ def _validate(
         )
 
 
+def _autocast(hidden: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """Under autocast the LM-head matmul runs in the autocast dtype, as nn.Linear's would."""
+    device = hidden.device.type
+    if hidden.dtype == torch.float32 and torch.is_autocast_enabled(device):
+        dtype = torch.get_autocast_dtype(device)
+        return hidden.to(dtype), weight.to(dtype)
+    return hidden, weight
+
+
 def _triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -88,7 +97,8 @@ def sparse_kd_loss(
     top-k topk_ids [N, k] and topk_logprobs [N, k] (raw log-probabilities at T = 1). CE is taken
     at T = 1, the divergence D ("fkl", "fkl_tail" or "rkl") at temperature T. The [N, V] logits
     are never materialised. impl: "reference" (torch), "triton" (CUDA, or the Triton interpreter)
-    or "auto" (Triton on CUDA when available, else the reference). Returns a float32 scalar; 0
+    or "auto" (Triton on CUDA when available, else the reference). Under autocast, float32
+    hidden/weight are cast to the autocast dtype for the matmuls. Returns a float32 scalar; 0
     with a valid graph when every label is ignored.
     """
     spec = KDSpec(divergence, temperature, ce_weight, kd_weight)
@@ -97,6 +107,7 @@ def sparse_kd_loss(
     _validate(hidden, weight, labels, topk_ids, topk_logprobs, ignore_index)
     if impl == "auto":
         impl = "triton" if hidden.is_cuda and _triton_available() else "reference"
+    hidden, weight = _autocast(hidden, weight)
     args = (hidden.contiguous(), weight.contiguous(), labels, topk_ids, topk_logprobs)
     if impl == "triton":
         from kernels.triton_autograd import sparse_kd_loss_triton

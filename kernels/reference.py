@@ -201,6 +201,8 @@ class _ChunkedSparseKDLoss(torch.autograd.Function):
         loss = torch.zeros((), dtype=math_dtype, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if compute_grads else None
         grad_weight = torch.zeros_like(weight, dtype=math_dtype) if compute_grads else None
+        low_precision = compute_grads and weight.dtype != math_dtype
+        chunk_grad_weight = torch.empty_like(weight) if low_precision else None
         for start in range(0, hidden.shape[0], rows_per_chunk):
             rows = slice(start, start + rows_per_chunk)
             h = hidden[rows]
@@ -229,10 +231,10 @@ class _ChunkedSparseKDLoss(torch.autograd.Function):
             dx.scatter_add_(1, ids[rows], terms.sparse)
             dx = dx.to(hidden.dtype)
             torch.mm(dx, weight, out=grad_hidden[rows])
-            if dx.dtype == math_dtype:
+            if chunk_grad_weight is None:
                 grad_weight.addmm_(dx.T, h)
             else:  # the chunk product is rounded once; the sum over chunks stays in fp32
-                grad_weight += (dx.T @ h).to(math_dtype)
+                grad_weight += torch.mm(dx.T, h, out=chunk_grad_weight)
 
         if compute_grads:
             ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))

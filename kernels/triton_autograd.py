@@ -73,6 +73,7 @@ def _gradients(
     dz_buffer = torch.empty(
         rows_per_chunk, weight.shape[0], dtype=hidden.dtype, device=hidden.device
     )
+    chunk_grad_weight = None if weight.dtype == torch.float32 else torch.empty_like(weight)
     for start in range(0, hidden.shape[0], rows_per_chunk):
         rows = slice(start, start + rows_per_chunk)
         h = hidden[rows]
@@ -86,10 +87,10 @@ def _gradients(
             lse_t[rows] if tempered else None, coef_t[rows] if tempered else None, inv_t, dz,
         )
         torch.mm(dz, weight, out=grad_hidden[rows])
-        if dz.dtype == torch.float32:
+        if chunk_grad_weight is None:
             grad_weight.addmm_(dz.T, h)
         else:  # the chunk product is rounded once; the sum over chunks stays in fp32
-            grad_weight += (dz.T @ h).float()
+            grad_weight += torch.mm(dz.T, h, out=chunk_grad_weight)
     return grad_hidden, grad_weight.to(weight.dtype)
 
 

@@ -192,6 +192,18 @@ def test_public_api_scales_by_upstream_grad_and_matches_no_grad() -> None:
     assert again.item() == loss.item() and again.grad_fn is None
 
 
+def test_autocast_runs_the_matmuls_in_the_autocast_dtype() -> None:
+    inputs = make_inputs(10, 16, 60, 4, seed=9)
+    h, w, *rest = inputs.args(torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = sparse_kd_loss(h, w, *rest, divergence="rkl")
+    loss.backward()
+    bf16 = loss_and_grads(sparse_kd_loss_reference, inputs, torch.bfloat16, KDSpec("rkl"))
+    assert loss.dtype == torch.float32 and w.grad.dtype == torch.float32
+    assert loss.item() == bf16[0].item()
+    torch.testing.assert_close(w.grad.double(), bf16[2])
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
