@@ -15,7 +15,9 @@ from kernels.reference import DIVERGENCES, KDSpec, sparse_kd_loss_reference
 __all__ = ["DIVERGENCES", "IMPLS", "KDSpec", "sparse_kd_loss"]
 
 IMPLS = ("auto", "reference", "triton")
-_FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+# No float16: the gradients are formed in the forward pass, before any loss scaling, and the
+# per-position terms (~1 / N) would underflow in float16 dL/dx.
+_FLOAT_DTYPES = (torch.float32, torch.bfloat16)
 _INT_DTYPES = (torch.int32, torch.int64)
 
 
@@ -65,11 +67,15 @@ def _validate(
 
 
 def _autocast(hidden: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
-    """Under autocast the LM-head matmul runs in the autocast dtype, as nn.Linear's would."""
+    """Under bf16 autocast the LM-head matmuls run in bf16, as nn.Linear's would (float16
+    autocast keeps float32, see _FLOAT_DTYPES)."""
     device = hidden.device.type
-    if hidden.dtype == torch.float32 and torch.is_autocast_enabled(device):
-        dtype = torch.get_autocast_dtype(device)
-        return hidden.to(dtype), weight.to(dtype)
+    if (
+        hidden.dtype == torch.float32
+        and torch.is_autocast_enabled(device)
+        and torch.get_autocast_dtype(device) == torch.bfloat16
+    ):
+        return hidden.to(torch.bfloat16), weight.to(torch.bfloat16)
     return hidden, weight
 
 
@@ -97,9 +103,9 @@ def sparse_kd_loss(
     top-k topk_ids [N, k] and topk_logprobs [N, k] (raw log-probabilities at T = 1). CE is taken
     at T = 1, the divergence D ("fkl", "fkl_tail" or "rkl") at temperature T. The [N, V] logits
     are never materialised. impl: "reference" (torch), "triton" (CUDA, or the Triton interpreter)
-    or "auto" (Triton on CUDA when available, else the reference). Under autocast, float32
-    hidden/weight are cast to the autocast dtype for the matmuls. Returns a float32 scalar; 0
-    with a valid graph when every label is ignored.
+    or "auto" (Triton on CUDA when available, else the reference). Under bf16 autocast, float32
+    hidden/weight are cast to bf16 for the matmuls. Returns a float32 scalar; 0 with a valid graph
+    when every label is ignored.
     """
     spec = KDSpec(divergence, temperature, ce_weight, kd_weight)
     if impl not in IMPLS:

@@ -27,6 +27,8 @@ fkl_tail / rkl (k+1 buckets: the top-k plus "the rest of the vocabulary"):
   EPS = 1e-6 is about the resolution of that quantity in float32.
     fkl_tail  D = sum_i P_i (v_i - u_i),   G_i = dD/dB_i = (Q_i - P_i) / T
     rkl       D = sum_i Q_i (u_i - v_i),   G_i = dD/dB_i = Q_i (u_i - v_i - D) / T
+  A teacher logprob of -inf is a bucket of zero mass (0 log 0 = 0) for fkl and fkl_tail; rkl
+  is infinite there, as reverse KL is when the teacher rules out a token the student allows.
   With dB_j/dx = e_{id_j} - sigma1 and dB_r/dx = (S sigma1 - sum_j e^{B_j} e_{id_j}) / s_rest
   (zero where the clamp is active), and r = G_r / s_rest (0 where clamped):
     dD/dx = (S r - sum_j G_j) sigma1 + sum_j (G_j - r e^{B_j}) e_{id_j}
@@ -96,6 +98,11 @@ def _log_one_minus_exp(log_mass: Tensor) -> tuple[Tensor, Tensor]:
     return torch.log(torch.clamp(rest, min=TAIL_EPS)), unclamped
 
 
+def _weighted_sum(weight: Tensor, log_ratio: Tensor) -> Tensor:
+    """sum_j w_j log_ratio_j with 0 * log 0 = 0: a -inf teacher logprob is a bucket of no mass."""
+    return torch.where(weight > 0, weight * log_ratio, 0.0).sum(-1)
+
+
 def row_terms(
     lse1: Tensor,
     lse_t: Tensor,
@@ -117,7 +124,7 @@ def row_terms(
         log_q = torch.log_softmax(teacher_logprobs / t, dim=-1)
         q = log_q.exp()
         student = g_topk / t - lse_t[:, None]
-        kd = (q * (log_q - student)).sum(-1)
+        kd = _weighted_sum(q, log_q - student)
         a1 = torch.full_like(lse1, spec.ce_weight)
         a_t = torch.full_like(lse1, spec.kd_weight * t)
         c_topk = -spec.kd_weight * t * q
@@ -131,7 +138,7 @@ def row_terms(
         v = torch.log_softmax(torch.cat([teacher_logprobs, l_rest[:, None]], -1) / t, dim=-1)
         if spec.divergence == "fkl_tail":
             p = v.exp()
-            kd = (p * (v - u)).sum(-1)
+            kd = _weighted_sum(p, v - u)
             grad_b = (u.exp() - p) / t
         else:
             q = u.exp()
@@ -191,7 +198,7 @@ class _ChunkedSparseKDLoss(torch.autograd.Function):
         compute_grads: bool,
         rows_per_chunk: int,
     ) -> Tensor:
-        # float32 math for float32/bf16/fp16 inputs; float64 inputs (tests) stay float64.
+        # float32 math for float32/bf16 inputs; float64 inputs (tests) stay float64.
         math_dtype = torch.promote_types(hidden.dtype, torch.float32)
         row_weight, safe_labels = row_weights(labels, ignore_index, math_dtype)
         ids = torch.cat([topk_ids.long(), safe_labels[:, None].long()], -1)

@@ -69,7 +69,7 @@ def brute_force(
     if spec.divergence == "fkl":
         s = torch.log_softmax(x / t, -1).gather(1, topk_ids)
         q = torch.softmax(teacher / t, -1)
-        kd = (q * (q.log() - s)).sum(-1)
+        kd = (torch.special.xlogy(q, q) - q * s).sum(-1)
     else:
         s = torch.log_softmax(x, -1).gather(1, topk_ids)
         s_rest = torch.clamp(1 - s.exp().sum(-1), min=TAIL_EPS)
@@ -77,7 +77,8 @@ def brute_force(
         u = torch.log_softmax(torch.cat([s, s_rest.log()[:, None]], -1) / t, -1)
         v = torch.log_softmax(torch.cat([teacher, p_rest.log()[:, None]], -1) / t, -1)
         if spec.divergence == "fkl_tail":
-            kd = (v.exp() * (v - u)).sum(-1)
+            p = v.exp()
+            kd = (torch.special.xlogy(p, p) - p * u).sum(-1)
         else:
             kd = (u.exp() * (u - v)).sum(-1)
     per_row = spec.ce_weight * ce + spec.kd_weight * t * t * kd
@@ -169,6 +170,19 @@ def test_bfloat16_close_to_float64(spec: KDSpec) -> None:
         assert relative_error(g, e) < 3e-2
 
 
+@pytest.mark.parametrize("divergence", ["fkl", "fkl_tail"])
+def test_teacher_logprob_minus_inf_is_zero_mass(divergence: str) -> None:
+    spec = KDSpec(divergence, 1.5)
+    inputs = make_inputs(15, 16, 80, 8, seed=10)
+    inputs.topk_logprobs[::2, -3:] = float("-inf")
+    got = loss_and_grads(sparse_kd_loss_reference, inputs, torch.float32, spec)
+    want = expected(inputs, spec)
+    assert all(torch.isfinite(g).all() for g in want)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    for g, e in zip(got[1:], want[1:], strict=True):
+        assert relative_error(g, e) < 1e-5
+
+
 def test_all_ignored_is_zero_with_a_graph() -> None:
     inputs = make_inputs(9, 8, 50, 4, seed=6)
     inputs.labels[:] = IGNORE
@@ -209,6 +223,7 @@ def test_autocast_runs_the_matmuls_in_the_autocast_dtype() -> None:
     [
         (lambda a: a.update(hidden=a["hidden"][:, :-1]), "hidden must be"),
         (lambda a: a.update(weight=a["weight"].double()), "share one dtype"),
+        (lambda a: a.update(hidden=a["hidden"].half(), weight=a["weight"].half()), "one dtype"),
         (lambda a: a.update(labels=a["labels"].float()), "labels must be"),
         (lambda a: a.update(topk_ids=a["topk_ids"][:-1]), "topk_ids must be"),
         (lambda a: a.update(topk_logprobs=a["topk_logprobs"][:, :-1]), "topk_logprobs must"),
