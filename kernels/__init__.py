@@ -6,6 +6,7 @@ The math of every divergence and its gradient is in `kernels.reference`'s module
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import torch
 from torch import Tensor
@@ -83,6 +84,16 @@ def _triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def _check_triton_usable(hidden: Tensor) -> None:
+    if not _triton_available():
+        raise ValueError("impl='triton' needs the triton package: pip install 'distill[triton]'")
+    if not hidden.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(
+            f"impl='triton' needs CUDA tensors (got {hidden.device}); use impl='reference', or "
+            "set TRITON_INTERPRET=1 to run the kernels in the (slow) Triton interpreter"
+        )
+
+
 def sparse_kd_loss(
     hidden: Tensor,
     weight: Tensor,
@@ -116,6 +127,7 @@ def sparse_kd_loss(
     hidden, weight = _autocast(hidden, weight)
     args = (hidden.contiguous(), weight.contiguous(), labels, topk_ids, topk_logprobs)
     if impl == "triton":
+        _check_triton_usable(hidden)
         from kernels.triton_autograd import sparse_kd_loss_triton
 
         return sparse_kd_loss_triton(*args, spec, ignore_index)

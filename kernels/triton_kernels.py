@@ -23,9 +23,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+# @triton.jit reads TRITON_INTERPRET when it decorates, i.e. when this module is imported.
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @dataclass(frozen=True)
@@ -48,7 +47,7 @@ class TileConfig:
 
 def tile_config(dtype: torch.dtype) -> TileConfig:
     precision = "ieee" if dtype == torch.float32 else "tf32"
-    if interpreting():
+    if INTERPRETED:
         return TileConfig(32, 128, 64, 1, 1, upcast=True, precision="ieee")
     if dtype == torch.float32:
         return TileConfig(64, 64, 32, 4, 3, upcast=False, precision=precision)
@@ -191,7 +190,7 @@ def _sparse_dlogits_kernel(
 
 def _program_target() -> int:
     """About how many programs fill the device."""
-    if interpreting() or not torch.cuda.is_available():
+    if INTERPRETED or not torch.cuda.is_available():
         return 4
     return 4 * torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 

@@ -8,7 +8,11 @@ import os
 import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":  # must precede the first import of the kernels: @triton.jit reads it
+# Without CUDA the kernels run in the Triton interpreter. @triton.jit reads TRITON_INTERPRET when
+# kernels.triton_kernels is imported, so it is set for that import (then restored, so it does not
+# leak into other test modules) and again around every test here.
+_saved_interpret = os.environ.get("TRITON_INTERPRET")
+if DEVICE == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"
 
 import pytest  # noqa: E402
@@ -28,12 +32,25 @@ from kernels import sparse_kd_loss  # noqa: E402
 from kernels.reference import KDSpec, sparse_kd_loss_reference  # noqa: E402
 from kernels.triton_autograd import sparse_kd_loss_triton  # noqa: E402
 from kernels.triton_kernels import (  # noqa: E402
+    INTERPRETED,
     dense_dlogits,
     gather_logits,
     lse_partials,
     lse_splits,
     tile_config,
 )
+
+if _saved_interpret is None:
+    os.environ.pop("TRITON_INTERPRET", None)
+else:
+    os.environ["TRITON_INTERPRET"] = _saved_interpret
+assert INTERPRETED == (DEVICE == "cpu"), "kernels.triton_kernels was imported in the wrong mode"
+
+
+@pytest.fixture(autouse=True)
+def _interpreter_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    if DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 # N not a multiple of the row block nor of the chunk, V not a multiple of the vocabulary tile.
 N, H, V = 70, 40, 1000
@@ -108,6 +125,15 @@ def test_all_ignored_is_zero_without_nan() -> None:
     loss.backward()
     assert loss.item() == 0.0
     assert torch.equal(h.grad, torch.zeros_like(h)) and torch.equal(w.grad, torch.zeros_like(w))
+
+
+def test_triton_on_cpu_without_the_interpreter_is_a_clear_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    h, w, *rest = make_inputs(4, 8, 50, 4, seed=12).args(torch.float32)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        sparse_kd_loss(h, w, *rest, impl="triton")
 
 
 def test_kernels_write_every_output_element() -> None:
