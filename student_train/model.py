@@ -56,19 +56,10 @@ def save_student(student: LlamaForCausalLM, out_dir: str | os.PathLike,
     path in the manifest exists on this machine) that `AutoModelForCausalLM` loads."""
     out = Path(out_dir)
     student.save_pretrained(out, safe_serialization=True)
-    teacher_path = manifest.teacher.get("path")
-    if teacher_path and os.path.exists(teacher_path):
+    teacher_path = manifest.teacher.get("path")  # the teacher's local Hugging Face directory
+    if teacher_path and os.path.isdir(teacher_path):
         try:
-            tokenizer = _load_tokenizer(teacher_path)
+            AutoTokenizer.from_pretrained(teacher_path).save_pretrained(out)
         except (OSError, ValueError) as e:
             log.warning("teacher tokenizer at %s not copied: %s", teacher_path, e)
-        else:
-            tokenizer.save_pretrained(out)
     return out
-
-
-def _load_tokenizer(path: str):
-    if path.endswith(".gguf"):
-        return AutoTokenizer.from_pretrained(os.path.dirname(path) or ".",
-                                             gguf_file=os.path.basename(path))
-    return AutoTokenizer.from_pretrained(path)

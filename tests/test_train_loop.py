@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
 import student_train.train as train_module
 from student_train.checkpoint import load_checkpoint
@@ -105,6 +105,16 @@ def test_saved_student_loads_and_gives_the_training_logits(cache_dir, tmp_path):
         hidden = trained.model(input_ids=batch.input_ids).last_hidden_state
         expected = hidden @ trained.lm_head.weight.T
         torch.testing.assert_close(loaded(input_ids=batch.input_ids).logits, expected)
+
+
+def test_student_of_a_real_cache_ships_the_teachers_tokenizer(tiny_cache, tmp_path):
+    train(tiny_config(str(tiny_cache), tmp_path, max_steps=2, eval_every=0, batch_size=2))
+    manifest = open_cache(tiny_cache).manifest
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "student")
+    assert student.config.vocab_size == manifest.vocab_size == len(tokenizer)
+    ids = tokenizer("The quick brown fox", return_tensors="pt").input_ids
+    assert student(input_ids=ids).logits.shape == (1, ids.shape[1], manifest.vocab_size)
 
 
 @pytest.mark.slow
