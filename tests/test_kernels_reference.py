@@ -131,6 +131,29 @@ def test_float32_matches_float64(spec: KDSpec, k: int) -> None:
         assert relative_error(g, e) < 1e-5
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_random_shapes_and_options(seed: int) -> None:
+    gen = torch.Generator().manual_seed(100 + seed)
+
+    def draw(low: int, high: int) -> int:
+        return int(torch.randint(low, high + 1, (), generator=gen))
+
+    n, h, v = draw(1, 60), draw(1, 48), draw(2, 400)
+    k = draw(1, min(v, 70))
+    spec = KDSpec(
+        ("fkl", "fkl_tail", "rkl")[draw(0, 2)], temperature=(0.7, 1.0, 3.0)[draw(0, 2)],
+        ce_weight=(0.0, 1.0)[draw(0, 1)], kd_weight=(0.5, 1.0)[draw(0, 1)],
+    )
+    inputs = make_inputs(n, h, v, k, seed=seed, logit_scale=2.0)
+    got = loss_and_grads(
+        sparse_kd_loss_reference, inputs, torch.float32, spec, rows_per_chunk=draw(1, 64)
+    )
+    want = expected(inputs, spec)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-6)
+    for g, e in zip(got[1:], want[1:], strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-5 * e.abs().max().item() + 1e-12)
+
+
 @pytest.mark.parametrize("divergence", ["fkl_tail", "rkl"])
 @pytest.mark.parametrize("full_mass", [False, True], ids=["mass-1e-5", "mass-1"])
 def test_teacher_mass_near_one(divergence: str, full_mass: bool) -> None:
