@@ -187,18 +187,21 @@ class _WorkerRun:
     def _build_shard(self, index: int, shard: list[PackedSequence]) -> None:
         started = time.perf_counter()
         self._load_models()
-        input_ids = np.stack([s.input_ids for s in shard])
-        output = self.backend.predict(input_ids, self.config.top_k)
-        score = None if self.scorer is None else self.scorer.score(input_ids,
-                                                                    output.target_logprobs)
-        batch = encode_batch(np.array([s.seq_id for s in shard]), input_ids,
-                             [s.doc_starts for s in shard], output.topk_ids,
-                             output.topk_logprobs, output.target_logprobs, score)
-        write_shard(self.location, index, [batch], self.config.shard_rows)
+        batches = []
+        for start in range(0, len(shard), self.config.batch_size):
+            rows = shard[start:start + self.config.batch_size]
+            input_ids = np.stack([s.input_ids for s in rows])
+            output = self.backend.predict(input_ids, self.config.top_k)
+            score = None if self.scorer is None else self.scorer.score(input_ids,
+                                                                        output.target_logprobs)
+            batches.append(encode_batch(np.array([s.seq_id for s in rows]), input_ids,
+                                        [s.doc_starts for s in rows], output.topk_ids,
+                                        output.topk_logprobs, output.target_logprobs, score))
+            self.bar.update(input_ids.size)
+        write_shard(self.location, index, batches, self.config.shard_rows)
         self.shards_built += 1
-        self.tokens_computed += input_ids.size
+        self.tokens_computed += len(shard) * self.config.seq_len
         self.compute_s += time.perf_counter() - started
-        self.bar.update(input_ids.size)
 
     def _load_models(self) -> None:
         if self.backend is not None:
