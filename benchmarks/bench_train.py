@@ -31,8 +31,9 @@ from teacher_cache.reader import open_cache
 
 
 def describe_machine() -> None:
-    print(f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs, "
-          f"torch threads {torch.get_num_threads()}, CUDA {torch.cuda.is_available()}")
+    print(f"machine: {platform.machine()} {os.cpu_count()} CPUs, torch threads "
+          f"{torch.get_num_threads()}, CUDA {torch.cuda.is_available()}, load average "
+          f"{os.getloadavg()[0]:.1f} (other processes share the CPUs above 0)")
     print(f"versions: python {platform.python_version()}, torch {torch.__version__}, "
           f"transformers {transformers.__version__}, pyarrow {pyarrow.__version__}, "
           f"numpy {np.__version__}")
@@ -91,7 +92,8 @@ def main() -> None:
                 print(f"{preset:<8}{summary['parameters'] / 1e6:>9.2f}M{precision:>11}"
                       f"{summary['tokens_per_s']:>12,.0f}"
                       f"{summary['train_seconds'] / summary['steps']:>9.2f}")
-        print(f"\nreader stream / fastest training: {stream / fastest:,.0f}x")
+        print(f"\nreader stream / fastest training: {stream / fastest:,.0f}x; load average now "
+              f"{os.getloadavg()[0]:.1f}")
 
 
 if __name__ == "__main__":

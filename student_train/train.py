@@ -63,7 +63,8 @@ def init_distributed(device: str) -> Distributed:
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
-    # On CPU bf16 autocast measured slower than float32 (benchmarks/bench_train.py): opt-in only.
+    # On CPU bf16 autocast gained only 10-20% per step (xs, s presets; benchmarks/bench_train.py)
+    # and is emulated, hence much slower, on CPUs without bf16 units: there it stays opt-in.
     if precision == "auto":
         return device.type == "cuda" and torch.cuda.is_bf16_supported()
     return precision == "bf16"
