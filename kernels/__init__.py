@@ -124,11 +124,15 @@ def sparse_kd_loss(
     _validate(hidden, weight, labels, topk_ids, topk_logprobs, ignore_index)
     if impl == "auto":
         impl = "triton" if hidden.is_cuda and _triton_available() else "reference"
-    hidden, weight = _autocast(hidden, weight)
-    args = (hidden.contiguous(), weight.contiguous(), labels, topk_ids, topk_logprobs)
     if impl == "triton":
         _check_triton_usable(hidden)
-        from kernels.triton_autograd import sparse_kd_loss_triton
-
-        return sparse_kd_loss_triton(*args, spec, ignore_index)
-    return sparse_kd_loss_reference(*args, spec, ignore_index)
+        from kernels.triton_autograd import sparse_kd_loss_triton as loss_fn
+    else:
+        loss_fn = sparse_kd_loss_reference
+    hidden, weight = _autocast(hidden, weight)
+    # The dtypes are settled above; autocast must not re-cast the chunk matmuls inside.
+    with torch.autocast(hidden.device.type, enabled=False):
+        return loss_fn(
+            hidden.contiguous(), weight.contiguous(), labels, topk_ids, topk_logprobs, spec,
+            ignore_index,
+        )

@@ -83,7 +83,7 @@ def _gradients(
             coef_t[rows] if tempered else None, inv_t, dz,
         )
         sparse_dlogits(
-            ids[rows], gathered[rows], terms.sparse[rows].contiguous(), lse[rows], coef[rows],
+            ids[rows], gathered[rows], terms.sparse[rows], lse[rows], coef[rows],
             lse_t[rows] if tempered else None, coef_t[rows] if tempered else None, inv_t, dz,
         )
         torch.mm(dz, weight, out=grad_hidden[rows])

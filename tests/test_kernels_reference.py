@@ -229,16 +229,21 @@ def test_public_api_scales_by_upstream_grad_and_matches_no_grad() -> None:
     assert again.item() == loss.item() and again.grad_fn is None
 
 
-def test_autocast_runs_the_matmuls_in_the_autocast_dtype() -> None:
+@pytest.mark.parametrize(
+    ("autocast_dtype", "matmul_dtype"),
+    [(torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)],
+    ids=["bf16-autocast", "fp16-autocast-stays-fp32"],
+)
+def test_autocast_picks_the_matmul_dtype(autocast_dtype, matmul_dtype) -> None:
     inputs = make_inputs(10, 16, 60, 4, seed=9)
     h, w, *rest = inputs.args(torch.float32)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=autocast_dtype):
         loss = sparse_kd_loss(h, w, *rest, divergence="rkl")
     loss.backward()
-    bf16 = loss_and_grads(sparse_kd_loss_reference, inputs, torch.bfloat16, KDSpec("rkl"))
+    want = loss_and_grads(sparse_kd_loss_reference, inputs, matmul_dtype, KDSpec("rkl"))
     assert loss.dtype == torch.float32 and w.grad.dtype == torch.float32
-    assert loss.item() == bf16[0].item()
-    torch.testing.assert_close(w.grad.double(), bf16[2])
+    assert loss.item() == want[0].item()
+    torch.testing.assert_close(w.grad.double(), want[2])
 
 
 @pytest.mark.parametrize(
