@@ -127,6 +127,17 @@ def test_all_ignored_is_zero_without_nan() -> None:
     assert torch.equal(h.grad, torch.zeros_like(h)) and torch.equal(w.grad, torch.zeros_like(w))
 
 
+def test_empty_batch_is_zero() -> None:
+    inputs = on_device(make_inputs(6, H, V, 8, seed=13))
+    empty = Inputs(inputs.hidden[:0], inputs.weight, inputs.labels[:0], inputs.topk_ids[:0],
+                   inputs.topk_logprobs[:0])
+    h, w, *rest = empty.args(torch.float32)
+    loss = sparse_kd_loss(h, w, *rest, impl="triton")
+    loss.backward()
+    assert loss.item() == 0.0 and h.grad.shape == (0, H)
+    assert torch.equal(w.grad, torch.zeros_like(w))
+
+
 def test_triton_on_cpu_without_the_interpreter_is_a_clear_error(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
