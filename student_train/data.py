@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -73,8 +73,13 @@ class Batch:
         return self.input_ids.numel()
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(*(t.to(device, non_blocking=True) for t in (
-            self.seq_ids, self.input_ids, self.labels, self.topk_ids, self.topk_logprobs)))
+        return Batch(*(t.to(device, non_blocking=True) for t in self._tensors()))
+
+    def pin_memory(self) -> Batch:  # called by DataLoader(pin_memory=True)
+        return Batch(*(t.pin_memory() for t in self._tensors()))
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [getattr(self, f.name) for f in fields(self)]
 
 
 # seq_id, input_ids [L], topk_ids [L, k], topk_logprobs [L, k]

@@ -246,4 +246,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if env.is_main:
         save_student(student, out / STUDENT_DIR, manifest)
         _write_json(out / SUMMARY_FILE, summary)
+        print(f"done: {step} steps, {summary['tokens_seen']:,} tokens, val CE "
+              f"{summary['val_ce']:.4f} (PPL {summary['val_ppl']:.1f}), KL "
+              f"{summary['val_kl']:.4f}, top-1 {summary['val_top1']:.3f}; student saved to "
+              f"{out / STUDENT_DIR}")
     return summary

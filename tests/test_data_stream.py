@@ -146,3 +146,14 @@ def test_shard_of_maps_ids_to_their_shard(cache_dir):
     cache = open_cache(cache_dir)
     np.testing.assert_array_equal(shard_of(cache.shards, np.arange(SEQUENCES)),
                                   np.arange(SEQUENCES) // ROWS_PER_SHARD)
+
+
+def test_streams_from_an_fsspec_url(cache_dir, split):
+    url = "memory://distill-test/cache"
+    write_synthetic_cache(url, sequences=SEQUENCES, seq_len=SEQ_LEN, top_k=TOP_K,
+                          vocab_size=VOCAB, rows_per_shard=ROWS_PER_SHARD, seed=1)
+    assert np.array_equal(split_rows(open_cache(url), 0.2, Selection(), seed=0).train, split.train)
+    local = rank_batches(cache_dir, split.train, rank=0, world_size=1, count=3)
+    remote = rank_batches(url, split.train, rank=0, world_size=1, count=3)
+    for a, b in zip(local, remote, strict=True):
+        assert torch.equal(a.seq_ids, b.seq_ids) and torch.equal(a.topk_ids, b.topk_ids)
