@@ -129,11 +129,12 @@ def measure(impl: str, shape: Shape, divergence: str, warmup_ms: int, rep_ms: in
     result = Result(shape, impl)
     try:
         problem = make_problem(shape)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()  # the inputs; everything above them is counted
         step = loss_step(impl, problem, divergence)
         step()  # compile / autotune outside the timed and measured region
         problem.hidden.grad = problem.weight.grad = None
         torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         step()
         torch.cuda.synchronize()
