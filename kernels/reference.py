@@ -42,8 +42,9 @@ with (before the per-row weight 1 / n_valid):
     all       c_y = -ce_weight
 `row_terms` evaluates these per row from (lse1, lseT, g, l); it is shared by the torch reference
 and the Triton path, and checked against float64 autograd in the tests. Both implementations
-compute the gradients during the forward pass (the loss is a scalar, so backward only scales
-them by the incoming gradient), which avoids recomputing the logits a second time.
+form the gradients during the forward pass, while the chunk's logits are at hand (the loss is a
+scalar, so backward only scales them by the incoming gradient): the reference costs the three
+LM-head GEMMs (6 N H V FLOPs) and never holds more than one chunk of float32 logits.
 """
 
 from __future__ import annotations

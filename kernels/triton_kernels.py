@@ -10,7 +10,9 @@ docstring of `kernels.reference`. Here x = h W^T is only ever built tile by tile
     for a chunk of rows;
   * `_sparse_dlogits_kernel`: overwrites the k + 1 sparse entries of each row with their exact
     value (dense part + every correction on that id), computed in fp32 and rounded once.
-Pointer offsets that can pass 2^31 (row * stride, id * H) are computed in int64.
+The logit tiles are computed twice (statistics, then dL/dx), and grad_h = dL/dx W and
+grad_W = dL/dx^T h are cuBLAS GEMMs on a chunk of dL/dx: 8 N H V FLOPs in all, with no logits
+stored. Pointer offsets that can pass 2^31 (row * stride, id * H) are computed in int64.
 """
 
 from __future__ import annotations
