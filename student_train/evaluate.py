@@ -58,7 +58,7 @@ def evaluate(student: LlamaForCausalLM, batches: Iterable[Batch], device: torch.
     for batch in batches:
         batch = batch.to(device)
         hidden = student.model(input_ids=batch.input_ids, use_cache=False).last_hidden_state
-        totals += _batch_totals(hidden.flatten(0, 1).to(weight.dtype), weight,
+        totals += _batch_totals(hidden.flatten(0, 1), weight,
                                 batch.labels.flatten(), batch.topk_ids.flatten(0, 1),
                                 batch.topk_logprobs.flatten(0, 1), impl)
     if dist.is_initialized():
