@@ -52,6 +52,7 @@ def _interpreter_on_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
     if DEVICE == "cpu":
         monkeypatch.setenv("TRITON_INTERPRET", "1")
 
+
 # N not a multiple of the row block nor of the chunk, V not a multiple of the vocabulary tile.
 N, H, V = 70, 40, 1000
 CHUNK = 48
