@@ -140,6 +140,13 @@ def test_ddp_on_two_processes_matches_one_process(cache_dir, tmp_path):
         torch.testing.assert_close(two[name], tensor, rtol=1e-4, atol=1e-5)
 
 
+def test_bf16_autocast_follows_the_float32_run(cache_dir, tmp_path):
+    for precision in ("fp32", "bf16"):
+        train(tiny_config(cache_dir, tmp_path / precision, max_steps=3, precision=precision))
+    fp32, bf16 = (records(tmp_path / p, "loss") for p in ("fp32", "bf16"))
+    assert [r["loss"] for r in bf16] == pytest.approx([r["loss"] for r in fp32], rel=0.02)
+
+
 def test_learning_rate_warms_up_then_decays_to_the_floor(cache_dir, tmp_path):
     config = tiny_config(cache_dir, tmp_path, max_steps=100, warmup=10, min_lr_ratio=0.1)
     factors = [lr_factor(s, config) for s in range(101)]
