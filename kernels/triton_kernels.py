@@ -247,7 +247,7 @@ def gather_logits(hidden: Tensor, weight: Tensor, ids: Tensor, out: Tensor) -> N
     """out[n, j] = x[n, ids[n, j]] in fp32; ids [N, m] contiguous, out [N, m] fp32."""
     n_rows, hidden_size = hidden.shape
     n_ids = ids.shape[1]
-    block_h = min(128, triton.next_power_of_2(hidden_size))
+    block_h = min(64, triton.next_power_of_2(hidden_size))  # a [k + 1, block_h] fp32 tile
     _gather_logits_kernel[(n_rows,)](
         hidden, weight, ids, out, hidden_size, n_ids, hidden.stride(0), weight.stride(0),
         BLOCK_K=triton.next_power_of_2(n_ids), BLOCK_H=block_h,
