@@ -131,7 +131,7 @@ def build_cache(config: BuildConfig) -> BuildSummary:
         run.close()
     report = WorkerReport(
         worker_index=config.worker_index, num_workers=config.num_workers, sequences=sequences,
-        documents=corpus.documents_read, skipped_files=corpus.skipped,
+        documents=packer.documents_packed, skipped_files=corpus.skipped,
         dropped_tokens=packer.dropped_tokens, capped=packer.capped,
         tokens_computed=run.tokens_computed,
         compute_s=run.compute_s, dtype=run.dtype)

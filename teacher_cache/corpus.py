@@ -42,14 +42,13 @@ class Corpus:
     files: list[Path]  # empty for a `datasets` dataset
     config: CorpusConfig
     skipped: list[str] = field(default_factory=list)
-    documents_read: int = 0
 
     def documents(self) -> Iterator[str]:
-        source = _dataset_documents(self.config) if self.config.dataset else (
-            doc for path in self.files for doc in self._file_documents(path))
-        for doc in source:
-            self.documents_read += 1
-            yield doc
+        if self.config.dataset:
+            yield from _dataset_documents(self.config)
+            return
+        for path in self.files:
+            yield from self._file_documents(path)
 
     def _file_documents(self, path: Path) -> Iterator[str]:
         if path.suffix == ".parquet":

@@ -32,7 +32,7 @@ class WorkerReport:
     worker_index: int
     num_workers: int
     sequences: int  # in the whole packed corpus, the same for every worker
-    documents: int
+    documents: int  # that begin inside the cached sequences
     skipped_files: list[str]
     dropped_tokens: int  # of the final partial sequence
     capped: bool  # packing stopped at max_tokens before the corpus ended

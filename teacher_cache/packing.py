@@ -46,6 +46,7 @@ class Packer:
         self.max_sequences = None if max_tokens is None else max_tokens // seq_len
         self.dropped_tokens = 0  # tokens of the final partial sequence, known once exhausted
         self.capped = False  # whether max_tokens stopped the packing before the corpus ended
+        self.documents_packed = 0  # documents that begin inside the packed sequences
 
     def __iter__(self) -> Iterator[PackedSequence]:
         buffer: list[int] = []
@@ -55,8 +56,10 @@ class Packer:
             starts.append(len(buffer))
             buffer.extend(doc)
             while len(buffer) >= self.seq_len:
+                doc_starts = [s for s in starts if s < self.seq_len]
+                self.documents_packed += len(doc_starts)
                 yield PackedSequence(seq_id, np.asarray(buffer[:self.seq_len], dtype=np.int32),
-                                     [s for s in starts if s < self.seq_len])
+                                     doc_starts)
                 seq_id += 1
                 if seq_id == self.max_sequences:
                     self.capped = True

@@ -41,6 +41,7 @@ def test_manifest_describes_the_build(tiny_cache: Path, tiny_teacher_dir: Path):
     assert len(manifest.teacher["weights_sha256"]) == 64
     assert manifest.vocab_size == 49152
     assert manifest.corpus["capped_by_max_tokens"]
+    assert manifest.corpus["documents"] == 4
     assert manifest.score is None
 
 

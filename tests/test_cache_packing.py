@@ -19,12 +19,14 @@ def docs(*lengths: int, start: int = 1) -> list[list[int]]:
 
 def test_packs_stream_into_fixed_sequences_with_doc_starts():
     documents = docs(3, 6, 2, 5)  # 16 tokens: starts at 0, 3, 9, 11
-    sequences = list(Packer(documents, seq_len=4))
+    packer = Packer(documents, seq_len=4)
+    sequences = list(packer)
     stream = np.concatenate(documents)
     assert [s.seq_id for s in sequences] == [0, 1, 2, 3]
     np.testing.assert_array_equal(np.concatenate([s.input_ids for s in sequences]), stream)
     assert [s.doc_starts for s in sequences] == [[0, 3], [], [1, 3], []]
     assert all(s.input_ids.dtype == np.int32 for s in sequences)
+    assert packer.documents_packed == 4
 
 
 def test_drops_the_final_partial_sequence():
