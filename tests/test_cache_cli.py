@@ -1,12 +1,16 @@
 from __future__ import annotations
 
 import json
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import numpy as np
 import pytest
-from conftest import TINY_SEQ_LEN, TINY_SHARD_ROWS, TINY_TOP_K
+from conftest import TINY_MAX_TOKENS, TINY_SEQ_LEN, TINY_SHARD_ROWS, TINY_TOP_K
 
 from teacher_cache import open_cache
 from teacher_cache.cli import main
@@ -67,3 +71,34 @@ def test_invalid_numbers_exit_2(tmp_path: Path, tiny_teacher_dir: Path, tiny_cor
     argv = tiny_args(tmp_path / "cache", tiny_teacher_dir, tiny_corpus_dir)
     assert main([*argv, "--num-workers", "2", "--worker-index", "2"]) == 2
     assert "--worker-index must be in [0, 2)" in capsys.readouterr().err
+
+
+def test_score_command_rescores_a_cache(tmp_path: Path, tiny_cache: Path,
+                                        tiny_reference_dir: Path, capsys):
+    out = tmp_path / "cache"
+    shutil.copytree(tiny_cache, out)
+    argv = ["score", "--cache", str(out), "--reference", str(tiny_reference_dir), "--no-progress"]
+    assert main(argv) == 0
+    assert "rescored" in capsys.readouterr().out
+    _, scores = open_cache(out).read_scores()
+    assert not np.isnan(scores).any()
+
+
+def test_sigkill_mid_build_then_rerun_gives_the_same_cache(tmp_path: Path, tiny_cache: Path,
+                                                           tiny_teacher_dir: Path,
+                                                           tiny_corpus_dir: Path):
+    out = tmp_path / "cache"
+    argv = tiny_args(out, tiny_teacher_dir, tiny_corpus_dir)
+    argv[argv.index("--max-tokens") + 1] = str(TINY_MAX_TOKENS)
+    command = [sys.executable, "-m", "teacher_cache", *argv]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first_shard = out / "shards" / "shard-000000.json"
+    while not first_shard.exists() and process.poll() is None:
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "manifest.json").exists(), "the build finished before it could be killed"
+
+    subprocess.run(command, check=True, capture_output=True)
+    cache = open_cache(out)
+    assert cache.manifest.shards == open_cache(tiny_cache).manifest.shards
