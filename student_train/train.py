@@ -122,132 +122,158 @@ def _write_json(path: Path, value: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def train(config: TrainConfig) -> dict[str, Any]:
-    """Train one student; returns (and writes to OUT/summary.json) the run's summary."""
-    env = init_distributed(config.device)
-    out = Path(config.out)
-    cache = open_cache(config.cache)
-    manifest = cache.manifest
-    model_config = llama_config(resolve_preset(config.student, config.overrides),
-                                manifest.vocab_size, manifest.seq_len)
-    selection = Selection.parse(config.select)
-    checkpoint = load_checkpoint(out) if config.resume else None
-    if checkpoint is not None:
-        check_resumable(checkpoint["config"], config)
-    split = split_rows(cache, config.val_fraction, selection, config.seed)
+class Trainer:
+    """One student on one cache: setup (or resume), the step, evaluation, checkpoints, summary."""
 
-    student = build_student(model_config, config.seed).to(env.device)
-    parameters = count_parameters(student)
-    objective = DistillationObjective(
-        student, divergence=config.divergence, temperature=config.temperature,
-        ce_weight=config.ce_weight, kd_weight=config.kd_weight, impl=config.loss_impl)
-    optimizer = make_optimizer(student, config, env.device)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
-    step = 0
-    if checkpoint is not None:
-        student.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        set_rng_state(checkpoint["rng"])
-        step = checkpoint["step"]
-    model = objective
-    if env.world_size > 1:
-        model = DistributedDataParallel(
-            objective, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    def __init__(self, config: TrainConfig):
+        self.config = config
+        self.env = env = init_distributed(config.device)
+        self.out = Path(config.out)
+        self.cache = open_cache(config.cache)
+        self.manifest = self.cache.manifest
+        model_config = llama_config(resolve_preset(config.student, config.overrides),
+                                    self.manifest.vocab_size, self.manifest.seq_len)
+        selection = Selection.parse(config.select)
+        checkpoint = load_checkpoint(self.out) if config.resume else None
+        if checkpoint is not None:
+            check_resumable(checkpoint["config"], config)
+        self.split = split_rows(self.cache, config.val_fraction, selection, config.seed)
 
-    stream = TrainStream(config.cache, split.train, global_batch=config.batch_size,
-                         rank=env.rank, world_size=env.world_size, seed=config.seed,
-                         shuffle_buffer=config.shuffle_buffer, start_batch=step * config.grad_accum)
-    batches = iter(DataLoader(stream, batch_size=None, num_workers=config.workers,
-                              pin_memory=env.device.type == "cuda"))
-    tokens_per_step = config.rows_per_step * manifest.seq_len
-    bf16 = use_bf16(config.precision, env.device)
-    metrics = MetricsLog(out / METRICS_FILE, step) if env.is_main else None
-    if env.is_main:
-        print(f"student {config.student}: {parameters / 1e6:.2f}M parameters, "
-              f"{len(split.train)} training / {len(split.val)} held-out sequences, "
-              f"{tokens_per_step} tokens per step, {env.world_size} rank(s) on {env.device}"
-              f"{', bf16 autocast' if bf16 else ''}")
-
-    def run_eval() -> dict[str, Any]:
-        result = evaluate(student, eval_batches(cache, split.val, config.eval_batch_size,
-                                                env.rank, env.world_size),
-                          env.device, impl=config.loss_impl)
-        record = {"step": step, "tokens": step * tokens_per_step, **result.as_record()}
-        if metrics is not None:
-            metrics.write(record)
-        return record
-
-    def checkpoint_now() -> None:
-        if env.is_main:
-            save_checkpoint(out, {
-                "step": step, "model": student.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": rng_state(), "config": asdict(config),
-                "data": stream_position(step * config.grad_accum, config.batch_size,
-                                        len(split.train)),
-            })
+        self.student = build_student(model_config, config.seed).to(env.device)
+        self.parameters = count_parameters(self.student)
+        objective = DistillationObjective(
+            self.student, divergence=config.divergence, temperature=config.temperature,
+            ce_weight=config.ce_weight, kd_weight=config.kd_weight, impl=config.loss_impl)
+        self.optimizer = make_optimizer(self.student, config, env.device)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, config))
+        self.step = 0
+        if checkpoint is not None:
+            self.student.load_state_dict(checkpoint["model"])
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+            self.scheduler.load_state_dict(checkpoint["scheduler"])
+            set_rng_state(checkpoint["rng"])
+            self.step = checkpoint["step"]
+        self.model: torch.nn.Module = objective
         if env.world_size > 1:
-            dist.barrier()
+            self.model = DistributedDataParallel(
+                objective, device_ids=[env.device.index] if env.device.type == "cuda" else None)
 
-    last_eval = run_eval() if step == 0 and config.eval_every > 0 else None
-    train_seconds, start_step = 0.0, step
-    progress = tqdm(total=config.max_steps, initial=step, unit="step", disable=not env.is_main,
-                    dynamic_ncols=True)
-    while step < config.max_steps:
-        started = time.perf_counter()
-        loss_sum = torch.zeros((), device=env.device)
+        stream = TrainStream(config.cache, self.split.train, global_batch=config.batch_size,
+                             rank=env.rank, world_size=env.world_size, seed=config.seed,
+                             shuffle_buffer=config.shuffle_buffer,
+                             start_batch=self.step * config.grad_accum)
+        self.batches = iter(DataLoader(stream, batch_size=None, num_workers=config.workers,
+                                       pin_memory=env.device.type == "cuda"))
+        self.tokens_per_step = config.rows_per_step * self.manifest.seq_len
+        self.bf16 = use_bf16(config.precision, env.device)
+        self.metrics = MetricsLog(self.out / METRICS_FILE, self.step) if env.is_main else None
+
+    def train_step(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One optimizer step over `grad_accum` micro-batches: (loss, gradient norm)."""
+        config, ddp = self.config, isinstance(self.model, DistributedDataParallel)
+        loss_sum = torch.zeros((), device=self.env.device)
         for micro in range(config.grad_accum):
-            batch = next(batches).to(env.device)
+            batch = next(self.batches).to(self.env.device)
             last = micro == config.grad_accum - 1
-            sync = nullcontext() if last or env.world_size == 1 else model.no_sync()
-            with sync:
-                with torch.autocast(env.device.type, dtype=torch.bfloat16, enabled=bf16):
-                    loss = model(batch.input_ids, batch.labels, batch.topk_ids,
-                                 batch.topk_logprobs) / config.grad_accum
+            with self.model.no_sync() if ddp and not last else nullcontext():
+                with torch.autocast(self.env.device.type, dtype=torch.bfloat16,
+                                    enabled=self.bf16):
+                    loss = self.model(batch.input_ids, batch.labels, batch.topk_ids,
+                                      batch.topk_logprobs) / config.grad_accum
                 loss.backward()
             loss_sum += loss.detach()
-        grad_norm = (torch.nn.utils.clip_grad_norm_(student.parameters(), config.grad_clip)
+        grad_norm = (torch.nn.utils.clip_grad_norm_(self.student.parameters(), config.grad_clip)
                      if config.grad_clip > 0 else None)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        train_seconds += time.perf_counter() - started
-        tokens_per_s = (step - start_step) * tokens_per_step / train_seconds
-        progress.update(1)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        if ddp:
+            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+        return loss_sum, grad_norm
 
-        if step % config.log_every == 0 or step == config.max_steps:
-            if env.world_size > 1:
-                dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-            progress.set_postfix(loss=f"{loss_sum.item():.4f}", tok_s=f"{tokens_per_s:,.0f}")
-            if metrics is not None:
-                metrics.write({"step": step, "tokens": step * tokens_per_step,
-                               "loss": loss_sum.item(), "lr": scheduler.get_last_lr()[0],
-                               "grad_norm": None if grad_norm is None else grad_norm.item(),
-                               "tokens_per_s": tokens_per_s})
-        if config.eval_every > 0 and step % config.eval_every == 0 and step < config.max_steps:
-            last_eval = run_eval()
-        if config.checkpoint_every > 0 and step % config.checkpoint_every == 0:
-            checkpoint_now()
-    progress.close()
+    def evaluate(self) -> dict[str, Any]:
+        env = self.env
+        batches = eval_batches(self.cache, self.split.val, self.config.eval_batch_size, env.rank,
+                               env.world_size)
+        result = evaluate(self.student, batches, env.device, impl=self.config.loss_impl)
+        record = {"step": self.step, "tokens": self.step * self.tokens_per_step,
+                  **result.as_record()}
+        self.log(record)
+        return record
 
-    if last_eval is None or last_eval["step"] != step:
-        last_eval = run_eval()
-    if config.checkpoint_every == 0 or step % config.checkpoint_every:
-        checkpoint_now()
-    summary = {
-        "student": config.student, "parameters": parameters, "steps": step,
-        "tokens_seen": step * tokens_per_step, "tokens_per_s": (
-            (step - start_step) * tokens_per_step / train_seconds if train_seconds else None),
-        "train_seconds": train_seconds, "ce_weight": config.ce_weight,
-        "kd_weight": config.kd_weight, "divergence": config.divergence,
-        **{k: v for k, v in last_eval.items() if k.startswith("val_")},
-    }
-    if env.is_main:
-        save_student(student, out / STUDENT_DIR, manifest)
-        _write_json(out / SUMMARY_FILE, summary)
-        print(f"done: {step} steps, {summary['tokens_seen']:,} tokens, val CE "
-              f"{summary['val_ce']:.4f} (PPL {summary['val_ppl']:.1f}), KL "
-              f"{summary['val_kl']:.4f}, top-1 {summary['val_top1']:.3f}; student saved to "
-              f"{out / STUDENT_DIR}")
-    return summary
+    def save_checkpoint(self) -> None:
+        if self.env.is_main:
+            save_checkpoint(self.out, {
+                "step": self.step, "model": self.student.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
+                "config": asdict(self.config),
+                "data": stream_position(self.step * self.config.grad_accum,
+                                        self.config.batch_size, len(self.split.train)),
+            })
+        if self.env.world_size > 1:
+            dist.barrier()
+
+    def log(self, record: dict[str, Any]) -> None:
+        if self.metrics is not None:
+            self.metrics.write(record)
+
+    def run(self) -> dict[str, Any]:
+        """Train to `max_steps`; returns (and writes to OUT/summary.json) the run's summary."""
+        config, env = self.config, self.env
+        if env.is_main:
+            print(f"student {config.student}: {self.parameters / 1e6:.2f}M parameters, "
+                  f"{len(self.split.train)} training / {len(self.split.val)} held-out sequences, "
+                  f"{self.tokens_per_step} tokens per step, {env.world_size} rank(s) on "
+                  f"{env.device}{', bf16 autocast' if self.bf16 else ''}")
+        last_eval = self.evaluate() if self.step == 0 and config.eval_every > 0 else None
+        train_seconds, start_step = 0.0, self.step
+        progress = tqdm(total=config.max_steps, initial=self.step, unit="step",
+                        disable=not env.is_main, dynamic_ncols=True)
+        while self.step < config.max_steps:
+            started = time.perf_counter()
+            loss, grad_norm = self.train_step()
+            train_seconds += time.perf_counter() - started
+            tokens_per_s = (self.step - start_step) * self.tokens_per_step / train_seconds
+            progress.update(1)
+            step = self.step
+            if step % config.log_every == 0 or step == config.max_steps:
+                progress.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{tokens_per_s:,.0f}")
+                self.log({"step": step, "tokens": step * self.tokens_per_step,
+                          "loss": loss.item(), "lr": self.scheduler.get_last_lr()[0],
+                          "grad_norm": None if grad_norm is None else grad_norm.item(),
+                          "tokens_per_s": tokens_per_s})
+            if config.eval_every > 0 and step % config.eval_every == 0 and step < config.max_steps:
+                last_eval = self.evaluate()
+            if config.checkpoint_every > 0 and step % config.checkpoint_every == 0:
+                self.save_checkpoint()
+        progress.close()
+
+        if last_eval is None or last_eval["step"] != self.step:
+            last_eval = self.evaluate()
+        if config.checkpoint_every == 0 or self.step % config.checkpoint_every:
+            self.save_checkpoint()
+        trained_tokens = (self.step - start_step) * self.tokens_per_step
+        summary = {
+            "student": config.student, "parameters": self.parameters, "steps": self.step,
+            "tokens_seen": self.step * self.tokens_per_step,
+            "tokens_per_s": trained_tokens / train_seconds if train_seconds else None,
+            "train_seconds": train_seconds, "ce_weight": config.ce_weight,
+            "kd_weight": config.kd_weight, "divergence": config.divergence,
+            **{k: v for k, v in last_eval.items() if k.startswith("val_")},
+        }
+        if env.is_main:
+            save_student(self.student, self.out / STUDENT_DIR, self.manifest)
+            _write_json(self.out / SUMMARY_FILE, summary)
+            print(f"done: {self.step} steps, {summary['tokens_seen']:,} tokens, val CE "
+                  f"{summary['val_ce']:.4f} (PPL {summary['val_ppl']:.1f}), KL "
+                  f"{summary['val_kl']:.4f}, top-1 {summary['val_top1']:.3f}; student saved to "
+                  f"{self.out / STUDENT_DIR}")
+        return summary
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Train one student; returns (and writes to OUT/summary.json) the run's summary."""
+    return Trainer(config).run()
