@@ -129,15 +129,14 @@ def build_cache(config: BuildConfig) -> BuildSummary:
         sequences = run.process(packer)
     finally:
         run.close()
+    if sequences == 0:
+        raise CacheError(f"corpus {corpus.description}: fewer tokens than one sequence of "
+                         f"{config.seq_len}; nothing to cache")
     report = WorkerReport(
         worker_index=config.worker_index, num_workers=config.num_workers, sequences=sequences,
         documents=packer.documents_packed, skipped_files=corpus.skipped,
         dropped_tokens=packer.dropped_tokens, capped=packer.capped,
-        tokens_computed=run.tokens_computed,
-        compute_s=run.compute_s, dtype=run.dtype)
-    if sequences == 0:
-        raise CacheError(f"corpus {corpus.description}: fewer tokens than one sequence of "
-                         f"{config.seq_len}; nothing to cache")
+        tokens_computed=run.tokens_computed, compute_s=run.compute_s, dtype=run.dtype)
     location.write_bytes_atomic(report.to_json().encode(), WORKER_DIR,
                                 worker_report_name(config.worker_index, config.num_workers))
     manifest = finalize_cache(config.out) if config.num_workers == 1 else None
@@ -258,9 +257,8 @@ def _build_record(config: BuildConfig, teacher: Teacher, reference: Teacher | No
     identity = skeleton.build_identity() | {
         "max_tokens": config.max_tokens, "backend": config.backend, "dtype": config.dtype,
         "reference.weights_sha256": reference.weights_sha256 if reference else None}
-    reference_entry = None if reference is None else {
-        "name": reference.name, "path": reference.path, "weights_sha256": reference.weights_sha256}
-    return {"identity": identity, "manifest": skeleton, "reference": reference_entry}
+    return {"identity": identity, "manifest": skeleton,
+            "reference": reference.identity() if reference else None}
 
 
 def claim_build(location: Location, record: dict) -> None:

@@ -53,13 +53,8 @@ class ReferenceScorer:
     def __init__(self, reference: Teacher, tokenizer_sha256: str, backend: str = "torch",
                  batch_size: int = 8, dtype: str = "auto"):
         check_same_tokenizer(reference, tokenizer_sha256)
-        self.reference = reference
         self.backend: TeacherBackend = create_backend(
             backend, BackendConfig(reference.path, top_k=1, batch_size=batch_size, dtype=dtype))
-
-    def identity(self) -> dict[str, str]:
-        return {"name": self.reference.name, "path": self.reference.path,
-                "weights_sha256": self.reference.weights_sha256}
 
     def score(self, input_ids: np.ndarray, teacher_target: np.ndarray) -> np.ndarray:
         reference_target = self.backend.predict(input_ids, top_k=1).target_logprobs
@@ -119,8 +114,7 @@ def rescore_cache(cache: str, reference_spec: str, batch_size: int = 8, dtype: s
     manifest.totals["bytes"] = sum(s.bytes for s in new_infos)
     manifest.build.pop("rescoring")
     manifest.complete = True
-    manifest.score = {"reference": {"name": reference.name, "path": reference.path,
-                                    "weights_sha256": reference.weights_sha256},
+    manifest.score = {"reference": reference.identity(),
                       "stats": score_stats(_all_scores(location, new_infos))}
     location.write_bytes_atomic(manifest.to_json().encode(), MANIFEST_FILE)
     location.fs.delete_dir(location.path(RESCORE_DIR))

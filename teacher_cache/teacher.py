@@ -33,9 +33,11 @@ class Teacher:
     weights_sha256: str
     tokenizer_sha256: str
 
+    def identity(self) -> dict[str, str]:
+        return {"name": self.name, "path": self.path, "weights_sha256": self.weights_sha256}
+
     def manifest_entry(self, dtype: str, backend: str) -> dict[str, str]:
-        return {"name": self.name, "path": self.path, "weights_sha256": self.weights_sha256,
-                "dtype": dtype, "backend": backend}
+        return self.identity() | {"dtype": dtype, "backend": backend}
 
 
 def distill_home() -> Path:
