@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--worker-index", type=int, default=0,
                        help="this worker: builds the shards i with i %% num-workers == index")
     build.add_argument("--overwrite", action="store_true",
-                       help="delete an existing cache in --out and start over")
+                       help="delete an existing cache in --out and start over (with several "
+                            "workers: only on the first one, before the others start)")
     build.add_argument("--reference", metavar="MODEL",
                        help="reference model (same tokenizer) to fill the MiniPLM `score` column")
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
