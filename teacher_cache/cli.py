@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tokens per packed sequence")
     build.add_argument("--top-k", type=int, default=DEFAULTS.top_k,
                        help="teacher predictions kept per position")
-    build.add_argument("--backend", choices=sorted(BACKENDS), default=DEFAULTS.backend)
+    build.add_argument("--backend", choices=sorted(BACKENDS), default=DEFAULTS.backend,
+                       help="what runs the teacher")
     build.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size,
                        help="sequences per teacher forward")
     build.add_argument("--dtype", default=DEFAULTS.dtype,
