@@ -1,0 +1,204 @@
+"""Teacher predictions from vLLM's prompt logprobs (one prefill per sequence, no decoding).
+
+Each sequence is submitted as token ids with `prompt_logprobs=k` and `max_tokens=1`; one `predict`
+call (a whole shard from the builder) is one `generate` call, so vLLM's scheduler packs the prefills
+into full batches of `max_num_batched_tokens`.
+
+vLLM's convention differs from the cache's by one position: `prompt_logprobs[t + 1]` is the
+distribution that predicts token t + 1 (entry 0 is None), which the cache stores at position t.
+Each entry holds the actual token first (with its true logprob, used for `target_logprobs`) and
+then the top-k, so vLLM reports the target even when it is outside the top-k.
+
+Turning vLLM's per-position results into Python objects dominates the cost for small teachers
+(about 60 us per position at k=64 as dicts). The backend reads them the cheapest way available:
+
+    arrays  keep vLLM's [L - 1, k + 1] logprob tensors as numpy (a hook on vLLM's logprobs
+            processor, installed only during `generate` and only where its signature matches)
+    flat    `SamplingParams(flat_logprobs=True)`: flat Python lists, no per-position dicts
+    dict    the portable list of {token_id: Logprob} dicts
+
+`BackendConfig.options` are passed to `vllm.LLM` as engine arguments (e.g. gpu_memory_utilization,
+max_num_batched_tokens, dtype, enforce_eager), except `logprobs_path`, which forces one of the three
+result paths above (the benchmark compares them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from teacher_cache.backends.base import BackendConfig, TeacherOutput
+from teacher_cache.backends.torch_backend import resolve_dtype
+
+LOGPROBS_PATHS = ("arrays", "flat", "dict")
+# On CPU, vLLM's "GPU memory" is a fraction of RAM; its default (0.9) does not fit beside the
+# process that builds the cache.
+DEFAULT_MEMORY_FRACTION = {"cpu": 0.5, "cuda": 0.9}
+
+
+@dataclass
+class PromptArrays:
+    """One request's prompt logprobs: column 0 is the actual next token, columns 1..k the top-k;
+    row t is the distribution that predicts prompt token t + 1."""
+
+    token_ids: np.ndarray  # int [L - 1, k + 1]
+    logprobs: np.ndarray  # float32 [L - 1, k + 1]
+
+
+class VllmBackend:
+    name = "vllm"
+
+    def __init__(self, config: BackendConfig):
+        import torch
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        options = dict(config.options)
+        available = supported_logprobs_paths()
+        self.logprobs_path = options.pop("logprobs_path", available[0])
+        if self.logprobs_path not in available:
+            raise ValueError(f"logprobs_path {self.logprobs_path!r} is not available with this "
+                             f"vLLM; choose one of {', '.join(available)}")
+        device = "cpu" if current_platform.is_cpu() else "cuda"
+        if device == "cpu":
+            # In-process engine: no engine and worker processes polling each other for the cores
+            # that run the model (starts in seconds instead of a minute on a small machine).
+            os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        self.dtype = resolve_dtype(options.pop("dtype", config.dtype), torch.device(device))
+        self.top_k = config.top_k
+        engine_args = {
+            "gpu_memory_utilization": DEFAULT_MEMORY_FRACTION[device],
+            "dtype": self.dtype_name,
+            **options,
+            "model": config.model_path,
+            "max_logprobs": config.top_k,
+            "logprobs_mode": "raw_logprobs",
+            "enable_prefix_caching": False,
+            "skip_tokenizer_init": True,
+        }
+        self.llm = LLM(**engine_args)
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).removeprefix("torch.")
+
+    def predict(self, input_ids: np.ndarray, top_k: int) -> TeacherOutput:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if top_k > self.top_k:
+            raise ValueError(f"top_k {top_k} exceeds the {self.top_k} this engine was created for")
+        input_ids = np.asarray(input_ids)
+        batch, seq_len = input_ids.shape
+        flat = {"flat_logprobs": True} if self.logprobs_path in ("arrays", "flat") else {}
+        params = SamplingParams(max_tokens=1, prompt_logprobs=top_k, detokenize=False, **flat)
+        prompts = [TokensPrompt(prompt_token_ids=row.tolist()) for row in input_ids]
+        hook = keep_prompt_logprobs_as_arrays() if self.logprobs_path == "arrays" else \
+            contextlib.nullcontext()
+        with hook:
+            results = self.llm.generate(prompts, params, use_tqdm=False)
+
+        topk_ids = np.zeros((batch, seq_len, top_k), dtype=np.int32)
+        topk_logprobs = np.zeros((batch, seq_len, top_k), dtype=np.float32)
+        target_logprobs = np.full((batch, seq_len), np.nan, dtype=np.float32)
+        for row, result in enumerate(results):
+            arrays = prompt_arrays(result.prompt_logprobs, input_ids[row], top_k)
+            if not np.array_equal(arrays.token_ids[:, 0], input_ids[row, 1:]):
+                raise RuntimeError(f"vLLM returned prompt logprobs for other tokens than sequence "
+                                   f"{row} of the batch; this vLLM version is not supported")
+            topk_ids[row, :-1] = arrays.token_ids[:, 1:]
+            topk_logprobs[row, :-1] = arrays.logprobs[:, 1:]
+            target_logprobs[row, :-1] = arrays.logprobs[:, 0]
+        return TeacherOutput(topk_ids, topk_logprobs, target_logprobs)
+
+    def close(self) -> None:
+        del self.llm
+
+
+def prompt_arrays(prompt_logprobs, input_ids: np.ndarray, top_k: int) -> PromptArrays:
+    """vLLM's prompt logprobs in any of the three result forms, as [L - 1, k + 1] arrays with the
+    top-k sorted by descending logprob."""
+    arrays = _unsorted_prompt_arrays(prompt_logprobs, input_ids, top_k)
+    order = np.argsort(-arrays.logprobs[:, 1:], axis=1, kind="stable") + 1
+    order = np.concatenate([np.zeros_like(order[:, :1]), order], axis=1)
+    return PromptArrays(np.take_along_axis(arrays.token_ids, order, axis=1),
+                        np.take_along_axis(arrays.logprobs, order, axis=1))
+
+
+def _unsorted_prompt_arrays(prompt_logprobs, input_ids: np.ndarray, top_k: int) -> PromptArrays:
+    if isinstance(prompt_logprobs, PromptArrays):
+        return prompt_logprobs
+    from vllm.logprobs import FlatLogprobs
+
+    positions = len(input_ids) - 1
+    if isinstance(prompt_logprobs, FlatLogprobs):
+        # Flat results keep every entry, the actual token first even when it is also in the top-k.
+        shape = (positions, top_k + 1)
+        if len(prompt_logprobs.token_ids) != positions * (top_k + 1):
+            raise RuntimeError(f"vLLM returned {len(prompt_logprobs.token_ids)} flat prompt "
+                               f"logprobs, expected {positions} x {top_k + 1}")
+        return PromptArrays(np.asarray(prompt_logprobs.token_ids).reshape(shape),
+                            np.asarray(prompt_logprobs.logprobs, dtype=np.float32).reshape(shape))
+    token_ids = np.empty((positions, top_k + 1), dtype=np.int64)
+    logprobs = np.empty((positions, top_k + 1), dtype=np.float32)
+    for t, (entry, target) in enumerate(zip(prompt_logprobs[1:], input_ids[1:].tolist(),
+                                            strict=True)):
+        # The actual token comes first; a dict holds it once, so k entries mean it is in the top-k.
+        items = list(entry.items())
+        top = items[1:] if len(items) > top_k else items
+        token_ids[t, 0], logprobs[t, 0] = target, entry[target].logprob
+        token_ids[t, 1:] = [token for token, _ in top]
+        logprobs[t, 1:] = [logprob.logprob for _, logprob in top]
+    return PromptArrays(token_ids, logprobs)
+
+
+def supported_logprobs_paths() -> tuple[str, ...]:
+    """The result paths this vLLM offers, fastest first."""
+    from vllm import SamplingParams
+
+    has_flat = "flat_logprobs" in inspect.signature(SamplingParams).parameters
+    paths = (("arrays",) if has_flat and _array_hook_target() is not None else ()) + \
+        (("flat",) if has_flat else ()) + ("dict",)
+    return paths
+
+
+def _array_hook_target():
+    """vLLM's per-request logprobs processor, if its prompt-logprobs method has the one signature
+    the array hook was written against (vLLM 0.32); None otherwise."""
+    try:
+        from vllm.v1.engine.logprobs import LogprobsProcessor
+    except ImportError:
+        return None
+    method = getattr(LogprobsProcessor, "_update_prompt_logprobs", None)
+    if method is None or list(inspect.signature(method).parameters) != [
+            "self", "prompt_logprobs_tensors"]:
+        return None
+    return LogprobsProcessor
+
+
+@contextlib.contextmanager
+def keep_prompt_logprobs_as_arrays() -> Iterator[None]:
+    """While active, vLLM hands back each request's prompt logprobs as one PromptArrays instead of
+    building Python objects per position. vLLM delivers a request's prompt logprobs in a single
+    update, once its prefill is complete, as [L - 1, k + 1] CPU tensors."""
+    processor = _array_hook_target()
+    original = processor._update_prompt_logprobs
+
+    def keep_arrays(self, prompt_logprobs_tensors) -> None:
+        token_ids, logprobs, *_ = prompt_logprobs_tensors
+        self.prompt_logprobs = PromptArrays(token_ids.numpy(), logprobs.numpy())
+
+    processor._update_prompt_logprobs = keep_arrays
+    try:
+        yield
+    finally:
+        processor._update_prompt_logprobs = original
+
+
+def create(config: BackendConfig) -> VllmBackend:
+    return VllmBackend(config)
