@@ -1,4 +1,4 @@
-"""Teacher backends by name. Each module exposes `create(config: BackendConfig) -> TeacherBackend`."""
+"""Teacher backends by name; each module exposes `create(BackendConfig) -> TeacherBackend`."""
 
 from __future__ import annotations
 
