@@ -1,11 +1,13 @@
 """Student training throughput per preset (float32 and bf16 autocast) and cache reader throughput.
 
-    python benchmarks/bench_train.py [--cache DIR] [--presets xs s] [--steps 8] [--batch-size 4]
+    python benchmarks/bench_train.py [--cache DIR] [--presets xs s] [--steps 8] [--batch-size 2]
 
 Without --cache it writes a synthetic cache shaped like the default one (256 sequences of 512
-tokens, top-64, vocabulary 49152). Training runs the real loop (`student_train.train.train`), so its
-tokens/s include data loading and the optimizer; the reader figures are decode-only (every shard)
-and the full training stream (plan, shuffle, batches) for one epoch.
+tokens, top-64, vocabulary 49152). Training times the real step (`Trainer.train_step`), so the
+steps include data loading and the optimizer. Reported per preset: median and best tokens/s over the
+timed steps, and the median process CPU seconds per step (less sensitive to other processes on the
+machine than wall time). The reader figures are decode-only (every shard) and the full training
+stream (plan, shuffle, batches) for one epoch.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +29,7 @@ from student_train.config import TrainConfig
 from student_train.data import TrainStream, split_rows
 from student_train.selection import Selection
 from student_train.synthetic import write_synthetic_cache
-from student_train.train import train
+from student_train.train import Trainer
 from teacher_cache.reader import open_cache
 
 
@@ -59,7 +62,7 @@ def main() -> None:
     parser.add_argument("--cache", help="an existing cache (default: a synthetic one)")
     parser.add_argument("--presets", nargs="+", default=["xs", "s"])
     parser.add_argument("--steps", type=int, default=8)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     args = parser.parse_args()
 
@@ -79,19 +82,27 @@ def main() -> None:
         print(f"reader: decode {decode:,.0f} tokens/s, training stream {stream:,.0f} tokens/s")
 
         fastest = 0.0
-        print(f"\n{'preset':<8}{'params':>10}{'precision':>11}{'tokens/s':>12}{'s/step':>9}")
+        print(f"\n{'preset':<8}{'params':>10}{'precision':>11}{'tokens/s':>10}{'best':>8}"
+              f"{'s/step':>8}{'CPU s/step':>12}")
         for preset in args.presets:
             for precision in args.precisions:
                 config = TrainConfig(
                     cache=cache_dir, out=str(Path(scratch) / f"{preset}-{precision}"),
-                    student=preset, max_steps=args.steps, batch_size=args.batch_size,
-                    warmup=1, eval_every=0, checkpoint_every=0, log_every=args.steps,
-                    precision=precision, eval_batch_size=args.batch_size)
-                summary = train(config)
-                fastest = max(fastest, summary["tokens_per_s"])
-                print(f"{preset:<8}{summary['parameters'] / 1e6:>9.2f}M{precision:>11}"
-                      f"{summary['tokens_per_s']:>12,.0f}"
-                      f"{summary['train_seconds'] / summary['steps']:>9.2f}")
+                    student=preset, max_steps=args.steps + 1, batch_size=args.batch_size,
+                    warmup=1, precision=precision)
+                trainer = Trainer(config)
+                trainer.train_step()  # warm-up: first-call allocations and thread start
+                wall, cpu = [], []
+                for _ in range(args.steps):
+                    started, started_cpu = time.perf_counter(), time.process_time()
+                    trainer.train_step()
+                    wall.append(time.perf_counter() - started)
+                    cpu.append(time.process_time() - started_cpu)
+                tokens = trainer.tokens_per_step
+                fastest = max(fastest, tokens / statistics.median(wall))
+                print(f"{preset:<8}{trainer.parameters / 1e6:>9.2f}M{precision:>11}"
+                      f"{tokens / statistics.median(wall):>10,.0f}{tokens / min(wall):>8,.0f}"
+                      f"{statistics.median(wall):>8.2f}{statistics.median(cpu):>12.2f}")
         print(f"\nreader stream / fastest training: {stream / fastest:,.0f}x; load average now "
               f"{os.getloadavg()[0]:.1f}")
 

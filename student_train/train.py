@@ -63,8 +63,8 @@ def init_distributed(device: str) -> Distributed:
 
 
 def use_bf16(precision: str, device: torch.device) -> bool:
-    # On CPU bf16 autocast gained only 10-20% per step (xs, s presets; benchmarks/bench_train.py)
-    # and is emulated, hence much slower, on CPUs without bf16 units: there it stays opt-in.
+    # On CPU bf16 autocast gave no consistent speed-up (benchmarks/bench_train.py: slower for xs,
+    # mixed for s, on a 2-core CPU with bf16 units) and is emulated elsewhere: there it is opt-in.
     if precision == "auto":
         return device.type == "cuda" and torch.cuda.is_bf16_supported()
     return precision == "bf16"
