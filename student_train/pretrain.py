@@ -23,9 +23,9 @@ from teacher_cache.format import CacheError
 
 RESULTS_FILE = "results.json"
 PLOT_FILE = "val_ce.png"
-# Defaults sized for the default cache (256 x 512 tokens) on 2 CPU cores: 200 steps of 2 sequences
-# take the xs and s students over 1.6 epochs in a few minutes each.
-DRIVER_DEFAULTS = {"batch_size": 2, "eval_every": 25, "checkpoint_every": 50, "log_every": 5}
+# Sized for the default cache (256 x 512 tokens) on 2 CPU cores: 200 steps of 2 sequences are 1.6
+# epochs, about 1 minute of training for xs and 3 to 5 for s (benchmarks/bench_train.py).
+DRIVER_DEFAULTS = {"batch_size": 2, "eval_every": 40, "checkpoint_every": 50, "log_every": 5}
 
 
 def build_parser() -> argparse.ArgumentParser:
