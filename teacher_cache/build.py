@@ -38,7 +38,7 @@ from teacher_cache.format import (
     write_shard,
 )
 from teacher_cache.packing import PackedSequence, Packer, tokenize_documents
-from teacher_cache.score import RESCORE_DIR, ReferenceScorer
+from teacher_cache.score import RESCORE_DIR, ReferenceScorer, reference_entry
 from teacher_cache.storage import Location, resolve
 from teacher_cache.teacher import Teacher, resolve_teacher
 
@@ -258,7 +258,7 @@ def _build_record(config: BuildConfig, teacher: Teacher, reference: Teacher | No
         "max_tokens": config.max_tokens, "backend": config.backend, "dtype": config.dtype,
         "reference.weights_sha256": reference.weights_sha256 if reference else None}
     return {"identity": identity, "manifest": skeleton,
-            "reference": reference.identity() if reference else None}
+            "reference": reference_entry(reference) if reference else None}
 
 
 def claim_build(location: Location, record: dict) -> None:

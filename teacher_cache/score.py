@@ -4,12 +4,16 @@ A sequence's score is the mean over target positions 0..L-2 of
 `teacher target logprob - reference target logprob`: high where the teacher knows much more than a
 small reference model. The builder fills it in the same pass as the teacher (`--reference`);
 `rescore_cache` recomputes it for an existing cache with another reference, without the teacher.
+The manifest records the reference's identity and, for a reference trained by `student_train`, the
+summary of that run (preset, selection, steps, tokens).
 """
 
 from __future__ import annotations
 
 import json
 from dataclasses import asdict
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -30,6 +34,8 @@ from teacher_cache.teacher import Teacher, resolve_teacher
 
 QUANTILES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 RESCORE_DIR = "rescore"
+# student_train saves RUN/student (the model) beside RUN/summary.json (how it was trained).
+STUDENT_DIR, TRAINING_SUMMARY = "student", "summary.json"
 
 
 def sequence_scores(teacher_target: np.ndarray, reference_target: np.ndarray) -> np.ndarray:
@@ -64,6 +70,26 @@ class ReferenceScorer:
         self.backend.close()
 
 
+def reference_entry(reference: Teacher) -> dict[str, Any]:
+    """The manifest's `score.reference`: the identity, plus `training` when the model was saved by
+    `student_train` (its run's summary.json next to the model directory)."""
+    model_dir = Path(reference.path)
+    summary = model_dir.parent / TRAINING_SUMMARY
+    if model_dir.name != STUDENT_DIR or not summary.is_file():
+        return reference.identity()
+    try:
+        training = json.loads(summary.read_text())
+    except json.JSONDecodeError as e:
+        raise CacheError(f"{summary}: not valid JSON ({e}); fix or delete it") from None
+    return reference.identity() | {"training": training}
+
+
+def is_scored_by(manifest: Manifest, reference: Teacher) -> bool:
+    """A complete cache whose scores already come from these reference weights."""
+    scored = (manifest.score or {}).get("reference") or {}
+    return manifest.complete and scored.get("weights_sha256") == reference.weights_sha256
+
+
 def check_same_tokenizer(reference: Teacher, tokenizer_sha256: str) -> None:
     if reference.tokenizer_sha256 != tokenizer_sha256:
         raise CacheError(f"reference {reference.path}: its tokenizer (sha256 "
@@ -75,14 +101,17 @@ def rescore_cache(cache: str, reference_spec: str, batch_size: int = 8, dtype: s
                   progress: bool = True) -> Manifest:
     """Recompute every shard's `score` column with another reference, resumably.
 
-    Each shard is rewritten atomically with only `score` changed and a marker under `rescore/`
-    records it; the manifest is marked incomplete meanwhile (its checksums are stale) and rewritten
-    with the new checksums and score statistics at the end. Rerunning after a kill resumes.
+    A cache already scored by the same reference weights is left as it is. Each shard is
+    rewritten atomically with only `score` changed and a marker under `rescore/` records it; the
+    manifest is marked incomplete meanwhile (its checksums are stale) and rewritten with the new
+    checksums and score statistics at the end. Rerunning after a kill resumes.
     """
     location = resolve(cache)
     manifest = read_manifest(location)
     reference = resolve_teacher(reference_spec)
     check_same_tokenizer(reference, manifest.tokenizer["sha256"])
+    if is_scored_by(manifest, reference):
+        return manifest
     marker_dir = f"{RESCORE_DIR}/{reference.weights_sha256[:16]}"
     if not manifest.complete and "rescoring" not in manifest.build:
         raise CacheError(f"{location.uri}: the cache is incomplete; finish its build first")
@@ -114,7 +143,7 @@ def rescore_cache(cache: str, reference_spec: str, batch_size: int = 8, dtype: s
     manifest.totals["bytes"] = sum(s.bytes for s in new_infos)
     manifest.build.pop("rescoring")
     manifest.complete = True
-    manifest.score = {"reference": reference.identity(),
+    manifest.score = {"reference": reference_entry(reference),
                       "stats": score_stats(_all_scores(location, new_infos))}
     location.write_bytes_atomic(manifest.to_json().encode(), MANIFEST_FILE)
     location.fs.delete_dir(location.path(RESCORE_DIR))
