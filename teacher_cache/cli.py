@@ -91,8 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             manifest = rescore_cache(args.cache, args.reference, batch_size=args.batch_size,
                                      dtype=args.dtype, progress=not args.no_progress)
-            print(f"{args.cache}: scored by {args.reference}, score stats "
-                  f"{manifest.score['stats']}")
+            print(f"{args.cache}: rescored, score stats {manifest.score['stats']}")
     except (CacheError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
