@@ -13,6 +13,14 @@ CACHE ?= runs/cache
 TOKENS ?= 131072
 SEQ_LEN ?= 512
 TOP_K ?= 64
+# MiniPLM difference sampling (docs/miniplm.md): after the teacher pass, train a small CE-only
+# reference on a random subset of the cache and score every sequence with it. REFERENCE=0: skip.
+REFERENCE ?= 1
+REFERENCE_STUDENT ?= xs
+REFERENCE_SELECT ?= random:0.25
+REFERENCE_STEPS ?= 80
+REFERENCE_SEED ?= 1234
+REFERENCE_RUN := $(CACHE)/reference
 STUDENTS ?= xs s
 STEPS ?= 200
 BASELINE ?= 0
@@ -42,6 +50,14 @@ $(STAMP): pyproject.toml
 cache: $(STAMP)
 	$(PY) -m teacher_cache build --out $(CACHE) --max-tokens $(TOKENS) --seq-len $(SEQ_LEN) \
 		--top-k $(TOP_K) $(if $(CORPUS),--corpus $(CORPUS)) $(if $(TEACHER),--teacher $(TEACHER))
+# A finished reference run (its summary.json) is kept; `score` skips a cache already scored by it.
+ifeq ($(REFERENCE),1)
+	test -f $(REFERENCE_RUN)/summary.json || $(PY) -m student_train --cache $(CACHE) \
+		--out $(REFERENCE_RUN) --student $(REFERENCE_STUDENT) --kd-weight 0 \
+		--select $(REFERENCE_SELECT) --seed $(REFERENCE_SEED) --max-steps $(REFERENCE_STEPS) \
+		--batch-size 2 --eval-every 0 --checkpoint-every 20 --resume
+	$(PY) -m teacher_cache score --cache $(CACHE) --reference $(REFERENCE_RUN)/student
+endif
 
 pretrain: $(STAMP)
 	$(PY) -m student_train.pretrain --cache $(CACHE) --students "$(STUDENTS)" --out $(PRETRAIN_OUT) \
