@@ -78,3 +78,8 @@ lint: $(STAMP)
 
 clean:
 	rm -rf runs
+
+.PHONY: bench-miniplm
+# MiniPLM difference sampling: all rows vs random:0.5 vs top:0.5, with and without KD.
+bench-miniplm: $(STAMP)
+	$(PY) benchmarks/bench_miniplm.py --cache $(CACHE)
