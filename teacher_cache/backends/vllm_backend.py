@@ -9,8 +9,9 @@ distribution that predicts token t + 1 (entry 0 is None), which the cache stores
 Each entry holds the actual token first (with its true logprob, used for `target_logprobs`) and
 then the top-k, so vLLM reports the target even when it is outside the top-k.
 
-Turning vLLM's per-position results into Python objects dominates the cost for small teachers
-(about 60 us per position at k=64 as dicts). The backend reads them the cheapest way available:
+Turning vLLM's per-position results into Python objects costs more than a small teacher's forward
+pass on a GPU: at k=64, hundreds of microseconds per position as dicts, about ten as flat lists,
+under one as arrays (benchmarks/bench_vllm.py). The backend reads them the cheapest way available:
 
     arrays  keep vLLM's [L - 1, k + 1] logprob tensors as numpy (a hook on vLLM's logprobs
             processor, installed only during `generate` and only where its signature matches)
@@ -35,7 +36,6 @@ import numpy as np
 from teacher_cache.backends.base import BackendConfig, TeacherOutput
 from teacher_cache.backends.torch_backend import resolve_dtype
 
-LOGPROBS_PATHS = ("arrays", "flat", "dict")
 # On CPU, vLLM's "GPU memory" is a fraction of RAM; its default (0.9) does not fit beside the
 # process that builds the cache.
 DEFAULT_MEMORY_FRACTION = {"cpu": 0.5, "cuda": 0.9}
@@ -95,7 +95,7 @@ class VllmBackend:
             raise ValueError(f"top_k {top_k} exceeds the {self.top_k} this engine was created for")
         input_ids = np.asarray(input_ids)
         batch, seq_len = input_ids.shape
-        flat = {"flat_logprobs": True} if self.logprobs_path in ("arrays", "flat") else {}
+        flat = {"flat_logprobs": True} if self.logprobs_path == "flat" else {}
         params = SamplingParams(max_tokens=1, prompt_logprobs=top_k, detokenize=False, **flat)
         prompts = [TokensPrompt(prompt_token_ids=row.tolist()) for row in input_ids]
         hook = keep_prompt_logprobs_as_arrays() if self.logprobs_path == "arrays" else \
@@ -161,10 +161,9 @@ def supported_logprobs_paths() -> tuple[str, ...]:
     """The result paths this vLLM offers, fastest first."""
     from vllm import SamplingParams
 
+    has_hook = _array_hook_target() is not None
     has_flat = "flat_logprobs" in inspect.signature(SamplingParams).parameters
-    paths = (("arrays",) if has_flat and _array_hook_target() is not None else ()) + \
-        (("flat",) if has_flat else ()) + ("dict",)
-    return paths
+    return ("arrays",) * has_hook + ("flat",) * has_flat + ("dict",)
 
 
 def _array_hook_target():
