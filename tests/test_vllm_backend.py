@@ -92,15 +92,20 @@ def vllm_teacher_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_tokenizer
     return path
 
 
-def reference_logprobs(model_dir: Path, input_ids: np.ndarray) -> np.ndarray:
-    """float32 [B, L, V] log_softmax of a plain transformers forward pass."""
+@pytest.fixture(scope="module")
+def reference_logprobs(vllm_teacher_dir: Path):
+    """input_ids [B, L] -> float32 [B, L, V] log_softmax of a plain transformers forward pass."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    with torch.inference_mode():
+    model = AutoModelForCausalLM.from_pretrained(vllm_teacher_dir, dtype=torch.float32)
+
+    @torch.inference_mode()
+    def logprobs(input_ids: np.ndarray) -> np.ndarray:
         logits = model(torch.as_tensor(input_ids, dtype=torch.long)).logits
-    return torch.log_softmax(logits, dim=-1).numpy()
+        return torch.log_softmax(logits, dim=-1).numpy()
+
+    return logprobs
 
 
 def assert_valid_topk(ids: np.ndarray, logprobs: np.ndarray, full_logprobs: np.ndarray,
@@ -141,13 +146,14 @@ def test_unknown_logprobs_path_is_refused_before_loading_a_model(tmp_path: Path)
 
 
 @pytest.mark.slow
-def test_vllm_and_torch_backends_agree(tmp_path: Path, vllm_teacher_dir: Path):
+def test_vllm_and_torch_backends_agree(tmp_path: Path, vllm_teacher_dir: Path,
+                                       reference_logprobs):
     input_ids = np.random.default_rng(0).integers(0, 1000, size=(4, 64))
     # Continue one row greedily so that many targets are inside the top-k (vLLM then reports
     # them once instead of twice).
     for t in range(32, 64):
-        input_ids[0, t] = reference_logprobs(vllm_teacher_dir, input_ids[:1, :t])[0, -1].argmax()
-    full = reference_logprobs(vllm_teacher_dir, input_ids)[:, :-1]  # position L - 1 is masked
+        input_ids[0, t] = reference_logprobs(input_ids[:1, :t])[0, -1].argmax()
+    full = reference_logprobs(input_ids)[:, :-1]  # position L - 1 is masked
     expected = create_backend("torch", BackendConfig(str(vllm_teacher_dir), dtype="fp32")
                               ).predict(input_ids, 8)
 
@@ -172,7 +178,7 @@ def test_vllm_and_torch_backends_agree(tmp_path: Path, vllm_teacher_dir: Path):
 
 @pytest.mark.slow
 def test_build_with_vllm_matches_the_torch_build(tmp_path: Path, vllm_teacher_dir: Path,
-                                                 tiny_build_config):
+                                                 tiny_build_config, reference_logprobs):
     teacher = str(vllm_teacher_dir)
     build_cache(tiny_build_config(tmp_path / "torch", teacher=teacher))
     settings = dataclasses.asdict(tiny_build_config(tmp_path / "vllm", teacher=teacher,
@@ -186,7 +192,7 @@ def test_build_with_vllm_matches_the_torch_build(tmp_path: Path, vllm_teacher_di
     for torch_info, vllm_info in zip(torch_cache.shards, vllm_cache.shards, strict=True):
         ref, got = torch_cache.read_shard(torch_info), vllm_cache.read_shard(vllm_info)
         np.testing.assert_array_equal(got.input_ids, ref.input_ids)
-        full = reference_logprobs(vllm_teacher_dir, got.input_ids)[:, :-1]
+        full = reference_logprobs(got.input_ids)[:, :-1]
         assert_valid_topk(got.topk_ids[:, :-1], got.topk_logprobs[:, :-1].astype(np.float32),
                           full, **FLOAT16)
         np.testing.assert_allclose(got.target_logprobs, ref.target_logprobs, **FLOAT16)
