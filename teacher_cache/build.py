@@ -38,6 +38,7 @@ from teacher_cache.format import (
     write_shard,
 )
 from teacher_cache.packing import PackedSequence, Packer, tokenize_documents
+from teacher_cache.reader import read_manifest
 from teacher_cache.score import RESCORE_DIR, ReferenceScorer, reference_entry
 from teacher_cache.storage import Location, resolve
 from teacher_cache.teacher import Teacher, resolve_teacher
@@ -52,6 +53,7 @@ class BuildConfig:
     seq_len: int = 512
     top_k: int = 64
     backend: str = "torch"
+    backend_options: dict = field(default_factory=dict)  # passed to the backend (vLLM: engine args)
     batch_size: int = 8
     dtype: str = "auto"
     shard_rows: int = 64
@@ -121,6 +123,7 @@ def build_cache(config: BuildConfig) -> BuildSummary:
     reference = resolve_teacher(config.reference) if config.reference else None
     tokenizer = _load_tokenizer(teacher)
     claim_build(location, _build_record(config, teacher, reference, tokenizer, corpus))
+    previous = _previous_manifest(location)
 
     run = _WorkerRun(config, location, teacher, reference)
     packer = Packer(tokenize_documents(tokenizer, corpus.documents(), tokenizer.eos_token_id),
@@ -140,6 +143,8 @@ def build_cache(config: BuildConfig) -> BuildSummary:
     location.write_bytes_atomic(report.to_json().encode(), WORKER_DIR,
                                 worker_report_name(config.worker_index, config.num_workers))
     manifest = finalize_cache(config.out) if config.num_workers == 1 else None
+    if manifest is not None and previous is not None:
+        _keep_scores(location, previous, manifest)
     return BuildSummary(
         worker_index=config.worker_index, num_workers=config.num_workers, sequences=sequences,
         shards_built=run.shards_built, shards_skipped=run.shards_skipped,
@@ -208,7 +213,7 @@ class _WorkerRun:
         config = self.config
         self.backend = create_backend(config.backend, BackendConfig(
             self.teacher.path, top_k=config.top_k, batch_size=config.batch_size,
-            dtype=config.dtype))
+            dtype=config.dtype, options=dict(config.backend_options)))
         self.dtype = getattr(self.backend, "dtype_name", config.dtype)
         if self.reference is not None:
             self.scorer = ReferenceScorer(self.reference, self.teacher.tokenizer_sha256,
@@ -259,6 +264,21 @@ def _build_record(config: BuildConfig, teacher: Teacher, reference: Teacher | No
         "reference.weights_sha256": reference.weights_sha256 if reference else None}
     return {"identity": identity, "manifest": skeleton,
             "reference": reference_entry(reference) if reference else None}
+
+
+def _previous_manifest(location: Location) -> Manifest | None:
+    try:
+        return read_manifest(location) if location.exists(MANIFEST_FILE) else None
+    except CacheError:  # damaged: finalize writes a new one
+        return None
+
+
+def _keep_scores(location: Location, previous: Manifest, manifest: Manifest) -> None:
+    """A rerun of a finished build keeps the scores `score` wrote since: the shards, their score
+    column included, are byte for byte those of the previous manifest."""
+    if manifest.score is None and previous.score and previous.shards == manifest.shards:
+        manifest.score = previous.score
+        location.write_bytes_atomic(manifest.to_json().encode(), MANIFEST_FILE)
 
 
 def claim_build(location: Location, record: dict) -> None:

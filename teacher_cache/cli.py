@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Sequence
 
@@ -45,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="teacher predictions kept per position")
     build.add_argument("--backend", choices=sorted(BACKENDS), default=DEFAULTS.backend,
                        help="what runs the teacher")
+    build.add_argument("--backend-option", action="append", default=[], metavar="KEY=VALUE",
+                       type=backend_option,
+                       help="backend setting, repeatable; values are JSON where they parse "
+                            "(vLLM: engine arguments such as tensor_parallel_size=2, "
+                            "gpu_memory_utilization=0.8, enforce_eager=true)")
     build.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size,
                        help="sequences per teacher forward")
     build.add_argument("--dtype", default=DEFAULTS.dtype,
@@ -98,6 +104,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
+def backend_option(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
 def _build_config(args: argparse.Namespace) -> BuildConfig:
     if args.corpus and args.dataset:
         raise CacheError("pass either --corpus or --dataset, not both")
@@ -106,6 +122,7 @@ def _build_config(args: argparse.Namespace) -> BuildConfig:
         corpus=CorpusConfig(paths=args.corpus, dataset=args.dataset, split=args.split,
                             streaming=args.streaming, text_field=args.text_field),
         max_tokens=args.max_tokens, seq_len=args.seq_len, top_k=args.top_k, backend=args.backend,
-        batch_size=args.batch_size, dtype=args.dtype, shard_rows=args.shard_rows,
+        backend_options=dict(args.backend_option), batch_size=args.batch_size, dtype=args.dtype,
+        shard_rows=args.shard_rows,
         num_workers=args.num_workers, worker_index=args.worker_index, overwrite=args.overwrite,
         reference=args.reference, progress=not args.no_progress)

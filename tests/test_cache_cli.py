@@ -13,7 +13,7 @@ import pytest
 from conftest import TINY_MAX_TOKENS, TINY_SEQ_LEN, TINY_SHARD_ROWS, TINY_TOP_K
 
 from teacher_cache import open_cache
-from teacher_cache.cli import main
+from teacher_cache.cli import _build_config, build_parser, main
 
 
 def tiny_args(out: Path, teacher: Path, corpus: Path | str) -> list[str]:
@@ -102,3 +102,19 @@ def test_sigkill_mid_build_then_rerun_gives_the_same_cache(tmp_path: Path, tiny_
     subprocess.run(command, check=True, capture_output=True)
     cache = open_cache(out)
     assert cache.manifest.shards == open_cache(tiny_cache).manifest.shards
+
+
+def test_backend_options_reach_the_build_config(tmp_path: Path):
+    args = build_parser().parse_args([
+        "build", "--out", str(tmp_path), "--backend", "vllm",
+        "--backend-option", "tensor_parallel_size=2", "--backend-option", "enforce_eager=true",
+        "--backend-option", "kv_cache_dtype=fp8"])
+    assert _build_config(args).backend_options == {
+        "tensor_parallel_size": 2, "enforce_eager": True, "kv_cache_dtype": "fp8"}
+
+
+def test_malformed_backend_option_exits_2(tmp_path: Path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["build", "--out", str(tmp_path), "--backend-option", "no-equals-sign"])
+    assert exit_info.value.code == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
