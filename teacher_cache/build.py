@@ -135,13 +135,18 @@ def build_cache(config: BuildConfig) -> BuildSummary:
     if sequences == 0:
         raise CacheError(f"corpus {corpus.description}: fewer tokens than one sequence of "
                          f"{config.seq_len}; nothing to cache")
+    report_name = worker_report_name(config.worker_index, config.num_workers)
+    # A resumed worker reports the teacher work of all its runs, not only of the last one.
+    earlier = (WorkerReport(**json.loads(location.read_bytes(WORKER_DIR, report_name)))
+               if location.exists(WORKER_DIR, report_name) else None)
     report = WorkerReport(
         worker_index=config.worker_index, num_workers=config.num_workers, sequences=sequences,
         documents=packer.documents_packed, skipped_files=corpus.skipped,
         dropped_tokens=packer.dropped_tokens, capped=packer.capped,
-        tokens_computed=run.tokens_computed, compute_s=run.compute_s, dtype=run.dtype)
-    location.write_bytes_atomic(report.to_json().encode(), WORKER_DIR,
-                                worker_report_name(config.worker_index, config.num_workers))
+        tokens_computed=run.tokens_computed + (earlier.tokens_computed if earlier else 0),
+        compute_s=run.compute_s + (earlier.compute_s if earlier else 0.0),
+        dtype=run.dtype or (earlier.dtype if earlier else None))
+    location.write_bytes_atomic(report.to_json().encode(), WORKER_DIR, report_name)
     manifest = finalize_cache(config.out) if config.num_workers == 1 else None
     if manifest is not None and previous is not None:
         _keep_scores(location, previous, manifest)

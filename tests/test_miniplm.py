@@ -18,6 +18,7 @@ from student_train.__main__ import main as train_main
 from student_train.data import TrainStream, split_rows
 from student_train.selection import Selection
 from student_train.synthetic import write_synthetic_cache
+from teacher_cache.build import build_cache
 from teacher_cache.cli import main as cache_main
 from teacher_cache.reader import open_cache
 from teacher_cache.score import rescore_cache
@@ -100,3 +101,14 @@ def test_top_rows_are_the_same_on_every_rank_and_after_resume(tmp_path: Path):
     ranks = [seen(r, 2, 0, 12) for r in range(2)]
     assert [sorted(a + b) for a, b in zip(*ranks, strict=True)] == [sorted(b) for b in single]
     assert seen(0, 1, 5, 7) == single[5:]
+
+
+def test_rerunning_the_build_keeps_the_scores_of_a_rescored_cache(
+        tmp_path: Path, tiny_cache: Path, tiny_build_config, tiny_reference_dir: Path):
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_cache, cache)
+    scored = rescore_cache(str(cache), str(tiny_reference_dir), dtype="fp32", progress=False)
+    summary = build_cache(tiny_build_config(cache))  # what `make cache` runs first
+    assert summary.shards_built == 0
+    assert summary.manifest.score == scored.score
+    assert open_cache(cache).manifest.score == scored.score
