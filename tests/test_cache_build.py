@@ -167,3 +167,13 @@ def test_builds_into_an_fsspec_url(tiny_cache: Path, tiny_build_config):
     build_cache(tiny_build_config(url))
     cache = open_cache(url)
     assert cache.manifest.shards == open_cache(tiny_cache).manifest.shards
+
+
+def test_rerun_of_a_finished_build_keeps_its_teacher_throughput(tmp_path: Path,
+                                                               tiny_build_config):
+    out = tmp_path / "cache"
+    first = build_cache(tiny_build_config(out)).manifest.build
+    again = build_cache(tiny_build_config(out))
+    assert again.shards_built == 0
+    assert first["tokens_computed"] > 0
+    assert again.manifest.build == first
