@@ -32,10 +32,11 @@ from student_train.config import TrainConfig
 from student_train.data import split_rows
 from student_train.selection import Selection
 from student_train.train import train
+from teacher_cache.format import Manifest
 from teacher_cache.reader import open_cache
 
 
-def describe(cache_dir: str, manifest, config: TrainConfig) -> dict[str, Any]:
+def describe(cache_dir: str, manifest: Manifest, config: TrainConfig) -> dict[str, Any]:
     reference = manifest.score["reference"]
     training = reference.get("training", {})
     return {
@@ -49,8 +50,9 @@ def describe(cache_dir: str, manifest, config: TrainConfig) -> dict[str, Any]:
                  f"{manifest.teacher['name']}",
         "reference": f"{reference['name']} ({reference['path']}), "
                      + (f"{training.get('student')} trained {training.get('steps')} steps, "
-                        f"{training.get('tokens_seen')} tokens, CE only, "
-                        f"{training.get('train_seconds', 0):.0f} s" if training else
+                        f"{training.get('tokens_seen')} tokens, kd_weight "
+                        f"{training.get('kd_weight')}, {training.get('train_seconds', 0):.0f} s"
+                        if training else
                         "not trained by student_train"),
         "student": f"{config.student}, {config.max_steps} steps x {config.rows_per_step} "
                    f"sequences, lr {config.lr}, seed {config.seed}",
