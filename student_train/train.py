@@ -262,6 +262,8 @@ class Trainer:
             "tokens_per_s": trained_tokens / train_seconds if train_seconds else None,
             "train_seconds": train_seconds, "ce_weight": config.ce_weight,
             "kd_weight": config.kd_weight, "divergence": config.divergence,
+            "select": config.select, "seed": config.seed, "rows_per_step": config.rows_per_step,
+            "held_out_fraction": config.val_fraction,
             **{k: v for k, v in last_eval.items() if k.startswith("val_")},
         }
         if env.is_main:

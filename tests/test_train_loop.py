@@ -57,6 +57,9 @@ def test_a_few_steps_lower_the_loss(cache_dir, tmp_path):
     assert summary["tokens_seen"] == 30 * 4 * 16
     assert summary["val_ce"] == evals[-1]["val_ce"]
     assert 0 <= summary["val_top1"] <= 1
+    # What selected the training rows is recorded (MiniPLM manifests copy it for references).
+    assert (summary["select"], summary["seed"], summary["rows_per_step"],
+            summary["held_out_fraction"]) == ("none", 0, 4, 0.2)
 
 
 def test_resume_continues_exactly(cache_dir, tmp_path, monkeypatch):
