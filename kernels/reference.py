@@ -182,7 +182,19 @@ def chunk_rows(num_rows: int, vocab: int, budget_bytes: int = CHUNK_BYTES) -> in
     return max(1, min(num_rows, budget_bytes // (4 * vocab)))
 
 
-class _ChunkedSparseKDLoss(torch.autograd.Function):
+class GradientsInForward(torch.autograd.Function):
+    """A scalar loss whose forward already saved (grad_hidden, grad_weight): backward only scales
+    them by the incoming gradient. Subclasses implement `forward` with the 9 inputs of
+    `(hidden, weight, labels, topk_ids, topk_logprobs, spec, ignore_index, compute_grads,
+    rows_per_chunk)`."""
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, *([None] * 7)
+
+
+class _ChunkedSparseKDLoss(GradientsInForward):
     """Chunk over rows; per chunk build the float32 logits, the loss and dL/dx, and fold dL/dx
     straight into grad_hidden and an fp32 grad_weight. Peak extra memory is O(rows * V)."""
 
@@ -247,11 +259,6 @@ class _ChunkedSparseKDLoss(torch.autograd.Function):
         if compute_grads:
             ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
         return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss: Tensor):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, grad_weight * grad_loss, *([None] * 7)
 
 
 def sparse_kd_loss_reference(

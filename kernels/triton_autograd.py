@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.reference import KDSpec, RowTerms, row_terms, row_weights
+from kernels.reference import GradientsInForward, KDSpec, RowTerms, row_terms, row_weights
 from kernels.triton_kernels import dense_dlogits, gather_logits, row_logsumexp, sparse_dlogits
 
 # Rows per chunk are chosen so the chunk's dL/dx buffer stays under this size.
@@ -25,7 +25,7 @@ def dlogits_chunk_rows(num_rows: int, vocab: int, dtype: torch.dtype) -> int:
     return max(1, min(num_rows, DLOGITS_CHUNK_BYTES // row_bytes))
 
 
-class _FusedSparseKDLoss(torch.autograd.Function):
+class _FusedSparseKDLoss(GradientsInForward):
     @staticmethod
     def forward(
         ctx,
@@ -53,11 +53,6 @@ class _FusedSparseKDLoss(torch.autograd.Function):
             ctx.save_for_backward(*_gradients(hidden, weight, ids, gathered, lse, lse_t, terms,
                                               spec, rows_per_chunk))
         return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss: Tensor):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, grad_weight * grad_loss, *([None] * 7)
 
 
 def _gradients(
