@@ -46,6 +46,19 @@ def records(out, key) -> list[dict]:
     return [r for r in map(json.loads, lines) if key in r]
 
 
+def assert_same_run(expected: Path, got: Path, keys: tuple[str, ...], rel: float,
+                    atol: float) -> None:
+    """Both runs logged the same metrics at the same steps and saved the same student weights."""
+    for key in keys:
+        want, have = records(expected, key), records(got, key)
+        assert [r["step"] for r in have] == [r["step"] for r in want]
+        assert [r[key] for r in have] == pytest.approx([r[key] for r in want], rel=rel)
+    want_weights = load_file(expected / "student" / "model.safetensors")
+    have_weights = load_file(got / "student" / "model.safetensors")
+    for name, tensor in want_weights.items():
+        torch.testing.assert_close(have_weights[name], tensor, rtol=rel, atol=atol)
+
+
 def test_a_few_steps_lower_the_loss(cache_dir, tmp_path):
     summary = train(tiny_config(cache_dir, tmp_path, max_steps=30, eval_every=10))
     losses = [r["loss"] for r in records(tmp_path, "loss")]
@@ -83,14 +96,8 @@ def test_resume_continues_exactly(cache_dir, tmp_path, monkeypatch):
         f.write(json.dumps({"step": 5, "loss": 123.0}) + "\n")
     train(tiny_config(cache_dir, tmp_path / "resumed", grad_accum=2, resume=True))
 
-    for key in ("loss", "val_ce"):
-        straight, resumed = records(tmp_path / "straight", key), records(tmp_path / "resumed", key)
-        assert [r["step"] for r in straight] == [r["step"] for r in resumed]
-        assert [r[key] for r in resumed] == pytest.approx([r[key] for r in straight], rel=1e-5)
-    straight = load_file(tmp_path / "straight" / "student" / "model.safetensors")
-    resumed = load_file(tmp_path / "resumed" / "student" / "model.safetensors")
-    for name, tensor in straight.items():
-        torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6)
+    assert_same_run(tmp_path / "straight", tmp_path / "resumed", ("loss", "val_ce"),
+                    rel=1e-5, atol=1e-6)
 
 
 def test_saved_student_loads_and_gives_the_training_logits(cache_dir, tmp_path):
@@ -134,13 +141,8 @@ def test_ddp_on_two_processes_matches_one_process(cache_dir, tmp_path):
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
          "-m", "student_train", *flags], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    for key in ("loss", "val_ce", "val_kl", "val_top1"):
-        one, two = records(tmp_path / "single", key), records(tmp_path / "ddp", key)
-        assert [r[key] for r in two] == pytest.approx([r[key] for r in one], rel=1e-4)
-    one = load_file(tmp_path / "single" / "student" / "model.safetensors")
-    two = load_file(tmp_path / "ddp" / "student" / "model.safetensors")
-    for name, tensor in one.items():
-        torch.testing.assert_close(two[name], tensor, rtol=1e-4, atol=1e-5)
+    assert_same_run(tmp_path / "single", tmp_path / "ddp",
+                    ("loss", "val_ce", "val_kl", "val_top1"), rel=1e-4, atol=1e-5)
 
 
 def test_bf16_autocast_follows_the_float32_run(cache_dir, tmp_path):
