@@ -17,6 +17,7 @@ import time
 
 import numpy as np
 import torch
+from teacher_args import add_teacher_arguments
 
 from teacher_cache.backends.torch_backend import resolve_device, resolve_dtype
 from teacher_cache.build import BuildConfig, build_cache
@@ -43,12 +44,7 @@ def naive_loop(model, ids: np.ndarray, top_k: int, batch_size: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--teacher", help="default: the default teacher (SmolLM2-135M-Instruct)")
-    parser.add_argument("--tokens", type=int, default=8192)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--top-k", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--dtype", default="auto")
+    add_teacher_arguments(parser)
     args = parser.parse_args()
 
     from transformers import AutoModelForCausalLM, AutoTokenizer

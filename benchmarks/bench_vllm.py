@@ -42,6 +42,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+from teacher_args import add_teacher_arguments
 
 from teacher_cache.backends import BackendConfig, create_backend
 from teacher_cache.teacher import resolve_teacher
@@ -144,12 +145,7 @@ def run_row(row: str, args: argparse.Namespace) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--teacher", help="default: the default teacher (SmolLM2-135M-Instruct)")
-    parser.add_argument("--tokens", type=int, default=8192)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--top-k", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=8, help="torch backend batch")
-    parser.add_argument("--dtype", default="auto")
+    add_teacher_arguments(parser, batch_help="torch backend batch")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per row, best counts")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="vLLM without torch.compile (starts faster)")
