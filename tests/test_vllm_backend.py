@@ -30,7 +30,8 @@ FLOAT16 = {"rtol": 2 ** -10, "atol": 1e-3}  # the cache stores top-k logprobs as
 # Eager (no torch.compile) and a small KV cache: an engine starts in seconds.
 ENGINE_OPTIONS = {"enforce_eager": True, "max_model_len": 128, "kv_cache_memory_bytes": 1 << 26}
 
-# Runs one engine per dtype, and every requested result path on it; writes an npz.
+# Runs one engine per dtype, and every requested "result path/logprobs method" on it; writes an
+# npz keyed "dtype/path/method/field" (method: one-pass, or vllm for vLLM's own).
 PREDICT = """
 import json, sys
 import numpy as np
@@ -40,13 +41,14 @@ if __name__ == "__main__":
     model, ids_file, out_file, runs, options = sys.argv[1:]
     input_ids = np.load(ids_file)
     results = {}
-    for dtype, paths in json.loads(runs).items():
+    for dtype, variants in json.loads(runs).items():
         config = BackendConfig(model, top_k=8, dtype=dtype, options=json.loads(options))
         backend = create_backend("vllm", config)
-        for path in paths:
-            backend.logprobs_path = path
+        for variant in variants:
+            backend.logprobs_path, method = variant.split("/")
+            backend.one_pass_logprobs = method == "one-pass"
             output = backend.predict(input_ids, 8)
-            results |= {f"{dtype}/{path}/{field}": getattr(output, field)
+            results |= {f"{dtype}/{variant}/{field}": getattr(output, field)
                         for field in ("topk_ids", "topk_logprobs", "target_logprobs")}
         backend.close()
     np.savez(out_file, **results)
@@ -145,6 +147,46 @@ def test_unknown_logprobs_path_is_refused_before_loading_a_model(tmp_path: Path)
         create_backend("vllm", BackendConfig(str(tmp_path), options={"logprobs_path": "fast"}))
 
 
+def test_one_pass_logprobs_fit_the_pinned_vllm():
+    from teacher_cache.backends.vllm_prompt_logprobs import supported
+
+    assert supported(), "vLLM's V1 runner changed: update backends/vllm_prompt_logprobs.py"
+
+
+def test_one_pass_refuses_an_engine_in_another_process(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    with pytest.raises(ValueError, match="one_pass_logprobs needs the in-process engine"):
+        create_backend("vllm", BackendConfig(str(tmp_path), options={"one_pass_logprobs": True}))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("vocab", [1000, 4099])
+def test_one_pass_sampler_matches_log_softmax_then_topk(dtype: str, vocab: int):
+    """The stand-in sampler against vLLM's definition: float32 log_softmax over the vocabulary,
+    its top-k, the actual token's logprob and its rank (logprobs at or above its own)."""
+    import torch
+
+    from teacher_cache.backends.vllm_prompt_logprobs import OnePassSampler
+
+    generator = torch.Generator().manual_seed(vocab)
+    positions, k = 37, 8
+    logits = (torch.randn(positions, vocab, generator=generator) * 3).to(getattr(torch, dtype))
+    targets = torch.randint(0, vocab, (positions,), generator=generator)
+    targets[::3] = logits[::3].float().argmax(-1)  # some targets inside the top-k
+    result = OnePassSampler.gather_logprobs(OnePassSampler.compute_logprobs(logits), k, targets)
+
+    full = logits.log_softmax(-1, dtype=torch.float32)
+    target_logprobs = full.gather(-1, targets[:, None])
+    assert result.logprob_token_ids.dtype == torch.int32
+    torch.testing.assert_close(result.logprob_token_ids[:, 0], targets.to(torch.int32))
+    torch.testing.assert_close(result.logprobs[:, :1], target_logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(result.logprobs[:, 1:], full.topk(k, dim=-1).values,
+                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(full.gather(-1, result.logprob_token_ids[:, 1:].long()),
+                               result.logprobs[:, 1:], atol=1e-5, rtol=0)
+    torch.testing.assert_close(result.selected_token_ranks, (full >= target_logprobs).sum(-1))
+
+
 @pytest.mark.slow
 def test_vllm_and_torch_backends_agree(tmp_path: Path, vllm_teacher_dir: Path,
                                        reference_logprobs):
@@ -158,22 +200,33 @@ def test_vllm_and_torch_backends_agree(tmp_path: Path, vllm_teacher_dir: Path,
                               ).predict(input_ids, 8)
 
     np.save(tmp_path / "ids.npy", input_ids)
-    runs = {"fp32": ["arrays", "flat", "dict"], "bf16": ["arrays"]}
+    runs = {"fp32": ["arrays/one-pass", "arrays/vllm", "flat/vllm", "dict/vllm"],
+            "bf16": ["arrays/one-pass", "arrays/vllm"]}
     run_script(PREDICT, str(vllm_teacher_dir), str(tmp_path / "ids.npy"),
                str(tmp_path / "out.npz"), json.dumps(runs), json.dumps(ENGINE_OPTIONS))
     got = np.load(tmp_path / "out.npz")
 
     for path in ("flat", "dict"):
         for field in ("topk_ids", "topk_logprobs", "target_logprobs"):
-            np.testing.assert_array_equal(got[f"fp32/{path}/{field}"], got[f"fp32/arrays/{field}"])
+            np.testing.assert_array_equal(got[f"fp32/{path}/vllm/{field}"],
+                                          got[f"fp32/arrays/vllm/{field}"])
     inside = expected.target_logprobs[:, :-1] >= expected.topk_logprobs[:, :-1, -1]
     assert 0 < inside.mean() < 1, "both target cases (inside and outside the top-k) are covered"
-    for run, atol in (("fp32/arrays", FLOAT32), ("bf16/arrays", BFLOAT16)):
+    for run, atol in (("fp32/arrays/one-pass", FLOAT32), ("fp32/arrays/vllm", FLOAT32),
+                      ("bf16/arrays/one-pass", BFLOAT16), ("bf16/arrays/vllm", BFLOAT16)):
         assert_valid_topk(got[f"{run}/topk_ids"][:, :-1], got[f"{run}/topk_logprobs"][:, :-1],
                           full, atol=atol, rtol=0)
         np.testing.assert_allclose(got[f"{run}/target_logprobs"], expected.target_logprobs,
                                    atol=atol, rtol=0)  # NaN at L - 1 in both
-    assert (got["fp32/arrays/topk_ids"][:, :-1] == expected.topk_ids[:, :-1]).mean() > 0.9
+    assert (got["fp32/arrays/one-pass/topk_ids"][:, :-1] == expected.topk_ids[:, :-1]).mean() > 0.9
+    # The one-pass method and vLLM's own compute the same numbers from the same logits, up to the
+    # order in which two float32 sums of 49k exponentials are added up.
+    for dtype in ("fp32", "bf16"):
+        for field in ("topk_logprobs", "target_logprobs"):
+            np.testing.assert_allclose(got[f"{dtype}/arrays/one-pass/{field}"],
+                                       got[f"{dtype}/arrays/vllm/{field}"], atol=5e-5, rtol=0)
+    assert not np.array_equal(got["fp32/arrays/one-pass/topk_logprobs"],
+                              got["fp32/arrays/vllm/topk_logprobs"]), "both methods really ran"
 
 
 @pytest.mark.slow

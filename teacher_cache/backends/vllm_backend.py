@@ -18,9 +18,15 @@ under one as arrays (benchmarks/bench_vllm.py). The backend reads them the cheap
     flat    `SamplingParams(flat_logprobs=True)`: flat Python lists, no per-position dicts
     dict    the portable list of {token_id: Logprob} dicts
 
+On CPU, the logprobs themselves cost more than the result path: vLLM's V1 model runner normalises
+every prompt position over the whole vocabulary in float32 before taking its top-k. With the
+in-process engine the backend uses there, it computes them in one pass over the logits instead, the
+method of vLLM's V2 (GPU) runner (`teacher_cache.backends.vllm_prompt_logprobs`).
+
 `BackendConfig.options` are passed to `vllm.LLM` as engine arguments (e.g. gpu_memory_utilization,
 max_num_batched_tokens, dtype, enforce_eager), except `logprobs_path`, which forces one of the three
-result paths above (the benchmark compares them).
+result paths above, and `one_pass_logprobs` (true/false), which forces the logprobs method; the
+benchmark compares them.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from teacher_cache.backends import vllm_prompt_logprobs
 from teacher_cache.backends.base import BackendConfig, TeacherOutput
 from teacher_cache.backends.torch_backend import resolve_dtype
 
@@ -52,6 +59,7 @@ class PromptArrays:
 
 class VllmBackend:
     name = "vllm"
+    sequences_per_call = None  # a whole shard per `generate`: vLLM's scheduler packs the batches
 
     def __init__(self, config: BackendConfig):
         import torch
@@ -69,6 +77,13 @@ class VllmBackend:
             # In-process engine: no engine and worker processes polling each other for the cores
             # that run the model (starts in seconds instead of a minute on a small machine).
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        in_process = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
+        one_pass_available = in_process and vllm_prompt_logprobs.supported()
+        self.one_pass_logprobs = bool(options.pop("one_pass_logprobs", one_pass_available))
+        if self.one_pass_logprobs and not one_pass_available:
+            raise ValueError("one_pass_logprobs needs the in-process engine "
+                             "(VLLM_ENABLE_V1_MULTIPROCESSING=0) and vLLM's V1 model runner as of "
+                             "vLLM 0.32; pass one_pass_logprobs=false")
         self.dtype = resolve_dtype(options.pop("dtype", config.dtype), torch.device(device))
         self.top_k = config.top_k
         engine_args = {
@@ -98,9 +113,11 @@ class VllmBackend:
         flat = {"flat_logprobs": True} if self.logprobs_path == "flat" else {}
         params = SamplingParams(max_tokens=1, prompt_logprobs=top_k, detokenize=False, **flat)
         prompts = [TokensPrompt(prompt_token_ids=row.tolist()) for row in input_ids]
-        hook = keep_prompt_logprobs_as_arrays() if self.logprobs_path == "arrays" else \
-            contextlib.nullcontext()
-        with hook:
+        with contextlib.ExitStack() as hooks:
+            if self.logprobs_path == "arrays":
+                hooks.enter_context(keep_prompt_logprobs_as_arrays())
+            if self.one_pass_logprobs:
+                hooks.enter_context(vllm_prompt_logprobs.one_pass_prompt_logprobs())
             results = self.llm.generate(prompts, params, use_tqdm=False)
 
         topk_ids = np.zeros((batch, seq_len, top_k), dtype=np.int32)
