@@ -2,8 +2,9 @@
 
 Shard `i` holds sequences `[i * R, (i + 1) * R)` and belongs to worker `i % num_workers`. Every
 worker packs the whole corpus (cheap next to the teacher) and runs the teacher only on its own
-shards that are not finished yet, so a rerun after a kill resumes, losing at most the shard in
-flight.
+shards that are not finished yet, so a rerun after a kill resumes, losing at most the shards in
+flight: the one the teacher is computing and the one a background thread is encoding and writing
+(so the teacher never waits on compression or storage).
 
 `build.json`, written before any shard, holds the build identity and the manifest fields known up
 front; a rerun whose identity differs is refused (or `--overwrite` starts over).
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import islice
 
@@ -130,6 +132,7 @@ def build_cache(config: BuildConfig) -> BuildSummary:
                     config.seq_len, config.max_tokens)
     try:
         sequences = run.process(packer)
+        run.writer.wait()  # every shard on storage before the report and the manifest
     finally:
         run.close()
     if sequences == 0:
@@ -170,6 +173,7 @@ class _WorkerRun:
         self.backend: TeacherBackend | None = None
         self.scorer: ReferenceScorer | None = None
         self.dtype: str | None = None
+        self.writer = _ShardWriter(location, config.shard_rows)
         self.shards_built = self.shards_skipped = self.tokens_computed = 0
         self.compute_s = 0.0
         self.bar = tqdm(total=self._expected_tokens(), unit="tok", unit_scale=True,
@@ -196,18 +200,17 @@ class _WorkerRun:
     def _build_shard(self, index: int, shard: list[PackedSequence]) -> None:
         started = time.perf_counter()
         self._load_models()
+        step = self.backend.sequences_per_call or len(shard)
         batches = []
-        for start in range(0, len(shard), self.config.batch_size):
-            rows = shard[start:start + self.config.batch_size]
+        for start in range(0, len(shard), step):
+            rows = shard[start:start + step]
             input_ids = np.stack([s.input_ids for s in rows])
             output = self.backend.predict(input_ids, self.config.top_k)
             score = None if self.scorer is None else self.scorer.score(input_ids,
                                                                         output.target_logprobs)
-            batches.append(encode_batch(np.array([s.seq_id for s in rows]), input_ids,
-                                        [s.doc_starts for s in rows], output.topk_ids,
-                                        output.topk_logprobs, output.target_logprobs, score))
+            batches.append((rows, input_ids, output, score))
             self.bar.update(input_ids.size)
-        write_shard(self.location, index, batches, self.config.shard_rows)
+        self.writer.submit(index, batches)
         self.shards_built += 1
         self.tokens_computed += len(shard) * self.config.seq_len
         self.compute_s += time.perf_counter() - started
@@ -235,10 +238,45 @@ class _WorkerRun:
         return mine * self.config.seq_len
 
     def close(self) -> None:
+        self.writer.close()
         self.bar.close()
         for model in (self.backend, self.scorer):
             if model is not None:
                 model.close()
+
+
+class _ShardWriter:
+    """Encodes and writes shards on one background thread while the teacher computes the next.
+    `submit` first waits for the previous shard, so at most one waits in memory, and raises its
+    error, if any."""
+
+    def __init__(self, location: Location, shard_rows: int):
+        self.location = location
+        self.shard_rows = shard_rows
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
+        self.pending: Future | None = None
+
+    def submit(self, index: int, batches: list) -> None:
+        self.wait()
+        self.pending = self.pool.submit(self._write, index, batches)
+
+    def wait(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            self.pool.shutdown()
+
+    def _write(self, index: int, batches: list) -> None:
+        encoded = [encode_batch(np.array([s.seq_id for s in rows]), input_ids,
+                                [s.doc_starts for s in rows], output.topk_ids,
+                                output.topk_logprobs, output.target_logprobs, score)
+                   for rows, input_ids, output, score in batches]
+        write_shard(self.location, index, encoded, self.shard_rows)
 
 
 def _load_tokenizer(teacher: Teacher):

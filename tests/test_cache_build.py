@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +107,55 @@ def test_resume_after_a_crash_writes_the_same_bytes(tmp_path: Path, tiny_cache: 
     assert (summary.shards_skipped, summary.shards_built) == (2, 2)
     assert shard_bytes(out) == shard_bytes(tiny_cache)
     assert open_cache(out).manifest.shards == open_cache(tiny_cache).manifest.shards
+
+
+def test_the_teacher_computes_the_next_shard_while_the_last_is_written(
+        tmp_path: Path, tiny_cache: Path, tiny_build_config, monkeypatch):
+    from teacher_cache.backends.torch_backend import TorchBackend
+
+    real_predict, real_write_shard = TorchBackend.predict, build_module.write_shard
+    predicted = threading.Condition()
+    calls = []  # sequences per predict call: one call per shard (batch size = shard rows)
+    overlapped = []  # per shard write: did the teacher start the next shard meanwhile?
+
+    def predict(self, input_ids, top_k):
+        with predicted:
+            calls.append(len(input_ids))
+            predicted.notify_all()
+        return real_predict(self, input_ids, top_k)
+
+    def write_shard(location, index, batches, rows):
+        if index < 3:  # the last shard has no next one
+            with predicted:
+                overlapped.append(predicted.wait_for(lambda: len(calls) > index + 1, timeout=60))
+        return real_write_shard(location, index, batches, rows)
+
+    monkeypatch.setattr(TorchBackend, "predict", predict)
+    monkeypatch.setattr(build_module, "write_shard", write_shard)
+    assert tiny_build_config(tmp_path).batch_size == TINY_SHARD_ROWS
+    summary = build_cache(tiny_build_config(tmp_path / "cache"))
+    assert summary.shards_built == 4 and overlapped == [True, True, True]
+    assert shard_bytes(tmp_path / "cache") == shard_bytes(tiny_cache)
+
+
+def test_an_engine_that_batches_itself_gets_a_whole_shard_per_call(
+        tmp_path: Path, tiny_build_config, monkeypatch):
+    from teacher_cache.backends.torch_backend import TorchBackend
+
+    real_predict = TorchBackend.predict
+    calls = []
+
+    def predict(self, input_ids, top_k):
+        calls.append(len(input_ids))
+        return real_predict(self, input_ids, top_k)
+
+    monkeypatch.setattr(TorchBackend, "predict", predict)
+    build_cache(tiny_build_config(tmp_path / "batched", batch_size=1))
+    assert calls == [1] * 14
+    calls.clear()
+    monkeypatch.setattr(TorchBackend, "sequences_per_call", None)
+    build_cache(tiny_build_config(tmp_path / "whole", batch_size=1))
+    assert calls == [TINY_SHARD_ROWS] * 3 + [2]
 
 
 def test_two_workers_and_finalize_equal_one_worker(tmp_path: Path, tiny_cache: Path,

@@ -25,6 +25,9 @@ class TeacherOutput:
 
 class TeacherBackend(Protocol):
     name: str  # "torch", "vllm", ...
+    # Sequences the builder passes per `predict` call; None: a whole shard (an engine that
+    # schedules its own batches wants as much work per call as it can get).
+    sequences_per_call: int | None
 
     def predict(self, input_ids: np.ndarray, top_k: int) -> TeacherOutput:
         """Run the teacher on int [B, L] token ids."""

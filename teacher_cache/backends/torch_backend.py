@@ -51,6 +51,10 @@ class TorchBackend:
         self.model.to(self.device).eval()
 
     @property
+    def sequences_per_call(self) -> int:
+        return self.config.batch_size
+
+    @property
     def dtype_name(self) -> str:
         return str(self.dtype).removeprefix("torch.")
 
