@@ -198,8 +198,8 @@ class _WorkerRun:
         return total
 
     def _build_shard(self, index: int, shard: list[PackedSequence]) -> None:
+        self._load_models()  # not counted: teacher throughput excludes start-up (wall time has it)
         started = time.perf_counter()
-        self._load_models()
         step = self.backend.sequences_per_call or len(shard)
         batches = []
         for start in range(0, len(shard), step):
