@@ -13,6 +13,9 @@ CACHE ?= runs/cache
 TOKENS ?= 131072
 SEQ_LEN ?= 512
 TOP_K ?= 64
+# torch, or vllm: faster per token once started, slower to start (pays off past ~200k tokens
+# on a 2-core CPU; the GPU choice).
+BACKEND ?= torch
 # MiniPLM difference sampling (docs/miniplm.md): after the teacher pass, train a small CE-only
 # reference on a random subset of the cache and score every sequence with it. REFERENCE=0: skip.
 REFERENCE ?= 1
@@ -49,7 +52,8 @@ $(STAMP): pyproject.toml
 
 cache: $(STAMP)
 	$(PY) -m teacher_cache build --out $(CACHE) --max-tokens $(TOKENS) --seq-len $(SEQ_LEN) \
-		--top-k $(TOP_K) $(if $(CORPUS),--corpus $(CORPUS)) $(if $(TEACHER),--teacher $(TEACHER))
+		--top-k $(TOP_K) --backend $(BACKEND) $(if $(CORPUS),--corpus $(CORPUS)) \
+		$(if $(TEACHER),--teacher $(TEACHER))
 # A finished reference run (its summary.json) is kept; `score` skips a cache already scored by it.
 ifeq ($(REFERENCE),1)
 	test -f $(REFERENCE_RUN)/summary.json || $(PY) -m student_train --cache $(CACHE) \
