@@ -31,7 +31,7 @@ PRETRAIN_OUT ?= runs/pretrain
 
 export DISTILL_HOME
 
-.PHONY: install cache pretrain test bench bench-kernel lint clean
+.PHONY: install cache pretrain test bench bench-kernel bench-vllm bench-miniplm lint clean
 
 install: $(STAMP)
 
@@ -77,13 +77,16 @@ bench: $(STAMP)
 bench-kernel: $(STAMP)
 	$(PY) benchmarks/bench_kernel.py
 
+# Larger teachers: $(PY) benchmarks/bench_vllm.py --random-teacher smollm2-1.7b --tokens 4096
+bench-vllm: $(STAMP)
+	$(PY) benchmarks/bench_vllm.py
+
 lint: $(STAMP)
 	$(PY) -m ruff check teacher_cache student_train kernels tests benchmarks
 
 clean:
 	rm -rf runs
 
-.PHONY: bench-miniplm
 # MiniPLM difference sampling: all rows vs random:0.5 vs top:0.5, with and without KD.
 bench-miniplm: $(STAMP)
 	$(PY) benchmarks/bench_miniplm.py --cache $(CACHE)
