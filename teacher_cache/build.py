@@ -227,6 +227,7 @@ class _WorkerRun:
             self.scorer = ReferenceScorer(self.reference, self.teacher.tokenizer_sha256,
                                           backend=config.backend, batch_size=config.batch_size,
                                           dtype=config.dtype)
+        self.bar.reset(total=self.bar.total)  # its rate starts with the teacher, not the load
 
     def _expected_tokens(self) -> int | None:
         if self.config.max_tokens is None:
