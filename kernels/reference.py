@@ -194,9 +194,32 @@ class GradientsInForward(torch.autograd.Function):
         return grad_hidden * grad_loss, grad_weight * grad_loss, *([None] * 7)
 
 
+class LMHeadGradients:
+    """grad_hidden and grad_weight of the LM head, filled chunk of rows by chunk of rows from
+    dL/dx: grad_hidden[rows] = dL/dx @ W, and grad_weight += dL/dx^T @ h summed in
+    `accumulate_dtype` (bf16 accumulation of grad_weight across chunks makes training diverge)."""
+
+    def __init__(self, hidden: Tensor, weight: Tensor, accumulate_dtype: torch.dtype):
+        self.weight = weight
+        self.grad_hidden = torch.empty_like(hidden)
+        self.grad_weight = torch.zeros_like(weight, dtype=accumulate_dtype)
+        self.chunk_grad_weight = None if weight.dtype == accumulate_dtype else \
+            torch.empty_like(weight)
+
+    def add(self, rows: slice, dlogits: Tensor, hidden_rows: Tensor) -> None:
+        torch.mm(dlogits, self.weight, out=self.grad_hidden[rows])
+        if self.chunk_grad_weight is None:
+            self.grad_weight.addmm_(dlogits.T, hidden_rows)
+        else:  # the chunk product is rounded once; the sum over chunks stays wide
+            self.grad_weight += torch.mm(dlogits.T, hidden_rows, out=self.chunk_grad_weight)
+
+    def result(self) -> tuple[Tensor, Tensor]:
+        return self.grad_hidden, self.grad_weight.to(self.weight.dtype)
+
+
 class _ChunkedSparseKDLoss(GradientsInForward):
     """Chunk over rows; per chunk build the float32 logits, the loss and dL/dx, and fold dL/dx
-    straight into grad_hidden and an fp32 grad_weight. Peak extra memory is O(rows * V)."""
+    straight into the LM head's gradients. Peak extra memory is O(rows * V)."""
 
     @staticmethod
     def forward(
@@ -219,10 +242,7 @@ class _ChunkedSparseKDLoss(GradientsInForward):
         t = spec.temperature
 
         loss = torch.zeros((), dtype=math_dtype, device=hidden.device)
-        grad_hidden = torch.empty_like(hidden) if compute_grads else None
-        grad_weight = torch.zeros_like(weight, dtype=math_dtype) if compute_grads else None
-        low_precision = compute_grads and weight.dtype != math_dtype
-        chunk_grad_weight = torch.empty_like(weight) if low_precision else None
+        grads = LMHeadGradients(hidden, weight, math_dtype) if compute_grads else None
         for start in range(0, hidden.shape[0], rows_per_chunk):
             rows = slice(start, start + rows_per_chunk)
             h = hidden[rows]
@@ -249,15 +269,10 @@ class _ChunkedSparseKDLoss(GradientsInForward):
             else:
                 dx = exp_1.mul_(((terms.a1 + terms.a_t) / sum_1)[:, None])
             dx.scatter_add_(1, ids[rows], terms.sparse)
-            dx = dx.to(hidden.dtype)
-            torch.mm(dx, weight, out=grad_hidden[rows])
-            if chunk_grad_weight is None:
-                grad_weight.addmm_(dx.T, h)
-            else:  # the chunk product is rounded once; the sum over chunks stays in fp32
-                grad_weight += torch.mm(dx.T, h, out=chunk_grad_weight)
+            grads.add(rows, dx.to(hidden.dtype), h)
 
         if compute_grads:
-            ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+            ctx.save_for_backward(*grads.result())
         return loss
 
 

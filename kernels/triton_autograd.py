@@ -13,7 +13,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.reference import GradientsInForward, KDSpec, RowTerms, row_terms, row_weights
+from kernels.reference import (
+    GradientsInForward,
+    KDSpec,
+    LMHeadGradients,
+    RowTerms,
+    row_terms,
+    row_weights,
+)
 from kernels.triton_kernels import dense_dlogits, gather_logits, row_logsumexp, sparse_dlogits
 
 # Rows per chunk are chosen so the chunk's dL/dx buffer stays under this size.
@@ -63,12 +70,10 @@ def _gradients(
     # At T = 1 (or for the bucket divergences) both dense terms are the same softmax.
     coef, coef_t = (terms.a1, terms.a_t) if tempered else (terms.a1 + terms.a_t, None)
     inv_t = 1.0 / spec.temperature
-    grad_hidden = torch.empty_like(hidden)
-    grad_weight = torch.zeros_like(weight, dtype=torch.float32)
+    grads = LMHeadGradients(hidden, weight, torch.float32)
     dz_buffer = torch.empty(
         rows_per_chunk, weight.shape[0], dtype=hidden.dtype, device=hidden.device
     )
-    chunk_grad_weight = None if weight.dtype == torch.float32 else torch.empty_like(weight)
     for start in range(0, hidden.shape[0], rows_per_chunk):
         rows = slice(start, start + rows_per_chunk)
         h = hidden[rows]
@@ -81,12 +86,8 @@ def _gradients(
             ids[rows], gathered[rows], terms.sparse[rows], lse[rows], coef[rows],
             lse_t[rows] if tempered else None, coef_t[rows] if tempered else None, inv_t, dz,
         )
-        torch.mm(dz, weight, out=grad_hidden[rows])
-        if chunk_grad_weight is None:
-            grad_weight.addmm_(dz.T, h)
-        else:  # the chunk product is rounded once; the sum over chunks stays in fp32
-            grad_weight += torch.mm(dz.T, h, out=chunk_grad_weight)
-    return grad_hidden, grad_weight.to(weight.dtype)
+        grads.add(rows, dz, h)
+    return grads.result()
 
 
 def sparse_kd_loss_triton(
