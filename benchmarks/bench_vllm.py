@@ -43,19 +43,16 @@ import numpy as np
 from teacher_args import add_teacher_arguments, teacher_arguments, teacher_path
 
 from teacher_cache.backends import BackendConfig, create_backend
+from teacher_cache.backends.vllm_prompt_logprobs import OnePassSampler, prompt_logprobs_sampler
 
 VLLM_ROWS = ("prefill", "floor", "one-pass", "arrays", "flat", "dict")
 ROWS = (*VLLM_ROWS, "torch")
 WARMUP_SEQUENCES = 2
 
 
-class LogitsOnlySampler:
+class LogitsOnlySampler(OnePassSampler):
     """Stands in for vLLM's sampler in the floor row: the runner computes the logits of every
     prompt position, then nothing is done with them (zeros stand for the logprobs)."""
-
-    @staticmethod
-    def compute_logprobs(logits):
-        return logits
 
     @staticmethod
     def gather_logprobs(logits, num_logprobs: int, token_ids):
@@ -74,8 +71,6 @@ def time_vllm_rows(config: BackendConfig, ids: np.ndarray, top_k: int, rows: lis
     machine's state at the time."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
-
-    from teacher_cache.backends.vllm_prompt_logprobs import prompt_logprobs_sampler
 
     backend = create_backend("vllm", config)
     prefill_params = SamplingParams(max_tokens=1, detokenize=False)

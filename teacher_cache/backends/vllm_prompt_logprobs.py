@@ -97,6 +97,7 @@ def _logsumexp_and_rank():
                          backend=current_platform.simple_compile_backend)
 
 
+@functools.cache  # once per process, before any patch: the source check reads the file
 def _patch_target():
     try:
         from vllm.v1.worker.gpu_model_runner import GPUModelRunner
