@@ -109,28 +109,43 @@ def test_resume_after_a_crash_writes_the_same_bytes(tmp_path: Path, tiny_cache: 
     assert open_cache(out).manifest.shards == open_cache(tiny_cache).manifest.shards
 
 
-def test_the_teacher_computes_the_next_shard_while_the_last_is_written(
-        tmp_path: Path, tiny_cache: Path, tiny_build_config, monkeypatch):
+class PredictCalls(list):
+    """Sequences per teacher `predict` call, in order; `recorded` is notified after each."""
+
+    def __init__(self):
+        super().__init__()
+        self.recorded = threading.Condition()
+
+
+@pytest.fixture
+def predict_calls(monkeypatch) -> PredictCalls:
+    """Records every call of the torch backend's `predict` (which still runs)."""
     from teacher_cache.backends.torch_backend import TorchBackend
 
-    real_predict, real_write_shard = TorchBackend.predict, build_module.write_shard
-    predicted = threading.Condition()
-    calls = []  # sequences per predict call: one call per shard (batch size = shard rows)
-    overlapped = []  # per shard write: did the teacher start the next shard meanwhile?
+    real_predict, calls = TorchBackend.predict, PredictCalls()
 
     def predict(self, input_ids, top_k):
-        with predicted:
+        with calls.recorded:
             calls.append(len(input_ids))
-            predicted.notify_all()
+            calls.recorded.notify_all()
         return real_predict(self, input_ids, top_k)
 
+    monkeypatch.setattr(TorchBackend, "predict", predict)
+    return calls
+
+
+def test_the_teacher_computes_the_next_shard_while_the_last_is_written(
+        tmp_path: Path, tiny_cache: Path, tiny_build_config, monkeypatch, predict_calls):
+    real_write_shard = build_module.write_shard
+    overlapped = []  # per shard write: did the teacher start the next shard meanwhile?
+
     def write_shard(location, index, batches, rows):
-        if index < 3:  # the last shard has no next one
-            with predicted:
-                overlapped.append(predicted.wait_for(lambda: len(calls) > index + 1, timeout=60))
+        if index < 3:  # the last shard has no next one; one predict call per shard
+            with predict_calls.recorded:
+                overlapped.append(predict_calls.recorded.wait_for(
+                    lambda: len(predict_calls) > index + 1, timeout=60))
         return real_write_shard(location, index, batches, rows)
 
-    monkeypatch.setattr(TorchBackend, "predict", predict)
     monkeypatch.setattr(build_module, "write_shard", write_shard)
     assert tiny_build_config(tmp_path).batch_size == TINY_SHARD_ROWS
     summary = build_cache(tiny_build_config(tmp_path / "cache"))
@@ -139,23 +154,15 @@ def test_the_teacher_computes_the_next_shard_while_the_last_is_written(
 
 
 def test_an_engine_that_batches_itself_gets_a_whole_shard_per_call(
-        tmp_path: Path, tiny_build_config, monkeypatch):
+        tmp_path: Path, tiny_build_config, monkeypatch, predict_calls):
     from teacher_cache.backends.torch_backend import TorchBackend
 
-    real_predict = TorchBackend.predict
-    calls = []
-
-    def predict(self, input_ids, top_k):
-        calls.append(len(input_ids))
-        return real_predict(self, input_ids, top_k)
-
-    monkeypatch.setattr(TorchBackend, "predict", predict)
     build_cache(tiny_build_config(tmp_path / "batched", batch_size=1))
-    assert calls == [1] * 14
-    calls.clear()
+    assert predict_calls == [1] * 14
+    predict_calls.clear()
     monkeypatch.setattr(TorchBackend, "sequences_per_call", None)
     build_cache(tiny_build_config(tmp_path / "whole", batch_size=1))
-    assert calls == [TINY_SHARD_ROWS] * 3 + [2]
+    assert predict_calls == [TINY_SHARD_ROWS] * 3 + [2]
 
 
 def test_two_workers_and_finalize_equal_one_worker(tmp_path: Path, tiny_cache: Path,
