@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from kernels import sparse_kd_loss
-from kernels.reference import KDSpec, sparse_kd_loss_reference
+from kernels import DIVERGENCES, KDSpec, KDTargets, sparse_kd_loss
+from kernels.reference import sparse_kd_loss_reference
 
 IMPLS = ("triton", "reference", "compiled", "liger_ce", "floor")
 
@@ -90,9 +90,10 @@ def loss_step(impl: str, problem: Problem, divergence: str) -> Callable[[], None
         fn = sparse_kd_loss_reference if impl == "reference" else torch.compile(
             sparse_kd_loss_reference
         )
+        targets = KDTargets(p.labels, p.topk_ids, p.topk_logprobs)
 
         def run() -> torch.Tensor:
-            return fn(p.hidden, p.weight, p.labels, p.topk_ids, p.topk_logprobs, spec)
+            return fn(p.hidden, p.weight, targets, spec)
     elif impl == "liger_ce":
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--v", type=int, nargs="+", default=[32768, 128256, 262144])
     parser.add_argument("--k", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--impls", nargs="+", choices=IMPLS, default=list(IMPLS))
-    parser.add_argument("--divergence", choices=("fkl", "fkl_tail", "rkl"), default="fkl")
+    parser.add_argument("--divergence", choices=DIVERGENCES, default="fkl")
     parser.add_argument("--warmup-ms", type=int, default=100)
     parser.add_argument("--rep-ms", type=int, default=500)
     args = parser.parse_args(argv)

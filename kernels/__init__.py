@@ -1,31 +1,37 @@
 """Fused LM-head + cross-entropy + sparse (top-k) knowledge-distillation loss.
 
-The math of every divergence and its gradient is in `kernels.reference`'s module docstring.
+The math of every divergence and its gradient is in `kernels.divergences`' module docstring.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Callable
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
-from kernels.reference import DIVERGENCES, KDSpec, sparse_kd_loss_reference
+from kernels.divergences import DIVERGENCES, Divergence, KDSpec, KDTargets
+from kernels.reference import sparse_kd_loss_reference
 
-__all__ = ["DIVERGENCES", "IMPLS", "KDSpec", "sparse_kd_loss"]
+__all__ = [
+    "DIVERGENCES", "IMPLS", "Divergence", "Impl", "KDSpec", "KDTargets", "sparse_kd_loss",
+]
 
-IMPLS = ("auto", "reference", "triton")
+Impl = Literal["auto", "reference", "triton"]
+IMPLS: tuple[Impl, ...] = get_args(Impl)
+LossFunction = Callable[[Tensor, Tensor, KDTargets, KDSpec], Tensor]
 # No float16: the gradients are formed in the forward pass, before any loss scaling, and the
 # per-position terms (~1 / N) would underflow in float16 dL/dx.
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16)
 _INT_DTYPES = (torch.int32, torch.int64)
 
 
-def _validate(
-    hidden: Tensor, weight: Tensor, labels: Tensor, topk_ids: Tensor, topk_logprobs: Tensor,
-    ignore_index: int,
-) -> None:
+def _validate(hidden: Tensor, weight: Tensor, targets: KDTargets) -> None:
+    labels, topk_ids, topk_logprobs = targets.labels, targets.topk_ids, targets.topk_logprobs
+    ignore_index = targets.ignore_index
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(
             f"hidden must be [N, H] and weight [V, H]; got hidden {tuple(hidden.shape)}, "
@@ -68,23 +74,21 @@ def _validate(
 
 
 def _autocast(hidden: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
-    """Under bf16 autocast the LM-head matmuls run in bf16, as nn.Linear's would (float16
-    autocast keeps float32, see _FLOAT_DTYPES)."""
+    """Under bf16 autocast the LM-head matmuls run in bf16, as nn.Linear's would: float32 hidden
+    or weight is cast (float16 autocast keeps float32, see _FLOAT_DTYPES). This is the loss's one
+    autocast owner: callers hand over hidden states and weight as they come."""
     device = hidden.device.type
-    if (
-        hidden.dtype == torch.float32
-        and torch.is_autocast_enabled(device)
-        and torch.get_autocast_dtype(device) == torch.bfloat16
-    ):
-        return hidden.to(torch.bfloat16), weight.to(torch.bfloat16)
-    return hidden, weight
+    if not (torch.is_autocast_enabled(device)
+            and torch.get_autocast_dtype(device) == torch.bfloat16):
+        return hidden, weight
+    return tuple(t.to(torch.bfloat16) if t.dtype == torch.float32 else t for t in (hidden, weight))
 
 
 def _triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _check_triton_usable(hidden: Tensor) -> None:
+def _triton(hidden: Tensor) -> LossFunction:
     if not _triton_available():
         raise ValueError("impl='triton' needs the triton package: pip install 'distill[triton]'")
     if not hidden.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
@@ -92,6 +96,18 @@ def _check_triton_usable(hidden: Tensor) -> None:
             f"impl='triton' needs CUDA tensors (got {hidden.device}); use impl='reference', or "
             "set TRITON_INTERPRET=1 to run the kernels in the (slow) Triton interpreter"
         )
+    if hidden.shape[0] == 0:  # an empty batch launches no kernels
+        return sparse_kd_loss_reference
+    from kernels.triton_autograd import sparse_kd_loss_triton  # imports triton: only when used
+
+    return sparse_kd_loss_triton
+
+
+# impl -> the loss function for these hidden states (a ValueError says why it cannot run them).
+_IMPLEMENTATIONS: dict[Impl, Callable[[Tensor], LossFunction]] = {
+    "reference": lambda hidden: sparse_kd_loss_reference,
+    "triton": _triton,
+}
 
 
 def sparse_kd_loss(
@@ -101,12 +117,12 @@ def sparse_kd_loss(
     topk_ids: Tensor,
     topk_logprobs: Tensor,
     *,
-    divergence: str = "fkl",
+    divergence: Divergence = "fkl",
     temperature: float = 1.0,
     ce_weight: float = 1.0,
     kd_weight: float = 1.0,
     ignore_index: int = -100,
-    impl: str = "auto",
+    impl: Impl = "auto",
 ) -> Tensor:
     """Mean over non-ignored positions of ce_weight * CE + kd_weight * T^2 * D.
 
@@ -121,19 +137,12 @@ def sparse_kd_loss(
     spec = KDSpec(divergence, temperature, ce_weight, kd_weight)
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
-    _validate(hidden, weight, labels, topk_ids, topk_logprobs, ignore_index)
+    targets = KDTargets(labels, topk_ids, topk_logprobs, ignore_index)
+    hidden, weight = _autocast(hidden, weight)
+    _validate(hidden, weight, targets)
     if impl == "auto":
         impl = "triton" if hidden.is_cuda and _triton_available() else "reference"
-    if impl == "triton":
-        _check_triton_usable(hidden)
-    if impl == "triton" and hidden.shape[0] > 0:  # an empty batch launches no kernels
-        from kernels.triton_autograd import sparse_kd_loss_triton as loss_fn
-    else:
-        loss_fn = sparse_kd_loss_reference
-    hidden, weight = _autocast(hidden, weight)
+    loss_fn = _IMPLEMENTATIONS[impl](hidden)
     # The dtypes are settled above; autocast must not re-cast the chunk matmuls inside.
     with torch.autocast(hidden.device.type, enabled=False):
-        return loss_fn(
-            hidden.contiguous(), weight.contiguous(), labels, topk_ids, topk_logprobs, spec,
-            ignore_index,
-        )
+        return loss_fn(hidden.contiguous(), weight.contiguous(), targets, spec)

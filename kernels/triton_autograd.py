@@ -1,7 +1,7 @@
 """torch.autograd.Function around the Triton kernels of `kernels.triton_kernels`.
 
 Forward computes LSE(x) (and LSE(x / T)) and the k + 1 gathered logits without materialising
-x, evaluates the per-row loss and gradient coefficients (`kernels.reference.row_terms`, O(N k)),
+x, evaluates the per-row loss and gradient coefficients (`kernels.divergences.row_terms`, O(N k)),
 and, since the loss is a scalar, the gradients too: per chunk of rows, dL/dx is written once in
 the input dtype (its sparse entries computed in fp32 before rounding), then
 grad_h = dL/dx @ W and grad_W += dL/dx^T @ h, with grad_W accumulated across chunks in fp32.
@@ -13,14 +13,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from kernels.reference import (
-    GradientsInForward,
-    KDSpec,
-    LMHeadGradients,
-    RowTerms,
-    row_terms,
-    row_weights,
-)
+from kernels.autograd import GradientsInForward, LMHeadGradients
+from kernels.divergences import KDSpec, KDTargets, RowTerms, row_terms, row_weights
 from kernels.triton_kernels import dense_dlogits, gather_logits, row_logsumexp, sparse_dlogits
 
 # Rows per chunk are chosen so the chunk's dL/dx buffer stays under this size.
@@ -38,23 +32,19 @@ class _FusedSparseKDLoss(GradientsInForward):
         ctx,
         hidden: Tensor,
         weight: Tensor,
-        labels: Tensor,
-        topk_ids: Tensor,
-        topk_logprobs: Tensor,
+        targets: KDTargets,
         spec: KDSpec,
-        ignore_index: int,
         compute_grads: bool,
         rows_per_chunk: int,
     ) -> Tensor:
-        row_weight, safe_labels = row_weights(labels, ignore_index)
-        ids = torch.cat([topk_ids, safe_labels[:, None]], -1).to(torch.int64).contiguous()
+        row_weight, safe_labels = row_weights(targets.labels, targets.ignore_index)
+        ids = torch.cat([targets.topk_ids, safe_labels[:, None]], -1).to(torch.int64).contiguous()
         tempered = spec.needs_tempered_lse
         lse, lse_t = row_logsumexp(hidden, weight, spec.temperature if tempered else None)
         gathered = torch.empty(ids.shape, dtype=torch.float32, device=hidden.device)
         gather_logits(hidden, weight, ids, gathered)
-        terms = row_terms(
-            lse, lse if lse_t is None else lse_t, gathered, topk_logprobs.float(), row_weight, spec
-        )
+        teacher = targets.topk_logprobs.float()
+        terms = row_terms(lse, lse if lse_t is None else lse_t, gathered, teacher, row_weight, spec)
         loss = terms.loss.sum()
         if compute_grads:
             ctx.save_for_backward(*_gradients(hidden, weight, ids, gathered, lse, lse_t, terms,
@@ -91,18 +81,10 @@ def _gradients(
 
 
 def sparse_kd_loss_triton(
-    hidden: Tensor,
-    weight: Tensor,
-    labels: Tensor,
-    topk_ids: Tensor,
-    topk_logprobs: Tensor,
-    spec: KDSpec,
-    ignore_index: int = -100,
+    hidden: Tensor, weight: Tensor, targets: KDTargets, spec: KDSpec,
     rows_per_chunk: int | None = None,
 ) -> Tensor:
     """Triton implementation of `kernels.sparse_kd_loss` (inputs validated, contiguous)."""
     compute_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     rows = rows_per_chunk or dlogits_chunk_rows(hidden.shape[0], weight.shape[0], hidden.dtype)
-    return _FusedSparseKDLoss.apply(
-        hidden, weight, labels, topk_ids, topk_logprobs, spec, ignore_index, compute_grads, rows
-    )
+    return _FusedSparseKDLoss.apply(hidden, weight, targets, spec, compute_grads, rows)

@@ -1,7 +1,7 @@
 """Triton kernels for the fused LM-head sparse KD loss, and their launchers.
 
 The math (loss, and dL/dx = a1 softmax(x) + aT softmax(x / T) + sparse terms) is in the module
-docstring of `kernels.reference`. Here x = h W^T is only ever built tile by tile in registers
+docstring of `kernels.divergences`. Here x = h W^T is only ever built tile by tile in registers
 (fp32 accumulation) by `_logit_tile`:
   * `_lse_partials_kernel`: per row block and vocabulary split, an online (max, sum exp) of x and
     of x / T; `row_logsumexp` combines the splits deterministically in torch;

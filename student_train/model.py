@@ -43,14 +43,8 @@ class DistillationObjective(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, topk_ids: torch.Tensor,
                 topk_logprobs: torch.Tensor) -> torch.Tensor:
         hidden = self.student.model(input_ids=input_ids, use_cache=False).last_hidden_state
-        weight = self.student.lm_head.weight
-        # The loss kernel is the LM head: under autocast it runs in the autocast dtype, as a
-        # Linear would (the final RMSNorm hands back float32 hidden states either way).
-        device = hidden.device.type
-        if torch.is_autocast_enabled(device):
-            dtype = torch.get_autocast_dtype(device)
-            hidden, weight = hidden.to(dtype), weight.to(dtype)
-        return sparse_kd_loss(hidden.flatten(0, 1), weight, labels.flatten(),
+        # The loss is the LM head and applies autocast to it, as a Linear would.
+        return sparse_kd_loss(hidden.flatten(0, 1), self.student.lm_head.weight, labels.flatten(),
                               topk_ids.flatten(0, 1), topk_logprobs.flatten(0, 1),
                               **self.loss_options)
 

@@ -11,12 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import student_train.train as train_module
 from student_train.checkpoint import load_checkpoint
 from student_train.config import TrainConfig
 from student_train.data import TrainStream, split_rows
+from student_train.model import DistillationObjective, build_student
 from student_train.selection import Selection
 from student_train.synthetic import write_synthetic_cache
 from student_train.train import lr_factor, train
@@ -158,3 +159,22 @@ def test_learning_rate_warms_up_then_decays_to_the_floor(cache_dir, tmp_path):
     assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(factors[9:], factors[10:], strict=False))
     assert factors[100] == pytest.approx(0.1)
+
+
+def test_the_objective_hands_hidden_states_to_the_loss_as_they_come_under_fp16_autocast():
+    """The loss owns the autocast cast: under fp16 autocast it keeps float32 (which the kernel
+    needs), so the objective matches its float32 value instead of failing on float16 inputs."""
+    config = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, intermediate_size=64)
+    objective = DistillationObjective(build_student(config, seed=0), divergence="fkl",
+                                      temperature=1.0, ce_weight=1.0, kd_weight=1.0)
+    gen = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, 64, (2, 8), generator=gen)
+    topk_logprobs, topk_ids = torch.log_softmax(torch.randn(2, 8, 64, generator=gen), -1).topk(4)
+    batch = (input_ids, input_ids.roll(-1, 1), topk_ids, topk_logprobs)
+    want = objective(*batch)
+    with torch.autocast("cpu", dtype=torch.float16):
+        got = objective(*batch)
+    got.backward()
+    assert got.dtype == torch.float32 and objective.student.lm_head.weight.grad is not None
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=0.0)

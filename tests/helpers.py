@@ -1,0 +1,130 @@
+"""Helpers shared by several test modules."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from kernels.divergences import TAIL_EPS, KDSpec, KDTargets
+
+# --- kernels: float64 oracle and tolerances ---
+
+IGNORE = -100
+
+
+@dataclass
+class Inputs:
+    hidden: Tensor
+    weight: Tensor
+    labels: Tensor
+    topk_ids: Tensor
+    topk_logprobs: Tensor
+
+    def args(self, dtype: torch.dtype) -> tuple[Tensor, ...]:
+        """The five positional arguments, hidden and weight as fresh leaves of dtype."""
+        h = self.hidden.to(dtype, copy=True).requires_grad_()
+        w = self.weight.to(dtype, copy=True).requires_grad_()
+        return h, w, self.labels, self.topk_ids, self.topk_logprobs
+
+    def targets(self) -> KDTargets:
+        return KDTargets(self.labels, self.topk_ids, self.topk_logprobs, IGNORE)
+
+
+def make_inputs(
+    n: int, h: int, v: int, k: int, *, seed: int, teacher_scale: float = 3.0,
+    logit_scale: float = 1.0, full_teacher_mass: bool = False,
+) -> Inputs:
+    """Random student and teacher; a third of the labels inside the top-k, a third outside,
+    every sixth position ignored. teacher_scale sharpens the teacher (top-k mass -> 1);
+    full_teacher_mass renormalises the top-k so the rest has exactly zero mass."""
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=gen) * logit_scale
+    weight = torch.randn(v, h, generator=gen) / h**0.5
+    teacher = torch.log_softmax(torch.randn(n, v, generator=gen) * teacher_scale, -1)
+    topk_logprobs, topk_ids = teacher.topk(k, dim=-1)
+    if full_teacher_mass:
+        topk_logprobs = torch.log_softmax(topk_logprobs, -1)
+    labels = torch.randint(0, v, (n,), generator=gen)
+    in_topk = torch.arange(n) % 3 == 0
+    labels[in_topk] = topk_ids[in_topk, -1]
+    outside = torch.arange(n) % 3 == 1
+    for row in outside.nonzero().flatten().tolist():
+        mask = torch.ones(v, dtype=torch.bool)
+        mask[topk_ids[row]] = False
+        if mask.any():
+            labels[row] = mask.nonzero()[0, 0]
+    labels[torch.arange(n) % 6 == 5] = IGNORE
+    return Inputs(hidden, weight, labels, topk_ids, topk_logprobs.float())
+
+
+def brute_force(hidden: Tensor, weight: Tensor, targets: KDTargets, spec: KDSpec) -> Tensor:
+    """The loss straight from its definition, over the full [N, V] logits, in float64."""
+    t = spec.temperature
+    labels, topk_ids = targets.labels, targets.topk_ids
+    x = hidden.double() @ weight.double().T
+    teacher = targets.topk_logprobs.double()
+    valid = labels != targets.ignore_index
+    ce = torch.logsumexp(x, -1) - x.gather(1, torch.where(valid, labels, 0)[:, None])[:, 0]
+    if spec.divergence == "fkl":
+        s = torch.log_softmax(x / t, -1).gather(1, topk_ids)
+        q = torch.softmax(teacher / t, -1)
+        kd = (torch.special.xlogy(q, q) - q * s).sum(-1)
+    else:
+        s = torch.log_softmax(x, -1).gather(1, topk_ids)
+        s_rest = torch.clamp(1 - s.exp().sum(-1), min=TAIL_EPS)
+        p_rest = torch.clamp(1 - teacher.exp().sum(-1), min=TAIL_EPS)
+        u = torch.log_softmax(torch.cat([s, s_rest.log()[:, None]], -1) / t, -1)
+        v = torch.log_softmax(torch.cat([teacher, p_rest.log()[:, None]], -1) / t, -1)
+        if spec.divergence == "fkl_tail":
+            p = v.exp()
+            kd = (torch.special.xlogy(p, p) - p * u).sum(-1)
+        else:
+            kd = (u.exp() * (u - v)).sum(-1)
+    per_row = spec.ce_weight * ce + spec.kd_weight * t * t * kd
+    return torch.where(valid, per_row, 0.0).sum() / valid.sum().clamp(min=1)
+
+
+def loss_and_grads(fn, inputs: Inputs, dtype: torch.dtype, spec: KDSpec, **kwargs):
+    """(loss, grad_hidden, grad_weight) in float64 of fn(hidden, weight, targets, spec)."""
+    h, w, *_ = inputs.args(dtype)
+    loss = fn(h, w, inputs.targets(), spec, **kwargs)
+    loss.backward()
+    return loss.detach().double(), h.grad.double(), w.grad.double()
+
+
+def expected(inputs: Inputs, spec: KDSpec):
+    """The float64 oracle: loss_and_grads of the brute force."""
+    return loss_and_grads(brute_force, inputs, torch.float64, spec)
+
+
+def relative_error(got: Tensor, want: Tensor) -> float:
+    return ((got - want).norm() / want.norm().clamp(min=1e-30)).item()
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Against the float64 oracle: the loss within torch.testing.assert_close(rtol, atol), each
+    gradient with a relative_error below grad_rel."""
+
+    loss_rtol: float
+    loss_atol: float
+    grad_rel: float
+
+
+# Per input dtype, for well-conditioned inputs; harder cases loosen an entry with
+# dataclasses.replace where they are tested.
+TOLERANCES = {
+    torch.float32: Tolerance(loss_rtol=1e-5, loss_atol=1e-6, grad_rel=1e-5),
+    torch.bfloat16: Tolerance(loss_rtol=2e-2, loss_atol=0.0, grad_rel=3e-2),
+}
+
+
+def assert_matches_float64(got: tuple[Tensor, ...], want: tuple[Tensor, ...],
+                           tolerance: Tolerance) -> None:
+    """(loss, grad_hidden, grad_weight) against the float64 oracle."""
+    torch.testing.assert_close(got[0], want[0], rtol=tolerance.loss_rtol,
+                               atol=tolerance.loss_atol)
+    for g, e in zip(got[1:], want[1:], strict=True):
+        assert relative_error(g, e) < tolerance.grad_rel
