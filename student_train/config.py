@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import MISSING, dataclass, field, fields
-from typing import Any
+from typing import Any, Literal, get_args, get_origin, get_type_hints
+
+from kernels import Divergence, Impl
 
 
 class ConfigError(ValueError):
     """A configuration that cannot run (bad flag, student/cache mismatch); says what to fix."""
 
 
-DIVERGENCES = ("fkl", "fkl_tail", "rkl")
-PRECISIONS = ("auto", "fp32", "bf16")
+Precision = Literal["auto", "fp32", "bf16"]
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -38,7 +39,7 @@ class TrainConfig:
     grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0 disables)")
     ce_weight: float = _opt(1.0, "weight of the cross-entropy on the true next token")
     kd_weight: float = _opt(1.0, "weight of the divergence to the teacher's top-k (0: CE only)")
-    divergence: str = _opt("fkl", "divergence to the teacher", choices=DIVERGENCES)
+    divergence: Divergence = _opt("fkl", "divergence to the teacher")
     temperature: float = _opt(1.0, "distillation temperature")
     select: str = _opt("none", "training rows: none, top:F (highest-score fraction F) or random:F")
     val_fraction: float = _opt(0.05, "fraction of sequences held out for evaluation (chosen by a "
@@ -51,14 +52,18 @@ class TrainConfig:
     checkpoint_every: int = _opt(50, "write a checkpoint every N steps (0: only at the end)")
     log_every: int = _opt(10, "write a training metrics record every N steps")
     resume: bool = _opt(False, "continue from OUT/checkpoint.pt if it exists")
-    precision: str = _opt("auto", "auto: bf16 autocast on GPUs that support it, fp32 on CPU",
-                          choices=PRECISIONS)
+    precision: Precision = _opt("auto", "auto: bf16 autocast on GPUs that support it, fp32 on "
+                                "CPU")
     device: str = _opt("auto", "auto, cpu, cuda")
     workers: int = _opt(0, "data loader worker processes per rank")
-    loss_impl: str = _opt("auto", "kernels.sparse_kd_loss implementation (auto, reference, triton)")
+    loss_impl: Impl = _opt("auto", "kernels.sparse_kd_loss implementation")
 
     def __post_init__(self) -> None:
         self.overrides = dict(self.overrides or {})
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: choose one "
+                                  f"of {', '.join(choices)}")
         for name in ("max_steps", "batch_size", "grad_accum", "eval_batch_size", "shuffle_buffer"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
@@ -74,6 +79,12 @@ class TrainConfig:
         """Sequences per optimizer step over all ranks."""
         return self.batch_size * self.grad_accum
 
+
+# The fields typed as a Literal, and their values: the flag's choices.
+CHOICES: dict[str, tuple[str, ...]] = {
+    name: get_args(hint) for name, hint in get_type_hints(TrainConfig).items()
+    if get_origin(hint) is Literal
+}
 
 # What a resumed run may change without changing the result of the steps already taken.
 RESUMABLE_CHANGES = frozenset({
@@ -105,10 +116,11 @@ def add_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -
             parser.add_argument(flag, dest=f.name, action="append", default=[],
                                 metavar=f.metadata["metavar"], help=f.metadata["help"])
         else:
-            kind = {"int": int, "float": float, "str": str}[f.type]
+            choices = CHOICES.get(f.name)
+            kind = str if choices else {"int": int, "float": float, "str": str}[f.type]
             parser.add_argument(flag, dest=f.name, type=kind, required=required,
                                 default=None if required else f.default,
-                                choices=f.metadata.get("choices"), help=help_text)
+                                choices=choices, help=help_text)
 
 
 def config_from_args(args: argparse.Namespace, **fixed: Any) -> TrainConfig:

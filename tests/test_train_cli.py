@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from student_train.__main__ import build_parser, main
+from student_train.config import ConfigError, TrainConfig
 from student_train.synthetic import write_synthetic_cache
 
 TINY = ["--set", "hidden_size=32", "--set", "num_hidden_layers=1", "--set",
@@ -45,6 +46,17 @@ def test_help_documents_every_flag(capsys):
                  "--temperature", "--select", "--seed", "--eval-every", "--checkpoint-every",
                  "--resume", "--set"):
         assert flag in text
+
+
+def test_choices_come_from_the_config_types_and_fail_at_parse_time(capsys):
+    assert "--loss-impl {auto,reference,triton}" in build_parser().format_help()
+    assert "--divergence {fkl,fkl_tail,rkl}" in build_parser().format_help()
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(["--cache", "c", "--out", "o", "--loss-impl", "trition"])
+    assert exit_info.value.code == 2
+    assert "--loss-impl: invalid choice: 'trition'" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="--loss-impl 'trition': choose one of auto, "):
+        TrainConfig(cache="c", out="o", loss_impl="trition")
 
 
 def test_a_good_run_exits_zero(cache_dir, tmp_path):
