@@ -21,7 +21,7 @@ from itertools import islice
 import numpy as np
 from tqdm.auto import tqdm
 
-from teacher_cache.backends import BackendConfig, TeacherBackend, create_backend
+from teacher_cache.backends import BackendConfig, Targets, TeacherBackend, create_backend
 from teacher_cache.corpus import Corpus, CorpusConfig, open_corpus
 from teacher_cache.finalize import finalize_cache
 from teacher_cache.format import (
@@ -205,7 +205,7 @@ class _WorkerRun:
         for start in range(0, len(shard), step):
             rows = shard[start:start + step]
             input_ids = np.stack([s.input_ids for s in rows])
-            output = self.backend.predict(input_ids, self.config.top_k)
+            output = self.backend.predict(input_ids)
             score = (unscored(len(rows)) if self.scorer is None
                      else self.scorer.score(input_ids, output.target_logprobs))
             batches.append(CacheBatch(
@@ -224,9 +224,9 @@ class _WorkerRun:
             return
         config = self.config
         self.backend = create_backend(config.backend, BackendConfig(
-            self.teacher.path, top_k=config.top_k, batch_size=config.batch_size,
+            self.teacher.path, targets=Targets(k=config.top_k), batch_size=config.batch_size,
             dtype=config.dtype, options=dict(config.backend_options)))
-        self.dtype = getattr(self.backend, "dtype_name", config.dtype)
+        self.dtype = self.backend.dtype_name
         if self.reference is not None:
             self.scorer = ReferenceScorer(self.reference, self.teacher.tokenizer_sha256,
                                           backend=config.backend, batch_size=config.batch_size,

@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from teacher_cache.backends import BackendConfig, TeacherBackend, create_backend
+from teacher_cache.backends import BackendConfig, Targets, TeacherBackend, create_backend
 from teacher_cache.format import (
     MANIFEST_FILE,
     RESCORE_DIR,
@@ -53,10 +53,11 @@ class ReferenceScorer:
                  batch_size: int = 8, dtype: str = "auto"):
         check_same_tokenizer(reference, tokenizer_sha256)
         self.backend: TeacherBackend = create_backend(
-            backend, BackendConfig(reference.path, top_k=1, batch_size=batch_size, dtype=dtype))
+            backend, BackendConfig(reference.path, targets=Targets(k=1), batch_size=batch_size,
+                                   dtype=dtype))
 
     def score(self, input_ids: np.ndarray, teacher_target: np.ndarray) -> np.ndarray:
-        reference_target = self.backend.predict(input_ids, top_k=1).target_logprobs
+        reference_target = self.backend.predict(input_ids).target_logprobs
         return sequence_scores(teacher_target, reference_target)
 
     def close(self) -> None:

@@ -124,11 +124,11 @@ def predict_calls(monkeypatch) -> PredictCalls:
 
     real_predict, calls = TorchBackend.predict, PredictCalls()
 
-    def predict(self, input_ids, top_k):
+    def predict(self, input_ids):
         with calls.recorded:
             calls.append(len(input_ids))
             calls.recorded.notify_all()
-        return real_predict(self, input_ids, top_k)
+        return real_predict(self, input_ids)
 
     monkeypatch.setattr(TorchBackend, "predict", predict)
     return calls
@@ -234,3 +234,15 @@ def test_rerun_of_a_finished_build_keeps_its_teacher_throughput(tmp_path: Path,
     assert again.shards_built == 0
     assert first["tokens_computed"] > 0
     assert again.manifest.build == first
+
+
+def test_a_backend_computes_the_targets_its_config_names(tiny_teacher_dir: Path):
+    from teacher_cache.backends import BackendConfig, Targets, create_backend
+
+    backend = create_backend("torch", BackendConfig(str(tiny_teacher_dir), targets=Targets(k=3),
+                                                    dtype="fp32"))
+    output = backend.predict(np.arange(2 * 16).reshape(2, 16))
+    backend.close()
+    assert output.topk_ids.shape == output.topk_logprobs.shape == (2, 16, 3)
+    assert output.target_logprobs.shape == (2, 16)
+    assert backend.dtype_name == "float32"
