@@ -16,12 +16,14 @@ from torch.utils.data import DataLoader
 
 from student_train.__main__ import main as train_main
 from student_train.data import TrainStream, split_rows
+from student_train.model import build_student, save_student
 from student_train.selection import Selection
 from student_train.synthetic import write_synthetic_cache
 from teacher_cache.build import build_cache
 from teacher_cache.cli import main as cache_main
 from teacher_cache.reader import open_cache
-from teacher_cache.score import rescore_cache
+from teacher_cache.score import reference_entry, rescore_cache
+from teacher_cache.teacher import resolve_teacher
 
 SMALL_STUDENT = ["--student", "xs", "--set", "hidden_size=32", "--set", "num_hidden_layers=1",
                  "--set", "num_attention_heads=2", "--set", "num_key_value_heads=2",
@@ -62,6 +64,20 @@ def test_reference_trained_on_a_subset_scores_the_cache_and_top_selects(
     assert cache_main(["score", "--cache", str(cache), "--reference", str(run / "student"),
                        "--no-progress"]) == 0
     assert {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()} == files
+
+
+def test_a_saved_student_carries_its_training_summary_to_the_score(tmp_path: Path,
+                                                                   tiny_cache: Path):
+    from transformers import LlamaConfig
+
+    manifest = open_cache(tiny_cache).manifest
+    config = LlamaConfig(vocab_size=manifest.vocab_size, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+    training = {"steps": 3, "select": "random:0.5"}
+    # Any directory: the summary travels with the weights, not with the run's layout.
+    model_dir = save_student(build_student(config, seed=0), tmp_path / "reference-model",
+                             manifest, training=training)
+    assert reference_entry(resolve_teacher(str(model_dir)))["training"] == training
 
 
 def test_rescoring_changes_only_scores_checksums_and_score_stats(
