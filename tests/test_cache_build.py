@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import DOCUMENTS, TINY_MAX_TOKENS, TINY_SEQ_LEN, TINY_SHARD_ROWS, TINY_TOP_K
+from helpers import shard_bytes
 
 from teacher_cache import CacheError, open_cache
 from teacher_cache import build as build_module
@@ -23,10 +24,6 @@ def all_rows(path: Path):
     rows = [cache.read_shard(info) for info in cache.shards]
     return cache, {name: np.concatenate([getattr(r, name) for r in rows]) for name in
                    ("seq_ids", "input_ids", "topk_ids", "topk_logprobs", "target_logprobs")}
-
-
-def shard_bytes(path: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted((path / "shards").glob("shard-*"))}
 
 
 def test_manifest_describes_the_build(tiny_cache: Path, tiny_teacher_dir: Path):

@@ -12,13 +12,13 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from helpers import synthetic_cache
 from torch.utils.data import DataLoader
 
 from student_train.__main__ import main as train_main
 from student_train.data import TrainStream, split_rows
 from student_train.model import build_student, save_student
 from student_train.selection import Selection
-from student_train.synthetic import write_synthetic_cache
 from teacher_cache.build import build_cache
 from teacher_cache.cli import main as cache_main
 from teacher_cache.reader import open_cache
@@ -101,9 +101,8 @@ def test_rescoring_changes_only_scores_checksums_and_score_stats(
 
 def test_top_rows_are_the_same_on_every_rank_and_after_resume(tmp_path: Path):
     scores = np.random.default_rng(0).permutation(40).astype(np.float32)
-    write_synthetic_cache(tmp_path, sequences=40, seq_len=4, top_k=2, vocab_size=32,
-                          rows_per_shard=6, scores=scores)
-    split = split_rows(open_cache(tmp_path), 0.2, Selection.parse("top:0.5"), seed=0)
+    split = split_rows(synthetic_cache(tmp_path, scores=scores), 0.2, Selection.parse("top:0.5"),
+                       seed=0)
 
     def seen(rank: int, world_size: int, start_batch: int, count: int) -> list[list[int]]:
         stream = TrainStream(str(tmp_path), split.train, global_batch=4, rank=rank,
