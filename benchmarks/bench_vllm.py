@@ -42,7 +42,7 @@ from collections.abc import Callable
 import numpy as np
 from teacher_args import add_teacher_arguments, teacher_arguments, teacher_path
 
-from teacher_cache.backends import BackendConfig, create_backend
+from teacher_cache.backends import BackendConfig, Targets, create_backend
 from teacher_cache.backends.vllm_prompt_logprobs import OnePassSampler, prompt_logprobs_sampler
 
 VLLM_ROWS = ("prefill", "floor", "one-pass", "arrays", "flat", "dict")
@@ -64,7 +64,7 @@ class LogitsOnlySampler(OnePassSampler):
         return LogprobsTensors(ids, torch.zeros(ids.shape), torch.zeros(len(token_ids)))
 
 
-def time_vllm_rows(config: BackendConfig, ids: np.ndarray, top_k: int, rows: list[str],
+def time_vllm_rows(config: BackendConfig, ids: np.ndarray, rows: list[str],
                    repeats: int) -> dict[str, float]:
     """Seconds per vLLM row, all on one engine and interleaved round by round (best round of
     `repeats` per row), so that every row shares the process, its thread binding and the
@@ -85,7 +85,7 @@ def time_vllm_rows(config: BackendConfig, ids: np.ndarray, top_k: int, rows: lis
         sampler = prompt_logprobs_sampler(LogitsOnlySampler) if row == "floor" else \
             contextlib.nullcontext()
         with sampler:
-            backend.predict(ids, top_k)
+            backend.predict(ids)
 
     for row in rows:
         run(row, ids[:WARMUP_SEQUENCES])
@@ -98,11 +98,10 @@ def time_vllm_rows(config: BackendConfig, ids: np.ndarray, top_k: int, rows: lis
     return {row: min(times) for row, times in seconds.items()}
 
 
-def time_torch_backend(config: BackendConfig, ids: np.ndarray, top_k: int,
-                       repeats: int) -> float:
+def time_torch_backend(config: BackendConfig, ids: np.ndarray, repeats: int) -> float:
     backend = create_backend("torch", config)
-    backend.predict(ids[:WARMUP_SEQUENCES], top_k)
-    return best_time(lambda: backend.predict(ids, top_k), repeats)
+    backend.predict(ids[:WARMUP_SEQUENCES])
+    return best_time(lambda: backend.predict(ids), repeats)
 
 
 def best_time(run: Callable[[], object], repeats: int) -> float:
@@ -166,12 +165,12 @@ def run_child(engine: str, args: argparse.Namespace) -> dict[str, float]:
     """Seconds per row of one engine ("vllm" or "torch"), in this process."""
     ids = token_ids(args)
     options = {"enforce_eager": True} if args.enforce_eager and engine == "vllm" else {}
-    config = BackendConfig(teacher_path(args), top_k=args.top_k, batch_size=args.batch_size,
-                           dtype=args.dtype, options=options)
+    config = BackendConfig(teacher_path(args), targets=Targets(k=args.top_k),
+                           batch_size=args.batch_size, dtype=args.dtype, options=options)
     if engine == "torch":
-        return {"torch": time_torch_backend(config, ids, args.top_k, args.repeats)}
+        return {"torch": time_torch_backend(config, ids, args.repeats)}
     rows = [row for row in args.rows if row in VLLM_ROWS]
-    return time_vllm_rows(config, ids, args.top_k, rows, args.repeats)
+    return time_vllm_rows(config, ids, rows, args.repeats)
 
 
 def main() -> None:

@@ -27,7 +27,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from student_train.config import ConfigError
 from student_train.selection import Selection
-from teacher_cache.format import CacheError, ShardInfo
+from teacher_cache.format import CacheBatch, CacheError, ShardInfo
 from teacher_cache.reader import TeacherCache, open_cache
 
 IGNORE_INDEX = -100
@@ -82,18 +82,17 @@ class Batch:
         return [getattr(self, f.name) for f in fields(self)]
 
 
-# seq_id, input_ids [L], topk_ids [L, k], topk_logprobs [L, k]
-Row = tuple[int, np.ndarray, np.ndarray, np.ndarray]
+def make_batch(rows: list[CacheBatch]) -> Batch:
+    """One training batch from cache rows (each a CacheBatch of one or more rows)."""
 
+    def stack(name: str) -> torch.Tensor:
+        return torch.from_numpy(np.concatenate([getattr(r, name) for r in rows]))
 
-def make_batch(rows: list[Row]) -> Batch:
-    input_ids = torch.from_numpy(np.stack([r[1] for r in rows]))
+    input_ids = stack("input_ids")
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     labels[:, :-1] = input_ids[:, 1:]
-    return Batch(seq_ids=torch.tensor([r[0] for r in rows], dtype=torch.int64),
-                 input_ids=input_ids, labels=labels,
-                 topk_ids=torch.from_numpy(np.stack([r[2] for r in rows])),
-                 topk_logprobs=torch.from_numpy(np.stack([r[3] for r in rows])))
+    return Batch(seq_ids=stack("seq_ids"), input_ids=input_ids, labels=labels,
+                 topk_ids=stack("topk_ids"), topk_logprobs=stack("topk_logprobs"))
 
 
 def shard_of(shards: list[ShardInfo], seq_ids: np.ndarray) -> np.ndarray:
@@ -132,16 +131,17 @@ def plan_epoch(train_ids: np.ndarray, shard_index: np.ndarray, num_shards: int, 
 
 
 class ShardRows:
-    """Hands out the rows `wanted`, reading shards in `shard_order`, each at most once."""
+    """Hands out the rows `wanted` (one-row CacheBatches), reading shards in `shard_order`, each
+    at most once."""
 
     def __init__(self, cache: TeacherCache, shard_order: np.ndarray, wanted: np.ndarray):
         self.cache = cache
         self.wanted = set(wanted.tolist())
         holding = set(shard_of(cache.shards, wanted).tolist())
         self.pending = [int(s) for s in shard_order if s in holding]
-        self.stash: dict[int, Row] = {}
+        self.stash: dict[int, CacheBatch] = {}
 
-    def take(self, seq_id: int) -> Row:
+    def take(self, seq_id: int) -> CacheBatch:
         while seq_id not in self.stash:
             if not self.pending:
                 raise CacheError(f"{self.cache.location.uri}: seq_id {seq_id} is missing from "
@@ -153,8 +153,7 @@ class ShardRows:
         rows = self.cache.read_shard(shard)
         for i, seq_id in enumerate(rows.seq_ids.tolist()):
             if seq_id in self.wanted:
-                self.stash[seq_id] = (seq_id, rows.input_ids[i].copy(), rows.topk_ids[i].copy(),
-                                      rows.topk_logprobs[i].copy())
+                self.stash[seq_id] = rows.take([i])  # a copy: the shard's arrays can go
 
 
 class TrainStream(IterableDataset):

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -12,7 +14,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from kernels import sparse_kd_loss
 from student_train.data import IGNORE_INDEX
-from teacher_cache.format import Manifest
+from teacher_cache.format import TRAINING_FILE, Manifest
 
 log = logging.getLogger(__name__)
 
@@ -49,12 +51,15 @@ class DistillationObjective(nn.Module):
                               **self.loss_options)
 
 
-def save_student(student: LlamaForCausalLM, out_dir: str | os.PathLike,
-                 manifest: Manifest) -> Path:
+def save_student(student: LlamaForCausalLM, out_dir: str | os.PathLike, manifest: Manifest,
+                 training: dict[str, Any] | None = None) -> Path:
     """A Hugging Face model directory (config, safetensors, and the teacher's tokenizer when its
-    path in the manifest exists on this machine) that `AutoModelForCausalLM` loads."""
+    path in the manifest exists on this machine) that `AutoModelForCausalLM` loads, plus the
+    run's `training` summary in TRAINING_FILE, which the cache's `score` records for a reference."""
     out = Path(out_dir)
     student.save_pretrained(out, safe_serialization=True)
+    if training is not None:
+        (out / TRAINING_FILE).write_text(json.dumps(training, indent=2) + "\n")
     teacher_path = manifest.teacher.get("path")  # the teacher's local Hugging Face directory
     if teacher_path and os.path.isdir(teacher_path):
         try:

@@ -11,7 +11,14 @@ import os
 
 import numpy as np
 
-from teacher_cache.format import MANIFEST_FILE, Manifest, encode_batch, write_shard
+from teacher_cache.format import (
+    MANIFEST_FILE,
+    CacheBatch,
+    Manifest,
+    encode_batch,
+    unscored,
+    write_shard,
+)
 from teacher_cache.storage import resolve
 
 TOP_K_DECAY = 0.7  # probability ratio between consecutive teacher ranks
@@ -53,11 +60,13 @@ def write_synthetic_cache(path: str | os.PathLike, *, sequences: int, seq_len: i
         rows_per_shard=rows_per_shard, score={"kind": "synthetic"} if scores is not None else None)
     for index, start in enumerate(range(0, sequences, rows_per_shard)):
         rows = slice(start, min(start + rows_per_shard, sequences))
-        batch = encode_batch(
-            np.arange(sequences)[rows], tokens[rows], [[0]] * len(tokens[rows]),
-            topk_ids[rows], topk_logprobs[rows], target[rows],
-            None if scores is None else scores[rows])
-        manifest.shards.append(write_shard(location, index, [batch], rows_per_shard))
+        batch = CacheBatch(
+            seq_ids=np.arange(sequences)[rows], input_ids=tokens[rows], topk_ids=topk_ids[rows],
+            topk_logprobs=topk_logprobs[rows], target_logprobs=target[rows],
+            score=unscored(sequences)[rows] if scores is None else scores[rows],
+            doc_starts=[np.zeros(1, np.int32)] * len(tokens[rows]))
+        manifest.shards.append(write_shard(location, index, [encode_batch(batch)],
+                                           rows_per_shard))
     manifest.totals = {"sequences": sequences, "tokens": sequences * seq_len,
                        "bytes": sum(s.bytes for s in manifest.shards)}
     manifest.complete = complete

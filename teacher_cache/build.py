@@ -21,27 +21,29 @@ from itertools import islice
 import numpy as np
 from tqdm.auto import tqdm
 
-from teacher_cache.backends import BackendConfig, TeacherBackend, create_backend
+from teacher_cache.backends import BackendConfig, Targets, TeacherBackend, create_backend
 from teacher_cache.corpus import Corpus, CorpusConfig, open_corpus
-from teacher_cache.finalize import (
-    BUILD_FILE,
-    WORKER_DIR,
-    WorkerReport,
-    finalize_cache,
-    worker_report_name,
-)
+from teacher_cache.finalize import finalize_cache
 from teacher_cache.format import (
+    BUILD_FILE,
     MANIFEST_FILE,
+    RESCORE_DIR,
     SHARD_DIR,
+    WORKER_DIR,
+    CacheBatch,
     CacheError,
     Manifest,
+    WorkerReport,
     encode_batch,
     read_shard_info,
+    read_worker_report,
+    unscored,
     write_shard,
+    write_worker_report,
 )
 from teacher_cache.packing import PackedSequence, Packer, tokenize_documents
 from teacher_cache.reader import read_manifest
-from teacher_cache.score import RESCORE_DIR, ReferenceScorer, reference_entry
+from teacher_cache.score import ReferenceScorer, reference_entry
 from teacher_cache.storage import Location, resolve
 from teacher_cache.teacher import Teacher, resolve_teacher
 
@@ -138,10 +140,8 @@ def build_cache(config: BuildConfig) -> BuildSummary:
     if sequences == 0:
         raise CacheError(f"corpus {corpus.description}: fewer tokens than one sequence of "
                          f"{config.seq_len}; nothing to cache")
-    report_name = worker_report_name(config.worker_index, config.num_workers)
     # A resumed worker reports the teacher work of all its runs, not only of the last one.
-    earlier = (WorkerReport(**json.loads(location.read_bytes(WORKER_DIR, report_name)))
-               if location.exists(WORKER_DIR, report_name) else None)
+    earlier = read_worker_report(location, config.worker_index, config.num_workers)
     report = WorkerReport(
         worker_index=config.worker_index, num_workers=config.num_workers, sequences=sequences,
         documents=packer.documents_packed, skipped_files=corpus.skipped,
@@ -149,7 +149,7 @@ def build_cache(config: BuildConfig) -> BuildSummary:
         tokens_computed=run.tokens_computed + (earlier.tokens_computed if earlier else 0),
         compute_s=run.compute_s + (earlier.compute_s if earlier else 0.0),
         dtype=run.dtype or (earlier.dtype if earlier else None))
-    location.write_bytes_atomic(report.to_json().encode(), WORKER_DIR, report_name)
+    write_worker_report(location, report)
     manifest = finalize_cache(config.out) if config.num_workers == 1 else None
     if manifest is not None and previous is not None:
         _keep_scores(location, previous, manifest)
@@ -205,10 +205,14 @@ class _WorkerRun:
         for start in range(0, len(shard), step):
             rows = shard[start:start + step]
             input_ids = np.stack([s.input_ids for s in rows])
-            output = self.backend.predict(input_ids, self.config.top_k)
-            score = None if self.scorer is None else self.scorer.score(input_ids,
-                                                                        output.target_logprobs)
-            batches.append((rows, input_ids, output, score))
+            output = self.backend.predict(input_ids)
+            score = (unscored(len(rows)) if self.scorer is None
+                     else self.scorer.score(input_ids, output.target_logprobs))
+            batches.append(CacheBatch(
+                seq_ids=np.array([s.seq_id for s in rows]), input_ids=input_ids,
+                topk_ids=output.topk_ids, topk_logprobs=output.topk_logprobs,
+                target_logprobs=output.target_logprobs, score=score,
+                doc_starts=[np.asarray(s.doc_starts, dtype=np.int32) for s in rows]))
             self.bar.update(input_ids.size)
         self.writer.submit(index, batches)
         self.shards_built += 1
@@ -220,9 +224,9 @@ class _WorkerRun:
             return
         config = self.config
         self.backend = create_backend(config.backend, BackendConfig(
-            self.teacher.path, top_k=config.top_k, batch_size=config.batch_size,
+            self.teacher.path, targets=Targets(k=config.top_k), batch_size=config.batch_size,
             dtype=config.dtype, options=dict(config.backend_options)))
-        self.dtype = getattr(self.backend, "dtype_name", config.dtype)
+        self.dtype = self.backend.dtype_name
         if self.reference is not None:
             self.scorer = ReferenceScorer(self.reference, self.teacher.tokenizer_sha256,
                                           backend=config.backend, batch_size=config.batch_size,
@@ -257,7 +261,7 @@ class _ShardWriter:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
         self.pending: Future | None = None
 
-    def submit(self, index: int, batches: list) -> None:
+    def submit(self, index: int, batches: list[CacheBatch]) -> None:
         self.wait()
         self.pending = self.pool.submit(self._write, index, batches)
 
@@ -272,12 +276,8 @@ class _ShardWriter:
         finally:
             self.pool.shutdown()
 
-    def _write(self, index: int, batches: list) -> None:
-        encoded = [encode_batch(np.array([s.seq_id for s in rows]), input_ids,
-                                [s.doc_starts for s in rows], output.topk_ids,
-                                output.topk_logprobs, output.target_logprobs, score)
-                   for rows, input_ids, output, score in batches]
-        write_shard(self.location, index, encoded, self.shard_rows)
+    def _write(self, index: int, batches: list[CacheBatch]) -> None:
+        write_shard(self.location, index, [encode_batch(b) for b in batches], self.shard_rows)
 
 
 def _load_tokenizer(teacher: Teacher):

@@ -8,44 +8,22 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from teacher_cache.format import (
+    BUILD_FILE,
     MANIFEST_FILE,
     CacheError,
     Manifest,
     ShardInfo,
+    WorkerReport,
     read_shard,
     read_shard_info,
+    read_worker_reports,
+    score_stats,
 )
-from teacher_cache.score import score_stats
 from teacher_cache.storage import Location, resolve
-
-BUILD_FILE = "build.json"
-WORKER_DIR = "workers"
-
-
-@dataclass
-class WorkerReport:
-    worker_index: int
-    num_workers: int
-    sequences: int  # in the whole packed corpus, the same for every worker
-    documents: int  # that begin inside the cached sequences
-    skipped_files: list[str]
-    dropped_tokens: int  # of the final partial sequence
-    capped: bool  # packing stopped at max_tokens before the corpus ended
-    tokens_computed: int
-    compute_s: float
-    dtype: str | None  # the dtype the teacher ran in, None if this run computed nothing
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2) + "\n"
-
-
-def worker_report_name(worker_index: int, num_workers: int) -> str:
-    return f"worker-{worker_index}-of-{num_workers}.json"
 
 
 def finalize_cache(out: str) -> Manifest:
@@ -92,8 +70,7 @@ def finalize_cache(out: str) -> Manifest:
 
 
 def _worker_reports(location: Location) -> list[WorkerReport]:
-    reports = [WorkerReport(**json.loads(location.read_bytes(WORKER_DIR, name)))
-               for name in location.list(WORKER_DIR) if name.endswith(".json")]
+    reports = read_worker_reports(location)
     if not reports:
         raise CacheError(f"{location.uri}: no worker has finished going through the corpus; "
                          f"run (or rerun) the build workers, then finalize")

@@ -2,9 +2,12 @@
 
 Human-readable description: docs/cache-format.md. Summary:
 
-    CACHE/manifest.json             Manifest (below); `complete` is true once every shard is final
-    CACHE/shards/shard-NNNNNN.arrow Arrow IPC file (zstd), one row per packed sequence
-    CACHE/shards/shard-NNNNNN.json  ShardInfo, written after the .arrow: marks the shard done
+    CACHE/manifest.json                   Manifest (below); `complete` once every shard is final
+    CACHE/build.json                      the build identity, written before the first shard
+    CACHE/shards/shard-NNNNNN.arrow       Arrow IPC file (zstd), one row per packed sequence
+    CACHE/shards/shard-NNNNNN.json        ShardInfo, written after the .arrow: marks the shard done
+    CACHE/workers/worker-W-of-N.json      WorkerReport, once a worker went through the corpus
+    CACHE/rescore/REFERENCE/shard-NNNNNN.json  ShardInfo of a rescored shard, while `score` runs
 
 Shard `i` holds the sequences with ids `[i * rows_per_shard, (i + 1) * rows_per_shard)` of the
 packed corpus, so shard identity does not depend on how many workers built the cache.
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -29,26 +33,17 @@ from teacher_cache.storage import Location
 
 FORMAT_NAME = "distill.teacher-cache"
 FORMAT_VERSION = 1
-MANIFEST_FILE = "manifest.json"
-SHARD_DIR = "shards"
 COMPRESSION = "zstd"
 RECORD_BATCH_ROWS = 16
 
-# Logprobs are stored as float16: its 11-bit mantissa keeps |error| < 0.008 nats at logprob -16,
-# well under the noise of a bf16 teacher, at half the bytes of float32.
-COLUMN_TYPES = {
-    "seq_id": "int64",
-    "input_ids": "int32[seq_len]",
-    "doc_starts": "list<int32>",
-    "topk_ids": "int32[seq_len * top_k]",
-    "topk_logprobs": "float16[seq_len * top_k]",
-    "target_logprobs": "float32[seq_len]",
-    "score": "float32 (null until scored)",
-}
-
-
-class CacheError(Exception):
-    """A cache that cannot be read or written as asked; the message says which file and why."""
+# The layout: every file and folder name of a cache.
+MANIFEST_FILE = "manifest.json"
+BUILD_FILE = "build.json"
+SHARD_DIR = "shards"
+WORKER_DIR = "workers"
+RESCORE_DIR = "rescore"
+# A model saved by student_train carries how it was trained in this file of its directory.
+TRAINING_FILE = "training.json"
 
 
 def shard_name(index: int) -> str:
@@ -59,16 +54,64 @@ def shard_info_name(index: int) -> str:
     return f"shard-{index:06d}.json"
 
 
+def worker_report_name(worker_index: int, num_workers: int) -> str:
+    return f"worker-{worker_index}-of-{num_workers}.json"
+
+
+def rescore_dir(reference_weights_sha256: str) -> str:
+    return f"{RESCORE_DIR}/{reference_weights_sha256[:16]}"
+
+
+class CacheError(Exception):
+    """A cache that cannot be read or written as asked; the message says which file and why."""
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    values: str  # Arrow type alias of the values: int64, int32, float16, float32
+    # Fixed-size list of prod(sizes) values, sizes named after Manifest fields; () a scalar,
+    # None a variable-length list.
+    sizes: tuple[str, ...] | None = ()
+    null_means: str | None = None  # nullable: what a null stands for
+
+    def arrow_field(self, dims: dict[str, int]) -> pa.Field:
+        values = pa.type_for_alias(self.values)
+        if self.sizes is None:
+            arrow_type = pa.list_(values)
+        elif self.sizes:
+            arrow_type = pa.list_(values, math.prod(dims[s] for s in self.sizes))
+        else:
+            arrow_type = values
+        return pa.field(self.name, arrow_type, nullable=self.null_means is not None)
+
+    def describe(self) -> str:
+        if self.sizes is None:
+            text = f"list<{self.values}>"
+        elif self.sizes:
+            text = f"{self.values}[{' * '.join(self.sizes)}]"
+        else:
+            text = self.values
+        return text if self.null_means is None else f"{text} (null {self.null_means})"
+
+
+# Logprobs are stored as float16: its 11-bit mantissa keeps |error| < 0.008 nats at logprob -16,
+# well under the noise of a bf16 teacher, at half the bytes of float32.
+COLUMNS = (
+    Column("seq_id", "int64"),
+    Column("input_ids", "int32", ("seq_len",)),
+    Column("doc_starts", "int32", None),
+    Column("topk_ids", "int32", ("seq_len", "top_k")),
+    Column("topk_logprobs", "float16", ("seq_len", "top_k")),
+    Column("target_logprobs", "float32", ("seq_len",)),
+    Column("score", "float32", null_means="until scored"),
+)
+COLUMN_TYPES = {column.name: column.describe() for column in COLUMNS}
+
+
 def schema(seq_len: int, top_k: int) -> pa.Schema:
-    return pa.schema([
-        pa.field("seq_id", pa.int64(), nullable=False),
-        pa.field("input_ids", pa.list_(pa.int32(), seq_len), nullable=False),
-        pa.field("doc_starts", pa.list_(pa.int32()), nullable=False),
-        pa.field("topk_ids", pa.list_(pa.int32(), seq_len * top_k), nullable=False),
-        pa.field("topk_logprobs", pa.list_(pa.float16(), seq_len * top_k), nullable=False),
-        pa.field("target_logprobs", pa.list_(pa.float32(), seq_len), nullable=False),
-        pa.field("score", pa.float32(), nullable=True),
-    ])
+    dims = {"seq_len": seq_len, "top_k": top_k}
+    return pa.schema([column.arrow_field(dims) for column in COLUMNS])
 
 
 @dataclass
@@ -80,6 +123,66 @@ class ShardInfo:
     sha256: str
     bytes: int
     first_seq_id: int
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> ShardInfo:
+        return cls(**json.loads(text))
+
+
+@dataclass
+class WorkerReport:
+    worker_index: int
+    num_workers: int
+    sequences: int  # in the whole packed corpus, the same for every worker
+    documents: int  # that begin inside the cached sequences
+    skipped_files: list[str]
+    dropped_tokens: int  # of the final partial sequence
+    capped: bool  # packing stopped at max_tokens before the corpus ended
+    tokens_computed: int
+    compute_s: float
+    dtype: str | None  # the dtype the teacher ran in, None if this run computed nothing
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> WorkerReport:
+        return cls(**json.loads(text))
+
+
+def write_worker_report(location: Location, report: WorkerReport) -> None:
+    location.write_bytes_atomic(report.to_json().encode(), WORKER_DIR,
+                                worker_report_name(report.worker_index, report.num_workers))
+
+
+def read_worker_report(location: Location, worker_index: int,
+                       num_workers: int) -> WorkerReport | None:
+    """The report a worker left, or None if it has not gone through the corpus yet."""
+    name = worker_report_name(worker_index, num_workers)
+    if not location.exists(WORKER_DIR, name):
+        return None
+    return WorkerReport.from_json(location.read_bytes(WORKER_DIR, name))
+
+
+def read_worker_reports(location: Location) -> list[WorkerReport]:
+    return [WorkerReport.from_json(location.read_bytes(WORKER_DIR, name))
+            for name in location.list(WORKER_DIR) if name.endswith(".json")]
+
+
+SCORE_QUANTILES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def score_stats(scores: np.ndarray) -> dict[str, object]:
+    """The manifest's `score.stats` of a score column (nulls, as NaN, are not counted)."""
+    scores = scores[~np.isnan(scores)].astype(np.float64)
+    if not len(scores):
+        return {"count": 0}
+    return {"count": int(len(scores)), "mean": float(scores.mean()), "std": float(scores.std()),
+            "min": float(scores.min()), "max": float(scores.max()),
+            "quantiles": {f"{q:.1f}": float(np.quantile(scores, q)) for q in SCORE_QUANTILES}}
 
 
 @dataclass
@@ -138,7 +241,8 @@ class Manifest:
 
 @dataclass
 class CacheBatch:
-    """Decoded rows, numpy arrays with B rows, L = seq_len, k = top_k."""
+    """Rows of a cache as numpy arrays: B rows, L = seq_len, k = top_k. `decode_batch` returns
+    them with these dtypes; `encode_batch` takes any integer/float dtypes."""
 
     seq_ids: np.ndarray  # int64 [B]
     input_ids: np.ndarray  # int64 [B, L]
@@ -151,15 +255,22 @@ class CacheBatch:
     def __len__(self) -> int:
         return len(self.seq_ids)
 
+    def take(self, rows: slice | np.ndarray | list[int]) -> CacheBatch:
+        """The rows selected by a slice (views) or by indices (copies)."""
+        positions = np.arange(len(self))[rows]
+        return CacheBatch(
+            seq_ids=self.seq_ids[rows], input_ids=self.input_ids[rows],
+            topk_ids=self.topk_ids[rows], topk_logprobs=self.topk_logprobs[rows],
+            target_logprobs=self.target_logprobs[rows], score=self.score[rows],
+            doc_starts=[self.doc_starts[i] for i in positions.tolist()])
 
-def encode_batch(seq_ids: np.ndarray, input_ids: np.ndarray, doc_starts: list[list[int]],
-                 topk_ids: np.ndarray, topk_logprobs: np.ndarray, target_logprobs: np.ndarray,
-                 score: np.ndarray | None = None) -> pa.RecordBatch:
-    """Rows as Arrow. Arrays are [B, L], [B, L, k] and [B]; position L - 1 is masked here."""
-    b, seq_len, top_k = topk_ids.shape
-    topk_ids = np.array(topk_ids, dtype=np.int32)
-    topk_logprobs = np.array(topk_logprobs, dtype=np.float16)
-    target_logprobs = np.array(target_logprobs, dtype=np.float32)
+
+def encode_batch(rows: CacheBatch) -> pa.RecordBatch:
+    """Rows as Arrow, the inverse of `decode_batch`; position L - 1 is masked here."""
+    b, seq_len, top_k = rows.topk_ids.shape
+    topk_ids = np.array(rows.topk_ids, dtype=np.int32)
+    topk_logprobs = np.array(rows.topk_logprobs, dtype=np.float16)
+    target_logprobs = np.array(rows.target_logprobs, dtype=np.float32)
     topk_ids[:, -1] = 0
     topk_logprobs[:, -1] = 0
     target_logprobs[:, -1] = np.nan
@@ -167,17 +278,26 @@ def encode_batch(seq_ids: np.ndarray, input_ids: np.ndarray, doc_starts: list[li
     def fixed(values: np.ndarray, width: int) -> pa.FixedSizeListArray:
         return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), width)
 
-    scores = pa.nulls(b, pa.float32()) if score is None else pa.array(
-        np.asarray(score, dtype=np.float32), mask=np.isnan(np.asarray(score, dtype=np.float32)))
-    return pa.RecordBatch.from_arrays([
-        pa.array(np.asarray(seq_ids, dtype=np.int64)),
-        fixed(np.asarray(input_ids, dtype=np.int32), seq_len),
-        pa.array([list(map(int, d)) for d in doc_starts], type=pa.list_(pa.int32())),
-        fixed(topk_ids, seq_len * top_k),
-        fixed(topk_logprobs, seq_len * top_k),
-        fixed(target_logprobs, seq_len),
-        scores,
-    ], schema=schema(seq_len, top_k))
+    score = np.asarray(rows.score, dtype=np.float32)
+    missing = np.isnan(score)
+    columns = {
+        "seq_id": pa.array(np.asarray(rows.seq_ids, dtype=np.int64)),
+        "input_ids": fixed(np.asarray(rows.input_ids, dtype=np.int32), seq_len),
+        "doc_starts": pa.array([list(map(int, d)) for d in rows.doc_starts],
+                               type=pa.list_(pa.int32())),
+        "topk_ids": fixed(topk_ids, seq_len * top_k),
+        "topk_logprobs": fixed(topk_logprobs, seq_len * top_k),
+        "target_logprobs": fixed(target_logprobs, seq_len),
+        # An unscored column is all nulls with zero values, whatever the NaNs held.
+        "score": pa.nulls(b, pa.float32()) if missing.all() else pa.array(score, mask=missing),
+    }
+    return pa.RecordBatch.from_arrays([columns[c.name] for c in COLUMNS],
+                                      schema=schema(seq_len, top_k))
+
+
+def unscored(rows: int) -> np.ndarray:
+    """The score column of rows no reference has scored."""
+    return np.full(rows, np.nan, dtype=np.float32)
 
 
 def decode_batch(rows: pa.RecordBatch | pa.Table, seq_len: int, top_k: int) -> CacheBatch:
@@ -225,8 +345,7 @@ def write_shard(location: Location, index: int, batches: list[pa.RecordBatch],
                      tokens=rows * seq_len, sha256=hashlib.sha256(data).hexdigest(),
                      bytes=len(data), first_seq_id=index * rows_per_shard)
     location.write_bytes_atomic(data, SHARD_DIR, shard_name(index))
-    location.write_bytes_atomic(json.dumps(asdict(info)).encode(), SHARD_DIR,
-                                shard_info_name(index))
+    location.write_bytes_atomic(info.to_json().encode(), SHARD_DIR, shard_info_name(index))
     return info
 
 
@@ -234,7 +353,7 @@ def read_shard_info(location: Location, index: int) -> ShardInfo | None:
     """The ShardInfo of a finished shard, or None if the shard is missing or unfinished."""
     if not location.exists(SHARD_DIR, shard_info_name(index)):
         return None
-    return ShardInfo(**json.loads(location.read_bytes(SHARD_DIR, shard_info_name(index))))
+    return ShardInfo.from_json(location.read_bytes(SHARD_DIR, shard_info_name(index)))
 
 
 def read_shard(location: Location, info: ShardInfo, verify: bool = True) -> pa.Table:

@@ -44,7 +44,8 @@ class TeacherCache:
         return decode_batch(table, self.manifest.seq_len, self.manifest.top_k)
 
     def read_scores(self) -> tuple[np.ndarray, np.ndarray]:
-        """(seq_ids, scores) of every row, reading only those two columns."""
+        """(seq_ids, scores) of every row. Reads whole shards: their checksum covers the whole
+        file, so this also verifies every shard (unless `verify=False`)."""
         seq_ids, scores = [], []
         for info in self.shards:
             table = read_shard(self.location, info, verify=self.verify)
@@ -59,7 +60,7 @@ class TeacherCache:
         for info in self.shards:
             rows = self.read_shard(info)
             for start in range(0, len(rows), batch_size):
-                yield _slice(rows, start, start + batch_size)
+                yield rows.take(slice(start, start + batch_size))
 
     def __iter__(self) -> Iterator[CacheBatch]:
         return self.iter_batches()
@@ -68,14 +69,6 @@ class TeacherCache:
         m = self.manifest
         return (f"TeacherCache({self.location.uri!r}, sequences={self.num_sequences}, "
                 f"seq_len={m.seq_len}, top_k={m.top_k}, teacher={m.teacher.get('name')!r})")
-
-
-def _slice(rows: CacheBatch, start: int, stop: int) -> CacheBatch:
-    return CacheBatch(
-        seq_ids=rows.seq_ids[start:stop], input_ids=rows.input_ids[start:stop],
-        topk_ids=rows.topk_ids[start:stop], topk_logprobs=rows.topk_logprobs[start:stop],
-        target_logprobs=rows.target_logprobs[start:stop], score=rows.score[start:stop],
-        doc_starts=rows.doc_starts[start:stop])
 
 
 def read_manifest(location: Location) -> Manifest:

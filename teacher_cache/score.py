@@ -5,13 +5,12 @@ A sequence's score is the mean over target positions 0..L-2 of
 small reference model. The builder fills it in the same pass as the teacher (`--reference`);
 `rescore_cache` recomputes it for an existing cache with another reference, without the teacher.
 The manifest records the reference's identity and, for a reference trained by `student_train`, the
-summary of that run (preset, selection, steps, tokens).
+summary of that run (preset, selection, steps, tokens) that it saved beside the weights.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -19,38 +18,32 @@ import numpy as np
 import pyarrow as pa
 from tqdm.auto import tqdm
 
-from teacher_cache.backends import BackendConfig, TeacherBackend, create_backend
+from teacher_cache.backends import BackendConfig, Targets, TeacherBackend, create_backend
 from teacher_cache.format import (
     MANIFEST_FILE,
+    RESCORE_DIR,
+    TRAINING_FILE,
     CacheError,
     Manifest,
     ShardInfo,
     read_shard,
+    rescore_dir,
+    score_stats,
+    shard_info_name,
     write_shard,
 )
 from teacher_cache.reader import read_manifest
 from teacher_cache.storage import Location, resolve
 from teacher_cache.teacher import Teacher, resolve_teacher
 
-QUANTILES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-RESCORE_DIR = "rescore"
-# student_train saves RUN/student (the model) beside RUN/summary.json (how it was trained).
-STUDENT_DIR, TRAINING_SUMMARY = "student", "summary.json"
+# Runs of student_train from before TRAINING_FILE: RUN/student (the model) beside RUN/summary.json.
+OLD_STUDENT_DIR, OLD_TRAINING_SUMMARY = "student", "summary.json"
 
 
 def sequence_scores(teacher_target: np.ndarray, reference_target: np.ndarray) -> np.ndarray:
     """float32 [B]: mean of teacher - reference target logprobs over positions 0..L-2."""
     diff = teacher_target[:, :-1].astype(np.float64) - reference_target[:, :-1]
     return diff.mean(axis=1).astype(np.float32)
-
-
-def score_stats(scores: np.ndarray) -> dict[str, object]:
-    scores = scores[~np.isnan(scores)].astype(np.float64)
-    if not len(scores):
-        return {"count": 0}
-    return {"count": int(len(scores)), "mean": float(scores.mean()), "std": float(scores.std()),
-            "min": float(scores.min()), "max": float(scores.max()),
-            "quantiles": {f"{q:.1f}": float(np.quantile(scores, q)) for q in QUANTILES}}
 
 
 class ReferenceScorer:
@@ -60,10 +53,11 @@ class ReferenceScorer:
                  batch_size: int = 8, dtype: str = "auto"):
         check_same_tokenizer(reference, tokenizer_sha256)
         self.backend: TeacherBackend = create_backend(
-            backend, BackendConfig(reference.path, top_k=1, batch_size=batch_size, dtype=dtype))
+            backend, BackendConfig(reference.path, targets=Targets(k=1), batch_size=batch_size,
+                                   dtype=dtype))
 
     def score(self, input_ids: np.ndarray, teacher_target: np.ndarray) -> np.ndarray:
-        reference_target = self.backend.predict(input_ids, top_k=1).target_logprobs
+        reference_target = self.backend.predict(input_ids).target_logprobs
         return sequence_scores(teacher_target, reference_target)
 
     def close(self) -> None:
@@ -72,10 +66,12 @@ class ReferenceScorer:
 
 def reference_entry(reference: Teacher) -> dict[str, Any]:
     """The manifest's `score.reference`: the identity, plus `training` when the model was saved by
-    `student_train` (its run's summary.json next to the model directory)."""
+    `student_train` (its TRAINING_FILE, or an older run's summary.json next to the model)."""
     model_dir = Path(reference.path)
-    summary = model_dir.parent / TRAINING_SUMMARY
-    if model_dir.name != STUDENT_DIR or not summary.is_file():
+    summary = model_dir / TRAINING_FILE
+    if not summary.is_file() and model_dir.name == OLD_STUDENT_DIR:
+        summary = model_dir.parent / OLD_TRAINING_SUMMARY
+    if not summary.is_file():
         return reference.identity()
     try:
         training = json.loads(summary.read_text())
@@ -112,7 +108,7 @@ def rescore_cache(cache: str, reference_spec: str, batch_size: int = 8, dtype: s
     check_same_tokenizer(reference, manifest.tokenizer["sha256"])
     if is_scored_by(manifest, reference):
         return manifest
-    marker_dir = f"{RESCORE_DIR}/{reference.weights_sha256[:16]}"
+    marker_dir = rescore_dir(reference.weights_sha256)
     if not manifest.complete and "rescoring" not in manifest.build:
         raise CacheError(f"{location.uri}: the cache is incomplete; finish its build first")
     manifest.complete = False
@@ -123,9 +119,9 @@ def rescore_cache(cache: str, reference_spec: str, batch_size: int = 8, dtype: s
     new_infos: list[ShardInfo] = []
     try:
         for info in tqdm(manifest.shards, desc="rescore", unit="shard", disable=not progress):
-            marker = f"shard-{info.index:06d}.json"
+            marker = shard_info_name(info.index)
             if location.exists(marker_dir, marker):
-                new_infos.append(ShardInfo(**json.loads(location.read_bytes(marker_dir, marker))))
+                new_infos.append(ShardInfo.from_json(location.read_bytes(marker_dir, marker)))
                 continue
             # Unverified: a kill between the shard write and its marker leaves a valid shard whose
             # checksum is already the new one; recomputing its scores is idempotent.
@@ -133,8 +129,7 @@ def rescore_cache(cache: str, reference_spec: str, batch_size: int = 8, dtype: s
             scorer = scorer or ReferenceScorer(reference, manifest.tokenizer["sha256"],
                                                batch_size=batch_size, dtype=dtype)
             new_infos.append(_rescore_shard(location, manifest, info, table, scorer))
-            location.write_bytes_atomic(json.dumps(asdict(new_infos[-1])).encode(), marker_dir,
-                                        marker)
+            location.write_bytes_atomic(new_infos[-1].to_json().encode(), marker_dir, marker)
     finally:
         if scorer is not None:
             scorer.close()

@@ -1,13 +1,18 @@
-"""Helpers shared by several test modules."""
+"""Plain helpers the test modules share (fixtures live in conftest.py)."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from kernels.divergences import TAIL_EPS, KDSpec, KDTargets
+from student_train.synthetic import write_synthetic_cache
+from teacher_cache.reader import TeacherCache, open_cache
 
 # --- kernels: float64 oracle and tolerances ---
 
@@ -128,3 +133,21 @@ def assert_matches_float64(got: tuple[Tensor, ...], want: tuple[Tensor, ...],
                                atol=tolerance.loss_atol)
     for g, e in zip(got[1:], want[1:], strict=True):
         assert relative_error(g, e) < tolerance.grad_rel
+
+
+# --- caches: synthetic cache factory ---
+
+
+def synthetic_cache(path: str | os.PathLike, *, sequences: int = 40, seq_len: int = 4,
+                    top_k: int = 2, vocab_size: int = 32, rows_per_shard: int = 6, seed: int = 0,
+                    scores: np.ndarray | None = None) -> TeacherCache:
+    """A complete synthetic cache written at `path` (a directory or fsspec URL), opened."""
+    write_synthetic_cache(path, sequences=sequences, seq_len=seq_len, top_k=top_k,
+                          vocab_size=vocab_size, rows_per_shard=rows_per_shard, seed=seed,
+                          scores=scores)
+    return open_cache(path)
+
+
+def shard_bytes(path: Path) -> dict[str, bytes]:
+    """Every shard file of a local cache (the .arrow and its .json) by name."""
+    return {p.name: p.read_bytes() for p in sorted((path / "shards").glob("shard-*"))}

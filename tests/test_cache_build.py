@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import DOCUMENTS, TINY_MAX_TOKENS, TINY_SEQ_LEN, TINY_SHARD_ROWS, TINY_TOP_K
+from helpers import shard_bytes
 
 from teacher_cache import CacheError, open_cache
 from teacher_cache import build as build_module
@@ -23,10 +24,6 @@ def all_rows(path: Path):
     rows = [cache.read_shard(info) for info in cache.shards]
     return cache, {name: np.concatenate([getattr(r, name) for r in rows]) for name in
                    ("seq_ids", "input_ids", "topk_ids", "topk_logprobs", "target_logprobs")}
-
-
-def shard_bytes(path: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted((path / "shards").glob("shard-*"))}
 
 
 def test_manifest_describes_the_build(tiny_cache: Path, tiny_teacher_dir: Path):
@@ -124,11 +121,11 @@ def predict_calls(monkeypatch) -> PredictCalls:
 
     real_predict, calls = TorchBackend.predict, PredictCalls()
 
-    def predict(self, input_ids, top_k):
+    def predict(self, input_ids):
         with calls.recorded:
             calls.append(len(input_ids))
             calls.recorded.notify_all()
-        return real_predict(self, input_ids, top_k)
+        return real_predict(self, input_ids)
 
     monkeypatch.setattr(TorchBackend, "predict", predict)
     return calls
@@ -234,3 +231,15 @@ def test_rerun_of_a_finished_build_keeps_its_teacher_throughput(tmp_path: Path,
     assert again.shards_built == 0
     assert first["tokens_computed"] > 0
     assert again.manifest.build == first
+
+
+def test_a_backend_computes_the_targets_its_config_names(tiny_teacher_dir: Path):
+    from teacher_cache.backends import BackendConfig, Targets, create_backend
+
+    backend = create_backend("torch", BackendConfig(str(tiny_teacher_dir), targets=Targets(k=3),
+                                                    dtype="fp32"))
+    output = backend.predict(np.arange(2 * 16).reshape(2, 16))
+    backend.close()
+    assert output.topk_ids.shape == output.topk_logprobs.shape == (2, 16, 3)
+    assert output.target_logprobs.shape == (2, 16)
+    assert backend.dtype_name == "float32"

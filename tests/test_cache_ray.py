@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 import pytest
-from test_cache_build import shard_bytes
+from helpers import shard_bytes
 
 from teacher_cache import open_cache
 from teacher_cache.finalize import finalize_cache

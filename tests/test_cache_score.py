@@ -11,8 +11,8 @@ import torch
 from teacher_cache import CacheError, open_cache
 from teacher_cache import score as score_module
 from teacher_cache.build import build_cache
-from teacher_cache.format import read_shard
-from teacher_cache.score import rescore_cache, score_stats, sequence_scores
+from teacher_cache.format import read_shard, score_stats
+from teacher_cache.score import rescore_cache, sequence_scores
 
 
 def brute_force_scores(input_ids: np.ndarray, teacher_dir: Path, reference_dir: Path) -> np.ndarray:

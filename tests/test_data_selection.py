@@ -4,21 +4,15 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from helpers import synthetic_cache
 
 from student_train.config import ConfigError
 from student_train.data import split_rows
 from student_train.selection import Selection
-from student_train.synthetic import write_synthetic_cache
 from teacher_cache.format import CacheError
 from teacher_cache.reader import open_cache
 
 SEQUENCES = 40
-
-
-def make_cache(path, scores=None):
-    write_synthetic_cache(path, sequences=SEQUENCES, seq_len=4, top_k=2, vocab_size=32,
-                          rows_per_shard=6, scores=scores)
-    return open_cache(path)
 
 
 def test_parse():
@@ -32,7 +26,7 @@ def test_parse():
 
 def test_top_keeps_the_highest_scores_with_ties_broken_by_seq_id(tmp_path):
     scores = (np.arange(SEQUENCES) % 5).astype(np.float32)  # many ties
-    cache = make_cache(tmp_path, scores)
+    cache = synthetic_cache(tmp_path, scores=scores)
     split = split_rows(cache, 0.2, Selection.parse("top:0.5"), seed=0)
     candidates = sorted(set(range(SEQUENCES)) - set(split.val.tolist()))
     keep = round(0.5 * len(candidates))
@@ -43,7 +37,7 @@ def test_top_keeps_the_highest_scores_with_ties_broken_by_seq_id(tmp_path):
 
 
 def test_random_is_seeded_and_the_same_size_as_top(tmp_path):
-    cache = make_cache(tmp_path, np.linspace(0, 1, SEQUENCES, dtype=np.float32))
+    cache = synthetic_cache(tmp_path, scores=np.linspace(0, 1, SEQUENCES, dtype=np.float32))
     top = split_rows(cache, 0.2, Selection.parse("top:0.5"), seed=0)
     first = split_rows(cache, 0.2, Selection.parse("random:0.5"), seed=7)
     again = split_rows(open_cache(tmp_path), 0.2, Selection.parse("random:0.5"), seed=7)
@@ -55,10 +49,10 @@ def test_random_is_seeded_and_the_same_size_as_top(tmp_path):
 
 
 def test_none_keeps_every_training_row(tmp_path):
-    split = split_rows(make_cache(tmp_path), 0.2, Selection(), seed=0)
+    split = split_rows(synthetic_cache(tmp_path), 0.2, Selection(), seed=0)
     assert sorted([*split.train, *split.val]) == list(range(SEQUENCES))
 
 
 def test_top_on_an_unscored_cache_is_a_clear_error(tmp_path):
     with pytest.raises(CacheError, match="no score"):
-        split_rows(make_cache(tmp_path), 0.2, Selection.parse("top:0.5"), seed=0)
+        split_rows(synthetic_cache(tmp_path), 0.2, Selection.parse("top:0.5"), seed=0)

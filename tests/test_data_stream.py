@@ -7,6 +7,7 @@ import itertools
 import numpy as np
 import pytest
 import torch
+from helpers import synthetic_cache
 from torch.utils.data import DataLoader
 
 from student_train.data import (
@@ -19,19 +20,17 @@ from student_train.data import (
     split_rows,
 )
 from student_train.selection import Selection
-from student_train.synthetic import write_synthetic_cache
 from teacher_cache.reader import open_cache
 
 SEQUENCES, SEQ_LEN, TOP_K, VOCAB, ROWS_PER_SHARD = 50, 8, 3, 64, 7
+CACHE = dict(sequences=SEQUENCES, seq_len=SEQ_LEN, top_k=TOP_K, vocab_size=VOCAB,
+             rows_per_shard=ROWS_PER_SHARD, seed=1)
 GLOBAL_BATCH = 6  # divisible by 1, 2 and 3 ranks
 
 
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cache")
-    write_synthetic_cache(path, sequences=SEQUENCES, seq_len=SEQ_LEN, top_k=TOP_K,
-                          vocab_size=VOCAB, rows_per_shard=ROWS_PER_SHARD, seed=1)
-    return str(path)
+    return synthetic_cache(tmp_path_factory.mktemp("cache"), **CACHE).location.uri
 
 
 @pytest.fixture(scope="module")
@@ -150,9 +149,8 @@ def test_shard_of_maps_ids_to_their_shard(cache_dir):
 
 def test_streams_from_an_fsspec_url(cache_dir, split):
     url = "memory://distill-test/cache"
-    write_synthetic_cache(url, sequences=SEQUENCES, seq_len=SEQ_LEN, top_k=TOP_K,
-                          vocab_size=VOCAB, rows_per_shard=ROWS_PER_SHARD, seed=1)
-    assert np.array_equal(split_rows(open_cache(url), 0.2, Selection(), seed=0).train, split.train)
+    assert np.array_equal(split_rows(synthetic_cache(url, **CACHE), 0.2, Selection(), seed=0).train,
+                          split.train)
     local = rank_batches(cache_dir, split.train, rank=0, world_size=1, count=3)
     remote = rank_batches(url, split.train, rank=0, world_size=1, count=3)
     for a, b in zip(local, remote, strict=True):

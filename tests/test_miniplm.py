@@ -12,16 +12,18 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from helpers import synthetic_cache
 from torch.utils.data import DataLoader
 
 from student_train.__main__ import main as train_main
 from student_train.data import TrainStream, split_rows
+from student_train.model import build_student, save_student
 from student_train.selection import Selection
-from student_train.synthetic import write_synthetic_cache
 from teacher_cache.build import build_cache
 from teacher_cache.cli import main as cache_main
 from teacher_cache.reader import open_cache
-from teacher_cache.score import rescore_cache
+from teacher_cache.score import reference_entry, rescore_cache
+from teacher_cache.teacher import resolve_teacher
 
 SMALL_STUDENT = ["--student", "xs", "--set", "hidden_size=32", "--set", "num_hidden_layers=1",
                  "--set", "num_attention_heads=2", "--set", "num_key_value_heads=2",
@@ -64,6 +66,20 @@ def test_reference_trained_on_a_subset_scores_the_cache_and_top_selects(
     assert {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()} == files
 
 
+def test_a_saved_student_carries_its_training_summary_to_the_score(tmp_path: Path,
+                                                                   tiny_cache: Path):
+    from transformers import LlamaConfig
+
+    manifest = open_cache(tiny_cache).manifest
+    config = LlamaConfig(vocab_size=manifest.vocab_size, hidden_size=32, intermediate_size=64,
+                         num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
+    training = {"steps": 3, "select": "random:0.5"}
+    # Any directory: the summary travels with the weights, not with the run's layout.
+    model_dir = save_student(build_student(config, seed=0), tmp_path / "reference-model",
+                             manifest, training=training)
+    assert reference_entry(resolve_teacher(str(model_dir)))["training"] == training
+
+
 def test_rescoring_changes_only_scores_checksums_and_score_stats(
         tmp_path: Path, tiny_cache: Path, tiny_reference_dir: Path):
     cache = tmp_path / "cache"
@@ -85,9 +101,8 @@ def test_rescoring_changes_only_scores_checksums_and_score_stats(
 
 def test_top_rows_are_the_same_on_every_rank_and_after_resume(tmp_path: Path):
     scores = np.random.default_rng(0).permutation(40).astype(np.float32)
-    write_synthetic_cache(tmp_path, sequences=40, seq_len=4, top_k=2, vocab_size=32,
-                          rows_per_shard=6, scores=scores)
-    split = split_rows(open_cache(tmp_path), 0.2, Selection.parse("top:0.5"), seed=0)
+    split = split_rows(synthetic_cache(tmp_path, scores=scores), 0.2, Selection.parse("top:0.5"),
+                       seed=0)
 
     def seen(rank: int, world_size: int, start_batch: int, count: int) -> list[list[int]]:
         stream = TrainStream(str(tmp_path), split.train, global_batch=4, rank=rank,

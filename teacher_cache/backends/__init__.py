@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 
-from teacher_cache.backends.base import BackendConfig, TeacherBackend, TeacherOutput
+from teacher_cache.backends.base import BackendConfig, Targets, TeacherBackend, TeacherOutput
 
 BACKENDS = {
     "torch": "teacher_cache.backends.torch_backend",
@@ -18,4 +18,5 @@ def create_backend(name: str, config: BackendConfig) -> TeacherBackend:
     return importlib.import_module(BACKENDS[name]).create(config)
 
 
-__all__ = ["BACKENDS", "BackendConfig", "TeacherBackend", "TeacherOutput", "create_backend"]
+__all__ = ["BACKENDS", "BackendConfig", "Targets", "TeacherBackend", "TeacherOutput",
+           "create_backend"]

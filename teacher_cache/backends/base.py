@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Literal, Protocol
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What a backend computes per position, besides the logprob of the actual next token:
+    `top_k`, the teacher's k most likely next tokens."""
+
+    kind: Literal["top_k"] = "top_k"
+    k: int = 64
 
 
 @dataclass
@@ -23,25 +32,28 @@ class TeacherOutput:
     target_logprobs: np.ndarray  # float32 [B, L]
 
 
+@dataclass
+class BackendConfig:
+    model_path: str  # a local Hugging Face model directory
+    targets: Targets = field(default_factory=Targets)  # what every `predict` computes
+    batch_size: int = 16  # sequences per forward
+    dtype: str = "auto"  # "auto" = bf16 where the device supports it, else float32
+    device: str = "auto"  # "auto" = cuda if available, else cpu
+    options: dict = field(default_factory=dict)  # backend-specific knobs (e.g. vLLM memory share)
+
+
 class TeacherBackend(Protocol):
+    """Created once from a BackendConfig; every `predict` produces its `targets`."""
+
     name: str  # "torch", "vllm", ...
     # Sequences the builder passes per `predict` call; None: a whole shard (an engine that
     # schedules its own batches wants as much work per call as it can get).
     sequences_per_call: int | None
+    dtype_name: str  # the dtype the teacher computes in, as the manifest records it: "float32"
 
-    def predict(self, input_ids: np.ndarray, top_k: int) -> TeacherOutput:
+    def predict(self, input_ids: np.ndarray) -> TeacherOutput:
         """Run the teacher on int [B, L] token ids."""
         ...
 
     def close(self) -> None:
         ...
-
-
-@dataclass
-class BackendConfig:
-    model_path: str  # a local Hugging Face model directory
-    top_k: int = 64
-    batch_size: int = 16  # sequences per forward
-    dtype: str = "auto"  # "auto" = bf16 where the device supports it, else float32
-    device: str = "auto"  # "auto" = cuda if available, else cpu
-    options: dict = field(default_factory=dict)  # backend-specific knobs (e.g. vLLM memory share)

@@ -12,30 +12,13 @@ import numpy as np
 import torch
 
 from teacher_cache.backends.base import BackendConfig, TeacherOutput
-
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-          "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+from teacher_cache.backends.dtypes import dtype_name, resolve_dtype
 
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype != "auto":
-        if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; choose auto or one of {', '.join(DTYPES)}")
-        return DTYPES[dtype]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if _cpu_has_native_bf16() else torch.float32
-
-
-def _cpu_has_native_bf16() -> bool:
-    # Without AVX512-BF16 or AMX, CPU bf16 matmuls are emulated and slower than float32.
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
 class TorchBackend:
@@ -47,6 +30,8 @@ class TorchBackend:
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
+        self.dtype_name = dtype_name(self.dtype)
+        self.top_k = config.targets.k
         self.model = AutoModelForCausalLM.from_pretrained(config.model_path, dtype=self.dtype)
         self.model.to(self.device).eval()
 
@@ -54,20 +39,17 @@ class TorchBackend:
     def sequences_per_call(self) -> int:
         return self.config.batch_size
 
-    @property
-    def dtype_name(self) -> str:
-        return str(self.dtype).removeprefix("torch.")
-
     @torch.inference_mode()
-    def predict(self, input_ids: np.ndarray, top_k: int) -> TeacherOutput:
+    def predict(self, input_ids: np.ndarray) -> TeacherOutput:
         ids = torch.from_numpy(np.array(input_ids, dtype=np.int64)).to(self.device)
-        outputs = [self._predict_batch(chunk, top_k)
+        outputs = [self._predict_batch(chunk)
                    for chunk in ids.split(self.config.batch_size)]
         return TeacherOutput(*(np.concatenate(parts) for parts in zip(*outputs, strict=True)))
 
-    def _predict_batch(self, ids: torch.Tensor, top_k: int) -> tuple[np.ndarray, ...]:
+    def _predict_batch(self, ids: torch.Tensor) -> tuple[np.ndarray, ...]:
         logits = self.model(input_ids=ids, use_cache=False).logits
         b, seq_len = ids.shape
+        top_k = self.top_k
         topk_ids = torch.empty(b, seq_len, top_k, dtype=torch.int32, device=self.device)
         topk_logprobs = torch.empty(b, seq_len, top_k, dtype=torch.float32, device=self.device)
         target = torch.full((b, seq_len), float("nan"), dtype=torch.float32, device=self.device)

@@ -41,7 +41,7 @@ import numpy as np
 
 from teacher_cache.backends import vllm_prompt_logprobs
 from teacher_cache.backends.base import BackendConfig, TeacherOutput
-from teacher_cache.backends.torch_backend import resolve_dtype
+from teacher_cache.backends.dtypes import dtype_name, resolve_dtype
 
 # On CPU, vLLM's "GPU memory" is a fraction of RAM; its default (0.9) does not fit beside the
 # process that builds the cache.
@@ -84,30 +84,26 @@ class VllmBackend:
             raise ValueError("one_pass_logprobs needs the in-process engine "
                              "(VLLM_ENABLE_V1_MULTIPROCESSING=0) and vLLM's V1 model runner as of "
                              "vLLM 0.32; pass one_pass_logprobs=false")
-        self.dtype = resolve_dtype(options.pop("dtype", config.dtype), torch.device(device))
-        self.top_k = config.top_k
+        self.dtype_name = dtype_name(
+            resolve_dtype(options.pop("dtype", config.dtype), torch.device(device)))
+        self.top_k = config.targets.k
         engine_args = {
             "gpu_memory_utilization": DEFAULT_MEMORY_FRACTION[device],
             "dtype": self.dtype_name,
             **options,
             "model": config.model_path,
-            "max_logprobs": config.top_k,
+            "max_logprobs": self.top_k,
             "logprobs_mode": "raw_logprobs",
             "enable_prefix_caching": False,
             "skip_tokenizer_init": True,
         }
         self.llm = LLM(**engine_args)
 
-    @property
-    def dtype_name(self) -> str:
-        return str(self.dtype).removeprefix("torch.")
-
-    def predict(self, input_ids: np.ndarray, top_k: int) -> TeacherOutput:
+    def predict(self, input_ids: np.ndarray) -> TeacherOutput:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        if top_k > self.top_k:
-            raise ValueError(f"top_k {top_k} exceeds the {self.top_k} this engine was created for")
+        top_k = self.top_k
         input_ids = np.asarray(input_ids)
         batch, seq_len = input_ids.shape
         flat = {"flat_logprobs": True} if self.logprobs_path == "flat" else {}
