@@ -6,8 +6,10 @@ import argparse
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any
 
+from teacher_cache.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError):
     """A configuration that cannot run (bad flag, student/cache mismatch); says what to fix."""
 
 

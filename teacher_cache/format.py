@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from teacher_cache.errors import CacheError
 from teacher_cache.storage import Location
 
 FORMAT_NAME = "distill.teacher-cache"
@@ -45,10 +46,6 @@ COLUMN_TYPES = {
     "target_logprobs": "float32[seq_len]",
     "score": "float32 (null until scored)",
 }
-
-
-class CacheError(Exception):
-    """A cache that cannot be read or written as asked; the message says which file and why."""
 
 
 def shard_name(index: int) -> str:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 
+from teacher_cache.errors import CacheError
+
 
 @dataclass(frozen=True)
 class Location:
@@ -86,6 +88,9 @@ def resolve(uri: str | os.PathLike) -> Location:
     except Exception:  # not a filesystem pyarrow knows natively: go through fsspec
         import fsspec
 
-        fsspec_fs, path = fsspec.core.url_to_fs(uri)
+        try:
+            fsspec_fs, path = fsspec.core.url_to_fs(uri)
+        except (ValueError, ImportError) as e:  # an unknown protocol, or its package is missing
+            raise CacheError(f"{uri}: cannot open this location ({e})") from e
         fs = pafs.PyFileSystem(pafs.FSSpecHandler(fsspec_fs))
     return Location(fs, path, uri)
