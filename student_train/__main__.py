@@ -10,9 +10,9 @@ import sys
 
 import torch.distributed as dist
 
-from student_train.config import ConfigError, add_arguments, config_from_args
+from student_train.config import add_arguments, config_from_args
 from student_train.presets import PRESETS
-from teacher_cache.format import CacheError
+from teacher_cache.errors import reports_user_errors
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -25,15 +25,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from student_train.train import train  # after argument errors, so --help stays fast
 
     try:
         train(config_from_args(args))
-    except (CacheError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

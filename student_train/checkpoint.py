@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from teacher_cache.storage import atomic_output
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -31,25 +32,11 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(run_dir: str | os.PathLike, state: dict[str, Any]) -> Path:
-    """Write `state` to RUN_DIR/checkpoint.pt through a temp file, fsync and rename, so a kill at
-    any moment leaves the previous checkpoint or the new one, never a torn file."""
+    """Write `state` to RUN_DIR/checkpoint.pt atomically: a kill at any moment leaves the previous
+    checkpoint or the new one, never a torn file."""
     target = Path(run_dir) / CHECKPOINT_FILE
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix="-" + target.name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    with atomic_output(target) as f:
+        torch.save(state, f)
     return target
 
 

@@ -7,9 +7,10 @@ from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from kernels import Divergence, Impl
+from teacher_cache.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration that cannot run (bad flag, student/cache mismatch); says what to fix."""
 
 

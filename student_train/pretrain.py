@@ -19,7 +19,7 @@ from typing import Any
 
 from student_train.config import ConfigError, add_arguments, config_from_args
 from student_train.presets import PRESETS
-from teacher_cache.format import CacheError
+from teacher_cache.errors import reports_user_errors
 
 RESULTS_FILE = "results.json"
 PLOT_FILE = "val_ce.png"
@@ -92,29 +92,26 @@ def plot_curves(out: Path, run_dirs: dict[str, Path]) -> Path:
     return path
 
 
+@reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from student_train.train import train  # after argument errors, so --help stays fast
 
     out = Path(args.out)
     students = args.students.split()
-    try:
-        unknown = [s for s in students if s not in PRESETS]
-        if not students or unknown:
-            raise ConfigError(f"--students {args.students!r}: choose from {', '.join(PRESETS)}")
-        base = config_from_args(args, student=students[0], resume=True)
-        results, run_dirs = [], {}
-        for ce_only in [False, True] if args.baseline else [False]:
-            for student in students:
-                name = run_name(student, ce_only)
-                run_dirs[name] = out / name
-                print(f"== {name} ==", flush=True)
-                config = replace(base, student=student, out=str(run_dirs[name]),
-                                 **({"kd_weight": 0.0} if ce_only else {}))
-                results.append({"run": name, **train(config)})
-    except (CacheError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    unknown = [s for s in students if s not in PRESETS]
+    if not students or unknown:
+        raise ConfigError(f"--students {args.students!r}: choose from {', '.join(PRESETS)}")
+    base = config_from_args(args, student=students[0], resume=True)
+    results, run_dirs = [], {}
+    for ce_only in [False, True] if args.baseline else [False]:
+        for student in students:
+            name = run_name(student, ce_only)
+            run_dirs[name] = out / name
+            print(f"== {name} ==", flush=True)
+            config = replace(base, student=student, out=str(run_dirs[name]),
+                             **({"kd_weight": 0.0} if ce_only else {}))
+            results.append({"run": name, **train(config)})
     out.mkdir(parents=True, exist_ok=True)
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
     print()

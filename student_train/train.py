@@ -30,6 +30,7 @@ from student_train.model import (
 from student_train.presets import llama_config, resolve_preset
 from student_train.selection import Selection
 from teacher_cache.reader import open_cache
+from teacher_cache.storage import atomic_output
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -98,8 +99,8 @@ class MetricsLog:
         if keep_through_step > 0 and path.exists():
             kept = [line for line in path.read_text().splitlines()
                     if line and json.loads(line)["step"] <= keep_through_step]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text("".join(line + "\n" for line in kept))
+        with atomic_output(path) as f:
+            f.write("".join(line + "\n" for line in kept).encode())
         self.path = path
 
     def write(self, record: dict[str, Any]) -> None:
@@ -117,9 +118,8 @@ def check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value, indent=2) + "\n")
-    os.replace(tmp, path)
+    with atomic_output(path) as f:
+        f.write((json.dumps(value, indent=2) + "\n").encode())
 
 
 class Trainer:

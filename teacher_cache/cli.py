@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from collections.abc import Sequence
 
 from teacher_cache.backends import BACKENDS
 from teacher_cache.build import BuildConfig, build_cache
 from teacher_cache.corpus import CorpusConfig
+from teacher_cache.errors import CorpusError, reports_user_errors
 from teacher_cache.finalize import finalize_cache
-from teacher_cache.format import CacheError
 from teacher_cache.score import rescore_cache
 
 DEFAULTS = BuildConfig(out="")
@@ -84,23 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@reports_user_errors
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        if args.command == "build":
-            summary = build_cache(_build_config(args))
-            print(summary.describe())
-        elif args.command == "finalize":
-            manifest = finalize_cache(args.out)
-            print(f"{args.out}: complete, {manifest.totals['sequences']:,} sequences in "
-                  f"{len(manifest.shards)} shards")
-        else:
-            manifest = rescore_cache(args.cache, args.reference, batch_size=args.batch_size,
-                                     dtype=args.dtype, progress=not args.no_progress)
-            print(f"{args.cache}: rescored, score stats {manifest.score['stats']}")
-    except (CacheError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if args.command == "build":
+        summary = build_cache(_build_config(args))
+        print(summary.describe())
+    elif args.command == "finalize":
+        manifest = finalize_cache(args.out)
+        print(f"{args.out}: complete, {manifest.totals['sequences']:,} sequences in "
+              f"{len(manifest.shards)} shards")
+    else:
+        manifest = rescore_cache(args.cache, args.reference, batch_size=args.batch_size,
+                                 dtype=args.dtype, progress=not args.no_progress)
+        print(f"{args.cache}: rescored, score stats {manifest.score['stats']}")
     return 0
 
 
@@ -116,7 +112,7 @@ def backend_option(text: str) -> tuple[str, object]:
 
 def _build_config(args: argparse.Namespace) -> BuildConfig:
     if args.corpus and args.dataset:
-        raise CacheError("pass either --corpus or --dataset, not both")
+        raise CorpusError("pass either --corpus or --dataset, not both")
     return BuildConfig(
         out=args.out, teacher=args.teacher,
         corpus=CorpusConfig(paths=args.corpus, dataset=args.dataset, split=args.split,

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from teacher_cache.format import CacheError
+from teacher_cache.errors import CorpusError
 
 TEXT_SUFFIXES = (".txt", ".py", ".md")
 RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -80,7 +80,7 @@ def open_corpus(config: CorpusConfig) -> Corpus:
     for spec in config.paths:
         files.extend(_expand(spec))
     if not files:
-        raise CacheError(f"corpus {' '.join(config.paths)}: no {'/'.join(CORPUS_SUFFIXES)} "
+        raise CorpusError(f"corpus {' '.join(config.paths)}: no {'/'.join(CORPUS_SUFFIXES)} "
                          f"files found; point --corpus at a directory, file or glob with documents")
     return Corpus(f"files:{' '.join(config.paths)}:{config.text_field}", files, config)
 
@@ -101,25 +101,25 @@ def _expand(spec: str) -> list[Path]:
                       key=lambda p: p.relative_to(path).as_posix())
     if path.is_file():
         if path.suffix not in CORPUS_SUFFIXES:
-            raise CacheError(f"corpus {spec}: unsupported file type {path.suffix!r}; expected one "
+            raise CorpusError(f"corpus {spec}: unsupported file type {path.suffix!r}; expected one "
                              f"of {' '.join(CORPUS_SUFFIXES)}")
         return [path]
     if glob.has_magic(spec):
         return [Path(p) for p in sorted(glob.glob(os.path.expanduser(spec), recursive=True))
                 if Path(p).suffix in CORPUS_SUFFIXES and Path(p).is_file()]
-    raise CacheError(f"corpus {spec}: no such file or directory")
+    raise CorpusError(f"corpus {spec}: no such file or directory")
 
 
 def _text_of(record: object, text_field: str, where: str) -> str:
     if not isinstance(record, dict):
-        raise CacheError(f"{where}: expected a JSON object with a {text_field!r} field, "
+        raise CorpusError(f"{where}: expected a JSON object with a {text_field!r} field, "
                          f"got {type(record).__name__}")
     if text_field not in record:
-        raise CacheError(f"{where}: no field {text_field!r}; fields here: "
+        raise CorpusError(f"{where}: no field {text_field!r}; fields here: "
                          f"{', '.join(map(str, record)) or '(none)'}; pass --text-field")
     text = record[text_field]
     if not isinstance(text, str):
-        raise CacheError(f"{where}: field {text_field!r} is {type(text).__name__}, not a string")
+        raise CorpusError(f"{where}: field {text_field!r} is {type(text).__name__}, not a string")
     return text
 
 
@@ -130,7 +130,7 @@ def _jsonl_documents(path: Path, text: str, text_field: str) -> Iterator[str]:
         try:
             record = json.loads(line)
         except json.JSONDecodeError as e:
-            raise CacheError(f"{path}:{number}: malformed JSON line ({e.msg} at column {e.colno})"
+            raise CorpusError(f"{path}:{number}: malformed JSON line ({e.msg} at column {e.colno})"
                              ) from e
         yield _text_of(record, text_field, f"{path}:{number}")
 
@@ -139,7 +139,7 @@ def _json_documents(path: Path, text: str, text_field: str) -> Iterator[str]:
     try:
         data = json.loads(text)
     except json.JSONDecodeError as e:
-        raise CacheError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from e
+        raise CorpusError(f"{path}:{e.lineno}: malformed JSON ({e.msg})") from e
     records = data if isinstance(data, list) else [data]
     for index, record in enumerate(records):
         yield _text_of(record, text_field, f"{path}[{index}]")
@@ -152,16 +152,16 @@ def _parquet_documents(path: Path, text_field: str) -> Iterator[str]:
     try:
         reader = pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as e:
-        raise CacheError(f"{path}: not a readable parquet file ({e})") from e
+        raise CorpusError(f"{path}: not a readable parquet file ({e})") from e
     columns = reader.schema_arrow.names
     if text_field not in columns:
-        raise CacheError(f"{path}: no column {text_field!r}; columns: {', '.join(columns)}; "
+        raise CorpusError(f"{path}: no column {text_field!r}; columns: {', '.join(columns)}; "
                          f"pass --text-field")
     try:
         for batch in reader.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]):
             yield from (t for t in batch.column(0).to_pylist() if t is not None)
     except (pa.ArrowInvalid, OSError) as e:
-        raise CacheError(f"{path}: corrupt parquet data ({e})") from e
+        raise CorpusError(f"{path}: corrupt parquet data ({e})") from e
 
 
 def _dataset_documents(config: CorpusConfig) -> Iterator[str]:
@@ -177,6 +177,6 @@ def _dataset_documents(config: CorpusConfig) -> Iterator[str]:
         else:
             data = datasets.load_dataset(name, split=config.split, streaming=config.streaming)
     except Exception as e:  # datasets raises many unrelated types; the user needs one line
-        raise CacheError(f"dataset {name} (split {config.split}): cannot load it ({e})") from e
+        raise CorpusError(f"dataset {name} (split {config.split}): cannot load it ({e})") from e
     for index, record in enumerate(data):
         yield _text_of(record, config.text_field, f"dataset {name} row {index}")

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from teacher_cache.errors import CacheError
 from teacher_cache.storage import Location
 
 FORMAT_NAME = "distill.teacher-cache"
@@ -60,10 +61,6 @@ def worker_report_name(worker_index: int, num_workers: int) -> str:
 
 def rescore_dir(reference_weights_sha256: str) -> str:
     return f"{RESCORE_DIR}/{reference_weights_sha256[:16]}"
-
-
-class CacheError(Exception):
-    """A cache that cannot be read or written as asked; the message says which file and why."""
 
 
 @dataclass(frozen=True)

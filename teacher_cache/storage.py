@@ -1,16 +1,23 @@
 """Where a cache lives: local paths and fsspec URLs behind one pyarrow filesystem.
 
-Writes are atomic: on a local disk through a temp file, fsync and rename (so a kill at any moment
-leaves either the old file or the new one); on object stores a single PUT is already atomic.
+Writes are atomic (`atomic_output`): on a local disk through a temp file, fsync and rename (so a
+kill at any moment leaves either the old file or the new one); on object stores a single PUT is
+already atomic.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import BinaryIO
 
 import pyarrow.fs as pafs
+
+from teacher_cache.errors import CacheError
 
 
 @dataclass(frozen=True)
@@ -49,30 +56,59 @@ class Location:
             self.fs.delete_file(self.path(*parts))
 
     def write_bytes_atomic(self, data: bytes, *parts: str) -> None:
-        target = self.path(*parts)
-        if not self.is_local:
-            with self.fs.open_output_stream(target) as f:
-                f.write(data)
-            return
-        directory = os.path.dirname(target)
-        os.makedirs(directory, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-",
-                                   suffix="-" + os.path.basename(target))
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
+        with atomic_output(self.path(*parts), self.fs) as f:
+            f.write(data)
+
+
+@contextmanager
+def atomic_output(target: str | os.PathLike, fs: pafs.FileSystem | None = None
+                  ) -> Iterator[BinaryIO]:
+    """A binary file whose bytes replace TARGET (a local path, or a path inside `fs`) only once
+    the block exits without an error; the one way this project writes a file.
+
+    Local: a temp file beside TARGET, fsync, rename, fsync of the directory. Other filesystems:
+    the bytes are buffered and written in one PUT, so an error in the block writes nothing."""
+    target = os.fspath(target)
+    if fs is not None and not isinstance(fs, pafs.LocalFileSystem):
+        buffer = io.BytesIO()
+        yield buffer
+        with fs.open_output_stream(target) as f:
+            f.write(buffer.getvalue())
+        return
+    directory = os.path.dirname(os.path.abspath(target))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(target))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    fsync_directory(directory)
+
+
+def replace_directory(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Rename the local directory SOURCE to TARGET durably: the files directly in it are on disk
+    before the rename, and the rename is on disk when this returns."""
+    for entry in os.scandir(source):
+        if entry.is_file(follow_symlinks=False):
+            with open(entry.path, "rb") as f:
                 os.fsync(f.fileno())
-            os.replace(tmp, target)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    fsync_directory(source)
+    os.replace(source, target)
+    fsync_directory(os.path.dirname(os.path.abspath(target)))
+
+
+def fsync_directory(path: str | os.PathLike) -> None:
+    dir_fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def resolve(uri: str | os.PathLike) -> Location:
@@ -86,6 +122,9 @@ def resolve(uri: str | os.PathLike) -> Location:
     except Exception:  # not a filesystem pyarrow knows natively: go through fsspec
         import fsspec
 
-        fsspec_fs, path = fsspec.core.url_to_fs(uri)
+        try:
+            fsspec_fs, path = fsspec.core.url_to_fs(uri)
+        except (ValueError, ImportError) as e:  # an unknown protocol, or its package is missing
+            raise CacheError(f"{uri}: cannot open this location ({e})") from e
         fs = pafs.PyFileSystem(pafs.FSSpecHandler(fsspec_fs))
     return Location(fs, path, uri)

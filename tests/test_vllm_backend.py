@@ -21,6 +21,7 @@ from teacher_cache import open_cache  # noqa: E402
 from teacher_cache.backends import BackendConfig, Targets, create_backend  # noqa: E402
 from teacher_cache.backends.vllm_backend import prompt_arrays  # noqa: E402
 from teacher_cache.build import build_cache  # noqa: E402
+from teacher_cache.errors import TeacherError  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -144,7 +145,7 @@ def test_prompt_arrays_reads_flat_and_dict_results_alike():
 
 
 def test_unknown_logprobs_path_is_refused_before_loading_a_model(tmp_path: Path):
-    with pytest.raises(ValueError, match="logprobs_path 'fast'.*arrays, flat, dict"):
+    with pytest.raises(TeacherError, match="logprobs_path 'fast'.*arrays, flat, dict"):
         create_backend("vllm", BackendConfig(str(tmp_path), options={"logprobs_path": "fast"}))
 
 
@@ -156,7 +157,7 @@ def test_one_pass_logprobs_fit_the_pinned_vllm():
 
 def test_one_pass_refuses_an_engine_in_another_process(tmp_path: Path, monkeypatch):
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
-    with pytest.raises(ValueError, match="one_pass_logprobs needs the in-process engine"):
+    with pytest.raises(TeacherError, match="one_pass_logprobs needs the in-process engine"):
         create_backend("vllm", BackendConfig(str(tmp_path), options={"one_pass_logprobs": True}))
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from teacher_cache.errors import TeacherError
+
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
           "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
 
@@ -11,7 +13,8 @@ DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.floa
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype != "auto":
         if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; choose auto or one of {', '.join(DTYPES)}")
+            raise TeacherError(f"unknown dtype {dtype!r}; choose auto or one of "
+                               f"{', '.join(DTYPES)}")
         return DTYPES[dtype]
     if device.type == "cuda":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32

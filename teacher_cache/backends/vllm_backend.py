@@ -42,6 +42,7 @@ import numpy as np
 from teacher_cache.backends import vllm_prompt_logprobs
 from teacher_cache.backends.base import BackendConfig, TeacherOutput
 from teacher_cache.backends.dtypes import dtype_name, resolve_dtype
+from teacher_cache.errors import TeacherError
 
 # On CPU, vLLM's "GPU memory" is a fraction of RAM; its default (0.9) does not fit beside the
 # process that builds the cache.
@@ -70,8 +71,8 @@ class VllmBackend:
         available = supported_logprobs_paths()
         self.logprobs_path = options.pop("logprobs_path", available[0])
         if self.logprobs_path not in available:
-            raise ValueError(f"logprobs_path {self.logprobs_path!r} is not available with this "
-                             f"vLLM; choose one of {', '.join(available)}")
+            raise TeacherError(f"logprobs_path {self.logprobs_path!r} is not available with this "
+                               f"vLLM; choose one of {', '.join(available)}")
         device = "cpu" if current_platform.is_cpu() else "cuda"
         if device == "cpu":
             # In-process engine: no engine and worker processes polling each other for the cores
@@ -81,9 +82,9 @@ class VllmBackend:
         one_pass_available = in_process and vllm_prompt_logprobs.supported()
         self.one_pass_logprobs = bool(options.pop("one_pass_logprobs", one_pass_available))
         if self.one_pass_logprobs and not one_pass_available:
-            raise ValueError("one_pass_logprobs needs the in-process engine "
+            raise TeacherError("one_pass_logprobs needs the in-process engine "
                              "(VLLM_ENABLE_V1_MULTIPROCESSING=0) and vLLM's V1 model runner as of "
-                             "vLLM 0.32; pass one_pass_logprobs=false")
+                               "vLLM 0.32; pass one_pass_logprobs=false")
         self.dtype_name = dtype_name(
             resolve_dtype(options.pop("dtype", config.dtype), torch.device(device)))
         self.top_k = config.targets.k
