@@ -1,8 +1,13 @@
-"""Atomic training checkpoints: everything needed to continue a run as if it never stopped."""
+"""Atomic training checkpoints: everything needed to continue a run as if it never stopped.
+
+A checkpoint holds tensors, plain containers and numbers only, so it loads with
+`torch.load(weights_only=True)`: resuming never runs code a crafted file carries.
+"""
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -11,11 +16,23 @@ from typing import Any
 import numpy as np
 import torch
 
+from student_train.config import ConfigError
+
 CHECKPOINT_FILE = "checkpoint.pt"
+# 2: loadable with weights_only=True. Version 1 (pickled numpy state) is refused, never unpickled.
+CHECKPOINT_FORMAT = 2
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be resumed from; says which file and what to do."""
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+    numpy_state = np.random.get_state(legacy=False)
+    state = {"python": random.getstate(),
+             "numpy": {**numpy_state, "state": {
+                 "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+                 "pos": numpy_state["state"]["pos"]}},
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -24,7 +41,10 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    np.random.set_state({**numpy_state, "state": {
+        "key": numpy_state["state"]["key"].numpy().astype(np.uint32),
+        "pos": numpy_state["state"]["pos"]}})
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -38,7 +58,7 @@ def save_checkpoint(run_dir: str | os.PathLike, state: dict[str, Any]) -> Path:
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix="-" + target.name)
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(state, f)
+            torch.save({"format": CHECKPOINT_FORMAT, **state}, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
@@ -54,9 +74,22 @@ def save_checkpoint(run_dir: str | os.PathLike, state: dict[str, Any]) -> Path:
 
 
 def load_checkpoint(run_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The checkpoint in RUN_DIR, or None if there is none."""
+    """The checkpoint in RUN_DIR, or None if there is none. A file holding anything but tensors,
+    plain containers and numbers is refused (CheckpointError) without running any of it."""
     path = Path(run_dir) / CHECKPOINT_FILE
     if not path.exists():
         return None
-    # Our own file: it holds numpy RNG state and plain dicts, which weights_only refuses.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    advice = "resume it with the version that wrote it, or retrain with --overwrite or a new --out"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path}: refused, it holds objects other than tensors, containers "
+                              f"and numbers (an older version's checkpoint, or a tampered file); "
+                              f"{advice}") from None
+    except Exception as e:  # torch reports a torn or foreign file as RuntimeError, OSError, ...
+        raise CheckpointError(f"{path}: unreadable ({str(e).split('. ')[0]}); {advice}") from None
+    found = state.get("format") if isinstance(state, dict) else None
+    if found != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: checkpoint format {found!r}, this version reads "
+                              f"{CHECKPOINT_FORMAT}; {advice}")
+    return state

@@ -1,0 +1,91 @@
+"""Training as a hostile or unlucky user runs it: crafted checkpoints."""
+
+from __future__ import annotations
+
+import pathlib
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from student_train.__main__ import main as train_main
+from student_train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from student_train.synthetic import write_synthetic_cache
+
+TINY = ["--set", "hidden_size=32", "--set", "num_hidden_layers=1", "--set",
+        "num_attention_heads=2", "--set", "num_key_value_heads=2", "--set", "intermediate_size=64"]
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cache")
+    write_synthetic_cache(path, sequences=24, seq_len=8, top_k=2, vocab_size=64, rows_per_shard=8)
+    return path
+
+
+def train(cache, out, *extra) -> int:
+    return train_main(["--cache", str(cache), "--out", str(out), "--max-steps", "2",
+                       "--batch-size", "2", *TINY, *extra])
+
+
+def one_error_line(capsys, code: int, *fragments: str) -> str:
+    assert code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    for fragment in fragments:
+        assert fragment in err, err
+    return err
+
+
+class TouchOnLoad:
+    """Unpickling this calls Path.touch(marker): a stand-in for any command a crafted file runs."""
+
+    def __init__(self, marker: pathlib.Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (self.marker,)
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("crafted", "objects other than tensors"),
+    ("older_version", "objects other than tensors"),  # pickled numpy RNG state, as before
+    ("no_format", "checkpoint format None"),
+    ("torn", "unreadable"),
+])
+def test_resume_refuses_a_checkpoint_that_does_not_load_safely(cache_dir, tmp_path, capsys, kind,
+                                                               message):
+    out, marker = tmp_path / "run", tmp_path / "code-ran"
+    out.mkdir()
+    checkpoint = out / "checkpoint.pt"
+    if kind in ("crafted", "torn"):
+        torch.save({"step": 1, "model": TouchOnLoad(marker)}, checkpoint)
+    elif kind == "older_version":
+        torch.save({"step": 1, "rng": {"numpy": np.random.get_state()}}, checkpoint)
+    else:
+        torch.save({"step": 1}, checkpoint)
+    if kind == "crafted":  # the payload is live: an unrestricted load runs it
+        torch.load(checkpoint, weights_only=False)
+        assert marker.exists()
+        marker.unlink()
+    if kind == "torn":
+        checkpoint.write_bytes(checkpoint.read_bytes()[:100])
+
+    one_error_line(capsys, train(cache_dir, out, "--resume"), str(checkpoint), message,
+                   "--overwrite")
+    assert not marker.exists()
+    assert not (out / "student").exists()
+
+
+def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    random.seed(1), np.random.seed(1), torch.manual_seed(1)
+    np.random.normal()  # leaves a cached Gaussian in numpy's state
+    save_checkpoint(tmp_path, {"rng": rng_state()})
+    expected = (random.random(), np.random.normal(), np.random.randint(1 << 30), torch.rand(3))
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # loads without error
+    set_rng_state(state["rng"])
+    got = (random.random(), np.random.normal(), np.random.randint(1 << 30), torch.rand(3))
+    assert got[:3] == expected[:3]
+    torch.testing.assert_close(got[3], expected[3], rtol=0, atol=0)
+    assert load_checkpoint(tmp_path)["format"] == 2
