@@ -51,6 +51,8 @@ class TrainConfig:
     checkpoint_every: int = _opt(50, "write a checkpoint every N steps (0: only at the end)")
     log_every: int = _opt(10, "write a training metrics record every N steps")
     resume: bool = _opt(False, "continue from OUT/checkpoint.pt if it exists")
+    overwrite: bool = _opt(False, "replace the run in OUT (its checkpoint, student and summary) "
+                           "with a new one")
     precision: str = _opt("auto", "auto: bf16 autocast on GPUs that support it, fp32 on CPU",
                           choices=PRECISIONS)
     device: str = _opt("auto", "auto, cpu, cuda")
@@ -68,6 +70,9 @@ class TrainConfig:
             raise ConfigError("--ce-weight and --kd-weight must be >= 0 and not both 0")
         if self.temperature <= 0:
             raise ConfigError("--temperature must be positive")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume and --overwrite exclude each other: continue the run in "
+                              "--out or replace it")
 
     @property
     def rows_per_step(self) -> int:
@@ -77,8 +82,8 @@ class TrainConfig:
 
 # What a resumed run may change without changing the result of the steps already taken.
 RESUMABLE_CHANGES = frozenset({
-    "out", "cache", "max_steps", "eval_every", "checkpoint_every", "log_every", "resume", "device",
-    "workers", "eval_batch_size"})
+    "out", "cache", "max_steps", "eval_every", "checkpoint_every", "log_every", "resume",
+    "overwrite", "device", "workers", "eval_batch_size"})
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, str]:
