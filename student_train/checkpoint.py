@@ -1,8 +1,13 @@
-"""Atomic training checkpoints: everything needed to continue a run as if it never stopped."""
+"""Atomic training checkpoints: everything needed to continue a run as if it never stopped.
+
+A checkpoint holds tensors, plain containers and numbers only, so it loads with
+`torch.load(weights_only=True)`: resuming never runs code a crafted file carries.
+"""
 
 from __future__ import annotations
 
 import os
+import pickle
 import random
 from pathlib import Path
 from typing import Any
@@ -10,13 +15,24 @@ from typing import Any
 import numpy as np
 import torch
 
+from student_train.config import ConfigError
 from teacher_cache.storage import atomic_output
 
 CHECKPOINT_FILE = "checkpoint.pt"
+# 2: loadable with weights_only=True. Version 1 (pickled numpy state) is refused, never unpickled.
+CHECKPOINT_FORMAT = 2
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be resumed from; says which file and what to do."""
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(),
+    numpy_state = np.random.get_state(legacy=False)
+    state = {"python": random.getstate(),
+             "numpy": {**numpy_state, "state": {
+                 "key": torch.from_numpy(numpy_state["state"]["key"].astype(np.int64)),
+                 "pos": numpy_state["state"]["pos"]}},
              "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -25,7 +41,10 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    np.random.set_state({**numpy_state, "state": {
+        "key": numpy_state["state"]["key"].numpy().astype(np.uint32),
+        "pos": numpy_state["state"]["pos"]}})
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -36,14 +55,27 @@ def save_checkpoint(run_dir: str | os.PathLike, state: dict[str, Any]) -> Path:
     checkpoint or the new one, never a torn file."""
     target = Path(run_dir) / CHECKPOINT_FILE
     with atomic_output(target) as f:
-        torch.save(state, f)
+        torch.save({"format": CHECKPOINT_FORMAT, **state}, f)
     return target
 
 
 def load_checkpoint(run_dir: str | os.PathLike) -> dict[str, Any] | None:
-    """The checkpoint in RUN_DIR, or None if there is none."""
+    """The checkpoint in RUN_DIR, or None if there is none. A file holding anything but tensors,
+    plain containers and numbers is refused (CheckpointError) without running any of it."""
     path = Path(run_dir) / CHECKPOINT_FILE
     if not path.exists():
         return None
-    # Our own file: it holds numpy RNG state and plain dicts, which weights_only refuses.
-    return torch.load(path, map_location="cpu", weights_only=False)
+    advice = "resume it with the version that wrote it, or retrain with --overwrite or a new --out"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path}: refused, it holds objects other than tensors, containers "
+                              f"and numbers (an older version's checkpoint, or a tampered file); "
+                              f"{advice}") from None
+    except Exception as e:  # torch reports a torn or foreign file as RuntimeError, OSError, ...
+        raise CheckpointError(f"{path}: unreadable ({str(e).split('. ')[0]}); {advice}") from None
+    found = state.get("format") if isinstance(state, dict) else None
+    if found != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: checkpoint format {found!r}, this version reads "
+                              f"{CHECKPOINT_FORMAT}; {advice}")
+    return state

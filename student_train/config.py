@@ -53,6 +53,8 @@ class TrainConfig:
     checkpoint_every: int = _opt(50, "write a checkpoint every N steps (0: only at the end)")
     log_every: int = _opt(10, "write a training metrics record every N steps")
     resume: bool = _opt(False, "continue from OUT/checkpoint.pt if it exists")
+    overwrite: bool = _opt(False, "replace the run in OUT (its checkpoint, student and summary) "
+                           "with a new one")
     precision: Precision = _opt("auto", "auto: bf16 autocast on GPUs that support it, fp32 on "
                                 "CPU")
     device: str = _opt("auto", "auto, cpu, cuda")
@@ -74,6 +76,9 @@ class TrainConfig:
             raise ConfigError("--ce-weight and --kd-weight must be >= 0 and not both 0")
         if self.temperature <= 0:
             raise ConfigError("--temperature must be positive")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume and --overwrite exclude each other: continue the run in "
+                              "--out or replace it")
 
     @property
     def rows_per_step(self) -> int:
@@ -89,8 +94,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 # What a resumed run may change without changing the result of the steps already taken.
 RESUMABLE_CHANGES = frozenset({
-    "out", "cache", "max_steps", "eval_every", "checkpoint_every", "log_every", "resume", "device",
-    "workers", "eval_batch_size"})
+    "out", "cache", "max_steps", "eval_every", "checkpoint_every", "log_every", "resume",
+    "overwrite", "device", "workers", "eval_batch_size"})
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, str]:

@@ -4,8 +4,9 @@
         [--baseline] [any training flag of python -m student_train]
 
 Each student trains in OUT/<preset> (OUT/<preset>-ce for the CE-only baseline of --baseline) and
-resumes from its checkpoint when the command is rerun. Results: OUT/results.json and
-OUT/val_ce.png (validation CE against training tokens).
+resumes from its checkpoint when the command is rerun (a finished run is kept as it is; --overwrite
+retrains every run from scratch). Results: OUT/results.json and OUT/val_ce.png (validation CE
+against training tokens).
 """
 
 from __future__ import annotations
@@ -59,9 +60,10 @@ def format_table(results: list[dict[str, Any]]) -> str:
               f"{'val KL':>9}{'top-1':>8}{'tokens/s':>10}")
     rows = [header, "-" * len(header)]
     for r in results:
+        tokens_per_s = "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}"
         rows.append(f"{r['run']:<10}{r['parameters'] / 1e6:>8.2f}M{r['tokens_seen']:>10,}"
                     f"{r['val_ce']:>9.3f}{r['val_ppl']:>10.1f}{r['val_kl']:>9.3f}"
-                    f"{r['val_top1']:>8.3f}{r['tokens_per_s'] or 0:>10,.0f}")
+                    f"{r['val_top1']:>8.3f}{tokens_per_s:>10}")
     return "\n".join(rows)
 
 
@@ -102,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [s for s in students if s not in PRESETS]
     if not students or unknown:
         raise ConfigError(f"--students {args.students!r}: choose from {', '.join(PRESETS)}")
-    base = config_from_args(args, student=students[0], resume=True)
+    base = config_from_args(args, student=students[0], resume=not args.overwrite)
     results, run_dirs = [], {}
     for ce_only in [False, True] if args.baseline else [False]:
         for student in students:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
@@ -17,7 +18,13 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from student_train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from student_train.checkpoint import (
+    CHECKPOINT_FILE,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from student_train.config import RESUMABLE_CHANGES, ConfigError, TrainConfig
 from student_train.data import TrainStream, eval_batches, split_rows, stream_position
 from student_train.evaluate import evaluate
@@ -113,8 +120,33 @@ def check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
                if f.name not in RESUMABLE_CHANGES and saved.get(f.name) != getattr(config, f.name)]
     if changed:
         details = ", ".join(f"{n}: {saved.get(n)!r} -> {getattr(config, n)!r}" for n in changed)
-        raise ConfigError(f"--resume with a different configuration ({details}); use the "
-                          f"checkpoint's settings or a new --out")
+        raise ConfigError(f"{config.out}: --resume with a different configuration ({details}); "
+                          f"use the checkpoint's settings, --overwrite or a new --out")
+
+
+def prepare_run_dir(config: TrainConfig, is_main: bool) -> None:
+    """A new run never silently replaces an earlier one: OUT holding a checkpoint or a student
+    needs --resume (continue it) or --overwrite (whose run files go before the first step)."""
+    out = Path(config.out)
+    held = [name for name in (CHECKPOINT_FILE, STUDENT_DIR) if (out / name).exists()]
+    if not held or config.resume:
+        return
+    if not config.overwrite:
+        raise ConfigError(f"{out}: already holds a run ({' and '.join(held)}); pass --resume to "
+                          f"continue it, --overwrite to replace it, or choose another --out")
+    if is_main:
+        shutil.rmtree(out / STUDENT_DIR, ignore_errors=True)
+        for name in (CHECKPOINT_FILE, SUMMARY_FILE, METRICS_FILE):
+            (out / name).unlink(missing_ok=True)
+
+
+def finished_summary(run_dir: Path, step: int) -> dict[str, Any] | None:
+    """The summary of a run that already trained to `step`, or None if it has none."""
+    try:
+        summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+    return summary if summary.get("steps") == step else None
 
 
 def _write_json(path: Path, value: dict[str, Any]) -> None:
@@ -129,6 +161,7 @@ class Trainer:
         self.config = config
         self.env = env = init_distributed(config.device)
         self.out = Path(config.out)
+        prepare_run_dir(config, env.is_main)
         self.cache = open_cache(config.cache)
         self.manifest = self.cache.manifest
         model_config = llama_config(resolve_preset(config.student, config.overrides),
@@ -147,13 +180,18 @@ class Trainer:
         self.optimizer = make_optimizer(self.student, config, env.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, config))
-        self.step = 0
+        self.step, self.train_seconds = 0, 0.0
+        # A rerun over a finished run returns its summary and rewrites nothing, measured figures
+        # (tokens/s, seconds) included.
+        self.finished: dict[str, Any] | None = None
         if checkpoint is not None:
             self.student.load_state_dict(checkpoint["model"])
             self.optimizer.load_state_dict(checkpoint["optimizer"])
             self.scheduler.load_state_dict(checkpoint["scheduler"])
             set_rng_state(checkpoint["rng"])
-            self.step = checkpoint["step"]
+            self.step, self.train_seconds = checkpoint["step"], checkpoint["train_seconds"]
+            if self.step >= config.max_steps:
+                self.finished = finished_summary(self.out, self.step)
         self.model: torch.nn.Module = objective
         if env.world_size > 1:
             self.model = DistributedDataParallel(
@@ -209,6 +247,7 @@ class Trainer:
                 "step": self.step, "model": self.student.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
+                "train_seconds": self.train_seconds,
                 "config": asdict(self.config),
                 "data": stream_position(self.step * self.config.grad_accum,
                                         self.config.batch_size, len(self.split.train)),
@@ -223,20 +262,24 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         """Train to `max_steps`; returns (and writes to OUT/summary.json) the run's summary."""
         config, env = self.config, self.env
+        if self.finished is not None:
+            if env.is_main:
+                print(f"{self.out}: already trained for {self.step} steps, kept as it is "
+                      f"(--overwrite retrains it)")
+            return self.finished
         if env.is_main:
             print(f"student {config.student}: {self.parameters / 1e6:.2f}M parameters, "
                   f"{len(self.split.train)} training / {len(self.split.val)} held-out sequences, "
                   f"{self.tokens_per_step} tokens per step, {env.world_size} rank(s) on "
                   f"{env.device}{', bf16 autocast' if self.bf16 else ''}")
         last_eval = self.evaluate() if self.step == 0 and config.eval_every > 0 else None
-        train_seconds, start_step = 0.0, self.step
         progress = tqdm(total=config.max_steps, initial=self.step, unit="step",
                         disable=not env.is_main, dynamic_ncols=True)
         while self.step < config.max_steps:
             started = time.perf_counter()
             loss, grad_norm = self.train_step()
-            train_seconds += time.perf_counter() - started
-            tokens_per_s = (self.step - start_step) * self.tokens_per_step / train_seconds
+            self.train_seconds += time.perf_counter() - started
+            tokens_per_s = self.step * self.tokens_per_step / self.train_seconds
             progress.update(1)
             step = self.step
             if step % config.log_every == 0 or step == config.max_steps:
@@ -255,12 +298,13 @@ class Trainer:
             last_eval = self.evaluate()
         if config.checkpoint_every == 0 or self.step % config.checkpoint_every:
             self.save_checkpoint()
-        trained_tokens = (self.step - start_step) * self.tokens_per_step
+        # Measured over every step of the run, the ones before a resume included (checkpointed).
         summary = {
             "student": config.student, "parameters": self.parameters, "steps": self.step,
             "tokens_seen": self.step * self.tokens_per_step,
-            "tokens_per_s": trained_tokens / train_seconds if train_seconds else None,
-            "train_seconds": train_seconds, "ce_weight": config.ce_weight,
+            "tokens_per_s": (self.step * self.tokens_per_step / self.train_seconds
+                             if self.train_seconds else None),
+            "train_seconds": self.train_seconds, "ce_weight": config.ce_weight,
             "kd_weight": config.kd_weight, "divergence": config.divergence,
             "select": config.select, "seed": config.seed, "rows_per_step": config.rows_per_step,
             "held_out_fraction": config.val_fraction,
