@@ -1,9 +1,9 @@
 """Teacher forward passes with plain PyTorch + transformers, on CUDA or CPU.
 
-The model runs in bf16 where the hardware computes it natively (CUDA, or CPUs with AVX512-BF16/AMX:
-about 4-7x the float32 throughput on such a CPU, see benchmarks/bench_cache.py); log_softmax, top-k
-and the target gather run in float32, one sequence at a time so that at most one [L, V] float32
-slice exists besides the model's [B, L, V] logits.
+The model runs in bf16 where the hardware computes it natively (`teacher.choose_dtype`: CUDA, or
+CPUs with AMX: about 4-7x the float32 throughput on such a CPU, see benchmarks/bench_cache.py);
+log_softmax, top-k and the target gather run in float32, one sequence at a time so that at most
+one [L, V] float32 slice exists besides the model's [B, L, V] logits.
 """
 
 from __future__ import annotations
@@ -12,9 +12,7 @@ import numpy as np
 import torch
 
 from teacher_cache.backends.base import BackendConfig, TeacherOutput
-
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-          "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+from teacher_cache.teacher import choose_dtype, quiet_transformers_bars
 
 
 def resolve_device(device: str) -> torch.device:
@@ -24,18 +22,7 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype != "auto":
-        if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; choose auto or one of {', '.join(DTYPES)}")
-        return DTYPES[dtype]
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    return torch.bfloat16 if _cpu_has_native_bf16() else torch.float32
-
-
-def _cpu_has_native_bf16() -> bool:
-    # Without AVX512-BF16 or AMX, CPU bf16 matmuls are emulated and slower than float32.
-    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return getattr(torch, choose_dtype(dtype, device.type).dtype)
 
 
 class TorchBackend:
@@ -47,7 +34,8 @@ class TorchBackend:
         self.config = config
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, self.device)
-        self.model = AutoModelForCausalLM.from_pretrained(config.model_path, dtype=self.dtype)
+        with quiet_transformers_bars():
+            self.model = AutoModelForCausalLM.from_pretrained(config.model_path, dtype=self.dtype)
         self.model.to(self.device).eval()
 
     @property
