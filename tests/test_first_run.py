@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from teacher_cache import open_cache
 from teacher_cache.backends.torch_backend import resolve_dtype
+from teacher_cache.cli import build_parser
+from teacher_cache.score import describe_score_stats, score_stats
 from teacher_cache.teacher import choose_dtype, resolve_teacher
 
 # --- --dtype auto ---------------------------------------------------------------------------
@@ -76,3 +80,42 @@ def test_a_manifest_without_dtype_reason_still_loads(tiny_cache: Path, tmp_path:
     manifest["teacher"].pop("dtype_reason", None)
     (copy / "manifest.json").write_text(json.dumps(manifest))
     assert open_cache(copy).manifest.teacher["dtype"] == "float32"
+
+
+# --- --help ---------------------------------------------------------------------------------
+
+
+def subcommand(name: str) -> argparse.ArgumentParser:
+    commands = next(a for a in build_parser()._actions
+                    if isinstance(a, argparse._SubParsersAction))
+    return commands.choices[name]
+
+
+def test_build_help_shows_each_default_once_and_only_real_ones():
+    text = subcommand("build").format_help()
+    for noise in ("(default: None)", "(default: [])", "(default: False)"):
+        assert noise not in text
+    assert "default: all (default" not in text and "default: all" in text
+    out_help = text.split("--out OUT")[1].split("--corpus")[0]
+    assert "default" not in out_help  # required
+    for shown in ("(default: 512)", "(default: 64)", "(default: auto)", "(default: torch)",
+                  "(default: 0)"):  # --worker-index 0 is a real default, not an empty one
+        assert shown in " ".join(text.split())
+
+
+def test_every_option_of_every_command_has_help():
+    for name in ("build", "finalize", "score"):
+        for action in subcommand(name)._actions:
+            assert action.help, f"{name} {action.option_strings} has no help"
+
+
+# --- the score summary ----------------------------------------------------------------------
+
+
+def test_score_summary_is_readable_not_a_dict():
+    text = describe_score_stats(score_stats(np.linspace(-1, 3, 101, dtype=np.float32)))
+    assert "{" not in text and "'" not in text
+    assert "101 sequences" in text and "mean 1.000" in text and "min -1.000" in text
+    assert "quantiles 10/20/30/40/50/60/70/80/90%: -0.60" in text
+    assert describe_score_stats(score_stats(np.full(3, np.nan, np.float32))) == (
+        "score: no sequence was scored")
