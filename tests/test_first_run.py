@@ -5,12 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from student_train.presets import PRESETS, describe_presets, llama_config, parameter_count
+from student_train.pretrain import ce_axis_limits, draw_curves, teacher_val_ce
+from student_train.synthetic import write_synthetic_cache
 from teacher_cache import open_cache
 from teacher_cache.backends.torch_backend import resolve_dtype
 from teacher_cache.cli import build_parser
@@ -107,6 +113,89 @@ def test_every_option_of_every_command_has_help():
     for name in ("build", "finalize", "score"):
         for action in subcommand(name)._actions:
             assert action.help, f"{name} {action.option_strings} has no help"
+
+
+def test_presets_are_listed_with_parameter_counts():
+    from student_train.__main__ import build_parser as train_parser
+
+    assert "xs (3.3M), s (7.3M)" in describe_presets()
+    assert "xs (3.3M)" in " ".join(train_parser().format_help().split())
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_parameter_counts_match_the_built_model(name: str):
+    from transformers import LlamaForCausalLM
+
+    with torch.device("meta"):
+        model = LlamaForCausalLM(llama_config(PRESETS[name], 49152, 64))
+    assert parameter_count(PRESETS[name], 49152) == sum(p.numel() for p in model.parameters())
+
+
+def test_student_train_help_imports_neither_torch_nor_transformers():
+    script = textwrap.dedent("""
+        import runpy, sys
+        sys.argv = ["student_train", "--help"]
+        try:
+            runpy.run_module("student_train", run_name="__main__")
+        except SystemExit:
+            pass
+        heavy = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "transformers"})
+        print("heavy:", heavy, file=sys.stderr)
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            check=True)
+    assert "usage: python -m student_train" in result.stdout
+    assert "heavy: []" in result.stderr
+
+
+# --- the plot -------------------------------------------------------------------------------
+
+TOKENS = [0, 1000, 2000, 3000]
+CURVES = {"xs": (TOKENS, [10.8, 6.8, 6.3, 6.0]), "xs-ce": (TOKENS, [10.8, 6.9, 6.5, 6.2])}
+
+
+def test_axis_starts_near_the_curves_not_at_the_untrained_start():
+    low, high = ce_axis_limits([ce for _, ce in CURVES.values()], teacher_ce=None)
+    assert 5.7 < low < 6.0 and 6.9 < high < 7.2
+
+
+def test_a_near_teacher_joins_the_axis_a_far_one_does_not():
+    curves = [ce for _, ce in CURVES.values()]
+    assert ce_axis_limits(curves, teacher_ce=5.5)[0] < 5.5
+    assert ce_axis_limits(curves, teacher_ce=2.4)[0] > 5.7
+
+
+@pytest.mark.parametrize("teacher_ce", [5.5, 2.4])
+def test_the_plot_draws_the_teacher_line_and_notes_the_start(teacher_ce: float):
+    import matplotlib.pyplot as plt
+
+    fig = draw_curves(CURVES, teacher_ce)
+    try:
+        top = fig.axes[0]
+        assert top.get_ylim()[1] < 7.2
+        assert any("10.80 (above)" in t.get_text() for t in top.texts)
+        lines = [line for ax in fig.axes for line in ax.get_lines()
+                 if line.get_label().startswith("teacher")]
+        assert len(lines) == 1 and list(lines[0].get_ydata()) == [teacher_ce, teacher_ce]
+        low, high = lines[0].axes.get_ylim()
+        assert low < teacher_ce < high
+        assert len(fig.axes) == (2 if teacher_ce == 2.4 else 1)  # far: its own panel below
+    finally:
+        plt.close(fig)
+
+
+def test_teacher_ce_is_over_the_evaluators_held_out_rows(tmp_path: Path):
+    from student_train.data import split_rows
+    from student_train.selection import Selection
+
+    write_synthetic_cache(tmp_path / "cache", sequences=40, seq_len=8, top_k=2, vocab_size=64,
+                          rows_per_shard=8)
+    cache = open_cache(tmp_path / "cache")
+    val = split_rows(cache, 0.3, Selection.parse("none"), seed=0).val
+    held_out = np.concatenate([b.target_logprobs[np.isin(b.seq_ids, val), :-1]
+                               for b in cache.iter_batches()])
+    assert 0 < len(val) < 40
+    assert teacher_val_ce(str(tmp_path / "cache"), 0.3) == pytest.approx(-held_out.mean())
 
 
 # --- the score summary ----------------------------------------------------------------------
