@@ -8,10 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch.distributed as dist
-
 from student_train.config import add_arguments, config_from_args
-from student_train.presets import PRESETS
+from student_train.presets import describe_presets
 from teacher_cache.errors import reports_user_errors
 
 
@@ -20,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m student_train",
         description="Train a student on a teacher cache with CE on the true tokens plus a "
                     "divergence to the teacher's cached top-k logprobs. Student presets: "
-                    + ", ".join(PRESETS) + ".")
+                    + describe_presets() + ".")
     add_arguments(parser)
     return parser
 
@@ -28,7 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
 @reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from student_train.train import train  # after argument errors, so --help stays fast
+    # torch only after argument errors and --help, which stay fast without it
+    import torch.distributed as dist
+
+    from student_train.train import train
 
     try:
         train(config_from_args(args))

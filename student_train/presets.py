@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields, replace
-
-from transformers import LlamaConfig
+from typing import TYPE_CHECKING
 
 from student_train.config import ConfigError
+
+if TYPE_CHECKING:  # transformers is imported where a config is built, so --help stays fast
+    from transformers import LlamaConfig
+
+DEFAULT_VOCAB_SIZE = 49152  # the default teacher's (SmolLM2) tokenizer
 
 
 @dataclass(frozen=True)
@@ -34,6 +38,23 @@ PRESETS = {
     "l": StudentPreset(hidden_size=768, num_hidden_layers=16, num_attention_heads=12,
                        num_key_value_heads=4, intermediate_size=2048),
 }
+
+
+def parameter_count(preset: StudentPreset, vocab_size: int) -> int:
+    """Parameters of the Llama built from `preset` (llama_config), counted without building it."""
+    h = preset.hidden_size
+    kv = h // preset.num_attention_heads * preset.num_key_value_heads
+    # q and o projections, k and v, the gated MLP's three matrices, two RMSNorm weights
+    layer = 2 * h * h + 2 * h * kv + 3 * h * preset.intermediate_size + 2 * h
+    embeddings = vocab_size * h * (1 if preset.tie_word_embeddings else 2)
+    return embeddings + preset.num_hidden_layers * layer + h  # + the final norm
+
+
+def describe_presets(vocab_size: int = DEFAULT_VOCAB_SIZE) -> str:
+    """`xs (3.4M), s (...), ...`: every preset with its size for this vocabulary."""
+    sizes = ", ".join(f"{name} ({parameter_count(p, vocab_size) / 1e6:.1f}M)"
+                      for name, p in PRESETS.items())
+    return f"{sizes} parameters with a {vocab_size:,}-token vocabulary"
 
 
 def _parse_value(name: str, kind: str, text: str) -> int | float | bool:
@@ -69,5 +90,7 @@ def llama_config(preset: StudentPreset, vocab_size: int, seq_len: int) -> LlamaC
     if preset.num_attention_heads % preset.num_key_value_heads:
         raise ConfigError(f"num_attention_heads {preset.num_attention_heads} is not a multiple of "
                           f"num_key_value_heads {preset.num_key_value_heads}")
+    from transformers import LlamaConfig
+
     values = asdict(preset) | {"vocab_size": vocab_size}
     return LlamaConfig(**values, max_position_embeddings=seq_len, use_cache=False)

@@ -6,20 +6,24 @@
 Each student trains in OUT/<preset> (OUT/<preset>-ce for the CE-only baseline of --baseline) and
 resumes from its checkpoint when the command is rerun (a finished run is kept as it is; --overwrite
 retrains every run from scratch). Results: OUT/results.json and OUT/val_ce.png (validation CE
-against training tokens).
+against training tokens, with the teacher's CE on the same held-out rows as a reference line).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from student_train.config import ConfigError, add_arguments, config_from_args
-from student_train.presets import PRESETS
+from student_train.presets import PRESETS, describe_presets
+from teacher_cache import open_cache
 from teacher_cache.errors import reports_user_errors
 
 RESULTS_FILE = "results.json"
@@ -33,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m student_train.pretrain",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--students", default="xs s",
-                        help=f"presets to train, space separated, from {', '.join(PRESETS)} "
+                        help=f"presets to train, space separated, from {describe_presets()} "
                              f"(default: xs s)")
     parser.add_argument("--baseline", action="store_true",
                         help="also train every student CE-only (kd_weight=0) for comparison")
@@ -67,27 +71,87 @@ def format_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
-def plot_curves(out: Path, run_dirs: dict[str, Path]) -> Path:
+def teacher_val_ce(cache: str, val_fraction: float) -> float | None:
+    """The teacher's CE on the rows the students are evaluated on (the same held-out split and
+    positions 0..L-2): the mean of the cached -target_logprobs; None without held-out rows."""
+    from student_train.data import is_held_out
+
+    total, count = 0.0, 0
+    for rows in open_cache(cache).iter_batches():
+        held_out = rows.target_logprobs[is_held_out(rows.seq_ids, val_fraction), :-1]
+        total -= float(held_out.astype(np.float64).sum())
+        count += held_out.size
+    return total / count if count else None
+
+
+def ce_axis_limits(curves: list[list[float]],
+                   teacher_ce: float | None) -> tuple[float, float] | None:
+    """CE axis around the curves after their first point (the untrained student's ~ln(vocab) would
+    squash the range where runs differ); the teacher's line joins it only when it is near. None
+    when no run has a finite CE."""
+    values = [ce for curve in curves for ce in (curve[1:] or curve) if math.isfinite(ce)]
+    if not values:
+        return None
+    low, high = min(values), max(values)
+    if teacher_ce is not None and teacher_ce >= low - (high - low):
+        low = min(low, teacher_ce)
+    pad = 0.08 * (high - low) or 0.1
+    return low - pad, high + pad
+
+
+def draw_curves(curves: dict[str, tuple[list[int], list[float]]], teacher_ce: float | None):
+    """The figure of `plot_curves`: validation CE per run; below a break, the teacher's CE when it
+    lies far under the students'."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    limits = ce_axis_limits([ce for _, ce in curves.values()], teacher_ce)
+    teacher_apart = teacher_ce is not None and limits is not None and teacher_ce < limits[0]
+    if teacher_apart:
+        fig, (ax, teacher_ax) = plt.subplots(2, 1, sharex=True, figsize=(7, 5),
+                                             height_ratios=[5, 1])
+    else:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        teacher_ax = ax
     colors = {}
-    for name, run_dir in run_dirs.items():
+    for name, (tokens, ce) in curves.items():
         student, ce_only = name.removesuffix("-ce"), name.endswith("-ce")
         color = colors.setdefault(student, f"C{len(colors)}")
-        tokens, ce = eval_curve(run_dir)
         ax.plot(tokens, ce, marker="o", markersize=3, color=color,
                 linestyle="--" if ce_only else "-",
                 label=f"{student} CE only" if ce_only else f"{student} CE + KD")
-    ax.set_xlabel("training tokens")
+    if teacher_ce is not None:
+        teacher_ax.axhline(teacher_ce, color="black", linestyle=":",
+                           label=f"teacher ({teacher_ce:.2f})")
+    if limits is not None:
+        ax.set_ylim(*limits)
+    starts = [ce[0] for _, ce in curves.values() if limits and ce and ce[0] > limits[1]]
+    if starts:
+        ax.text(0.01, 0.98, f"at 0 tokens: {min(starts):.2f}"
+                + (f" to {max(starts):.2f}" if max(starts) > min(starts) else "") + " (above)",
+                transform=ax.transAxes, va="top", fontsize=8, color="dimgray")
+    if teacher_apart:
+        teacher_ax.set_ylim(teacher_ce - 0.5, teacher_ce + 0.5)
+        ax.spines.bottom.set_visible(False)
+        teacher_ax.spines.top.set_visible(False)
+        ax.tick_params(bottom=False)
+        teacher_ax.legend(loc="upper right", fontsize=8)
+    teacher_ax.set_xlabel("training tokens")
     ax.set_ylabel("validation CE (nats/token)")
-    ax.set_title("Students on the teacher cache")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    ax.set_title("Students on the teacher cache (validation rows)")
+    for axis in {ax, teacher_ax}:
+        axis.grid(alpha=0.3)
+    ax.legend(loc="upper right")
     fig.tight_layout()
+    return fig
+
+
+def plot_curves(out: Path, run_dirs: dict[str, Path], teacher_ce: float | None = None) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig = draw_curves({name: eval_curve(d) for name, d in run_dirs.items()}, teacher_ce)
     path = out / PLOT_FILE
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -116,11 +180,14 @@ def main(argv: list[str] | None = None) -> int:
             results.append({"run": name, **train(config)})
     out.mkdir(parents=True, exist_ok=True)
     (out / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
+    teacher_ce = teacher_val_ce(base.cache, base.val_fraction)
     print()
     print(format_table(results))
+    if teacher_ce is not None:
+        print(f"teacher on the same validation rows: val CE {teacher_ce:.3f}")
     print(f"\nresults: {out / RESULTS_FILE}")
     try:
-        print(f"plot: {plot_curves(out, run_dirs)}")
+        print(f"plot: {plot_curves(out, run_dirs, teacher_ce)}")
     except ImportError:
         print("plot: skipped, matplotlib is not installed (pip install 'distill[plot]')")
     return 0

@@ -11,9 +11,22 @@ from teacher_cache.build import BuildConfig, build_cache
 from teacher_cache.corpus import CorpusConfig
 from teacher_cache.errors import CorpusError, reports_user_errors
 from teacher_cache.finalize import finalize_cache
-from teacher_cache.score import rescore_cache
+from teacher_cache.score import describe_score_stats, rescore_cache
 
 DEFAULTS = BuildConfig(out="")
+DTYPE_HELP = ("compute dtype: auto (bf16 on GPUs with native bf16 and on CPUs with AMX, else "
+              "fp32), bf16, fp16, fp32")
+
+
+class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends `(default: X)` only where X says something: not to required flags, switches, empty
+    defaults, or help that already names its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        empty = action.default is None or action.default is False or action.default == []
+        if action.required or empty or "default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -24,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     build = commands.add_parser(
         "build", help="build (or resume) a cache",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsFormatter,
         description="Build a cache, resuming any finished shards already in --out.")
     build.add_argument("--out", required=True, help="cache directory: a local path or fsspec URL")
     build.add_argument("--corpus", nargs="+", default=[], metavar="PATH",
@@ -53,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size,
                        help="sequences per teacher forward")
     build.add_argument("--dtype", default=DEFAULTS.dtype,
-                       help="teacher compute dtype: auto (bf16 where native), bf16, fp16, fp32")
+                       help=f"teacher {DTYPE_HELP}; the manifest records the choice and why")
     build.add_argument("--shard-rows", type=int, default=DEFAULTS.shard_rows,
                        help="sequences per shard")
     build.add_argument("--num-workers", type=int, default=1,
@@ -73,12 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     score = commands.add_parser(
         "score", help="recompute the `score` column of a cache with a reference model",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsFormatter)
     score.add_argument("--cache", required=True, help="cache directory")
     score.add_argument("--reference", required=True, metavar="MODEL",
                        help="reference model dir, .gguf or hub id sharing the teacher's tokenizer")
-    score.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size)
-    score.add_argument("--dtype", default=DEFAULTS.dtype)
+    score.add_argument("--batch-size", type=int, default=DEFAULTS.batch_size,
+                       help="sequences per reference forward")
+    score.add_argument("--dtype", default=DEFAULTS.dtype, help=DTYPE_HELP)
     score.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -96,7 +110,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         manifest = rescore_cache(args.cache, args.reference, batch_size=args.batch_size,
                                  dtype=args.dtype, progress=not args.no_progress)
-        print(f"{args.cache}: rescored, score stats {manifest.score['stats']}")
+        print(f"{args.cache}: rescored with {manifest.score['reference']['path']}\n"
+              f"{describe_score_stats(manifest.score['stats'])}")
     return 0
 
 

@@ -187,7 +187,7 @@ class Manifest:
     seq_len: int
     top_k: int
     vocab_size: int
-    teacher: dict[str, Any]  # name, path, weights_sha256, dtype, backend
+    teacher: dict[str, Any]  # name, path, weights_sha256, dtype, backend, dtype_reason (optional)
     tokenizer: dict[str, Any]  # sha256, eos_token_id, bos_token_id
     corpus: dict[str, Any]  # description, documents, skipped files, max_tokens
     rows_per_shard: int

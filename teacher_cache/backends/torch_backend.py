@@ -1,9 +1,9 @@
 """Teacher forward passes with plain PyTorch + transformers, on CUDA or CPU.
 
-The model runs in bf16 where the hardware computes it natively (CUDA, or CPUs with AVX512-BF16/AMX:
-about 4-7x the float32 throughput on such a CPU, see benchmarks/bench_cache.py); log_softmax, top-k
-and the target gather run in float32, one sequence at a time so that at most one [L, V] float32
-slice exists besides the model's [B, L, V] logits.
+The model runs in bf16 where the hardware computes it natively (`teacher.choose_dtype`: CUDA, or
+CPUs with AMX: about 4-7x the float32 throughput on such a CPU, see benchmarks/bench_cache.py);
+log_softmax, top-k and the target gather run in float32, one sequence at a time so that at most
+one [L, V] float32 slice exists besides the model's [B, L, V] logits.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import torch
 
 from teacher_cache.backends.base import BackendConfig, TeacherOutput
 from teacher_cache.backends.dtypes import dtype_name, resolve_dtype
+from teacher_cache.teacher import quiet_transformers_bars
 
 
 def resolve_device(device: str) -> torch.device:
@@ -32,7 +33,8 @@ class TorchBackend:
         self.dtype = resolve_dtype(config.dtype, self.device)
         self.dtype_name = dtype_name(self.dtype)
         self.top_k = config.targets.k
-        self.model = AutoModelForCausalLM.from_pretrained(config.model_path, dtype=self.dtype)
+        with quiet_transformers_bars():
+            self.model = AutoModelForCausalLM.from_pretrained(config.model_path, dtype=self.dtype)
         self.model.to(self.device).eval()
 
     @property
