@@ -311,7 +311,7 @@ class Trainer:
             **{k: v for k, v in last_eval.items() if k.startswith("val_")},
         }
         if env.is_main:
-            save_student(self.student, self.out / STUDENT_DIR, self.manifest)
+            save_student(self.student, self.out / STUDENT_DIR, self.manifest, training=summary)
             _write_json(self.out / SUMMARY_FILE, summary)
             print(f"done: {self.step} steps, {summary['tokens_seen']:,} tokens, val CE "
                   f"{summary['val_ce']:.4f} (PPL {summary['val_ppl']:.1f}), KL "
