@@ -16,7 +16,9 @@ under CHUNK_BYTES); no [N, V] log-softmax is materialised.
 
 Why inverse CDF and not Gumbel-max (argmax over V of x / T + Gumbel(hash(..., j, v))): Gumbel-max
 needs K * V hashes per position, inverse CDF one exp and one cumsum pass over V plus K binary
-searches; benchmarks/bench_target_encoding.py measures both (see its output).
+searches. Measured by benchmarks/bench_target_encoding.py (SmolLM2-135M in float32 on a shared
+2-core CPU, 8k tokens): 433 s per 1k positions for Gumbel-max at K = 12 against 3.6 s per 1k
+tokens for inverse CDF at K = 4..12 (the forward pass: 69 s; float32 log_softmax + top-64: 1.5 s).
 
 The one caveat of the determinism: the draw depends on the row's logits bit for bit, and on
 float rounding in exp and the cumsum. If the teacher's logits for a row differ in the last bit
