@@ -20,7 +20,9 @@ from student_train.synthetic import write_synthetic_cache
 from teacher_cache import open_cache
 from teacher_cache.backends.torch_backend import resolve_dtype
 from teacher_cache.cli import build_parser
-from teacher_cache.score import describe_score_stats, score_stats
+from teacher_cache.errors import TeacherError
+from teacher_cache.format import score_stats
+from teacher_cache.score import describe_score_stats
 from teacher_cache.teacher import choose_dtype, resolve_teacher
 
 # --- --dtype auto ---------------------------------------------------------------------------
@@ -60,7 +62,7 @@ def test_an_explicit_dtype_is_kept_and_an_unknown_one_refused(cpu_flags):
     cpu_flags(amx=False, avx512_bf16=False)
     assert choose_dtype("bf16", "cpu").dtype == "bfloat16"
     assert choose_dtype("fp32", "cuda").reason == "--dtype fp32 was requested"
-    with pytest.raises(ValueError, match="unknown dtype 'int8'; choose auto or one of"):
+    with pytest.raises(TeacherError, match="unknown dtype 'int8'; choose auto or one of"):
         choose_dtype("int8", "cpu")
 
 
