@@ -13,6 +13,10 @@ class ConfigError(ValueError):
 
 DIVERGENCES = ("fkl", "fkl_tail", "rkl")
 PRECISIONS = ("auto", "fp32", "bf16")
+COMPILE_MODES = ("auto", "on", "off")
+# aot_eager traces and differentiates like inductor but runs the ops eagerly: no C++ compiler
+# needed, so it checks the compiled path anywhere (tests), without inductor's speed.
+COMPILE_BACKENDS = ("inductor", "aot_eager")
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -56,6 +60,11 @@ class TrainConfig:
     device: str = _opt("auto", "auto, cpu, cuda")
     workers: int = _opt(0, "data loader worker processes per rank")
     loss_impl: str = _opt("auto", "kernels.sparse_kd_loss implementation (auto, reference, triton)")
+    compile: str = _opt("auto", "torch.compile the decoder (the loss stays eager); auto: on for "
+                        "CUDA, off on CPU, where compiling costs more than it saves on short runs "
+                        "(BENCHMARKS.md)", choices=COMPILE_MODES)
+    compile_backend: str = _opt("inductor", "torch.compile backend of --compile",
+                                choices=COMPILE_BACKENDS)
 
     def __post_init__(self) -> None:
         self.overrides = dict(self.overrides or {})
@@ -78,7 +87,7 @@ class TrainConfig:
 # What a resumed run may change without changing the result of the steps already taken.
 RESUMABLE_CHANGES = frozenset({
     "out", "cache", "max_steps", "eval_every", "checkpoint_every", "log_every", "resume", "device",
-    "workers", "eval_batch_size"})
+    "workers", "eval_batch_size", "compile", "compile_backend"})
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, str]:
