@@ -113,14 +113,13 @@ def test_resume_across_eager_and_compiled(cache_dir, tmp_path, monkeypatch, firs
                     rel=1e-4, atol=1e-6)
 
 
-def test_inductor_without_a_cpp_compiler_is_one_clear_error(cache_dir, tmp_path, monkeypatch,
-                                                             capsys):
+def test_inductor_without_a_cpp_compiler_is_one_clear_error(cache_dir, tmp_path, capsys):
     from torch._inductor import config as inductor_config
 
-    monkeypatch.setattr(inductor_config.cpp, "cxx", ("no-such-c++-compiler",))
     flags = ["--cache", cache_dir, "--out", str(tmp_path), "--compile", "on",
              *[f for k, v in TINY.items() for f in ("--set", f"{k}={v}")]]
-    assert train_main(flags) == 2
+    with inductor_config.patch({"cpp.cxx": ("no-such-c++-compiler",)}):
+        assert train_main(flags) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: --compile with the inductor backend on CPU needs a C++ compiler")
     assert len(err.strip().splitlines()) == 1
