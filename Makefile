@@ -31,6 +31,8 @@ STUDENTS ?= xs s
 STEPS ?= 200
 BASELINE ?= 0
 PRETRAIN_OUT ?= runs/pretrain
+# torch.compile the students' decoder: auto (on for CUDA, off on CPU), on or off.
+COMPILE ?=
 
 export DISTILL_HOME
 
@@ -68,7 +70,8 @@ endif
 
 pretrain: $(STAMP)
 	$(PY) -m student_train.pretrain --cache $(CACHE) --students "$(STUDENTS)" --out $(PRETRAIN_OUT) \
-		--max-steps $(STEPS) $(if $(filter 1,$(BASELINE)),--baseline)
+		--max-steps $(STEPS) $(if $(filter 1,$(BASELINE)),--baseline) \
+		$(if $(COMPILE),--compile $(COMPILE))
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -48,13 +48,12 @@ float64 autograd in the tests.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
-Divergence = Literal["fkl", "fkl_tail", "rkl"]
-DIVERGENCES: tuple[Divergence, ...] = get_args(Divergence)
+from kernels.choices import DIVERGENCES, Divergence
+
 TAIL_EPS = 1e-6
 
 

@@ -15,6 +15,10 @@ class ConfigError(UserError):
 
 
 Precision = Literal["auto", "fp32", "bf16"]
+CompileMode = Literal["auto", "on", "off"]
+# aot_eager traces and differentiates like inductor but runs the ops eagerly: no C++ compiler
+# needed, so it checks the compiled path anywhere (tests), without inductor's speed.
+CompileBackend = Literal["inductor", "aot_eager"]
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -60,6 +64,10 @@ class TrainConfig:
     device: str = _opt("auto", "auto, cpu, cuda")
     workers: int = _opt(0, "data loader worker processes per rank")
     loss_impl: Impl = _opt("auto", "kernels.sparse_kd_loss implementation")
+    compile: CompileMode = _opt("auto", "torch.compile the decoder (the loss stays eager); auto: "
+                                "on for CUDA, off on CPU, where compiling costs more than it "
+                                "saves on short runs (BENCHMARKS.md)")
+    compile_backend: CompileBackend = _opt("inductor", "torch.compile backend of --compile")
 
     def __post_init__(self) -> None:
         self.overrides = dict(self.overrides or {})
@@ -95,7 +103,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # What a resumed run may change without changing the result of the steps already taken.
 RESUMABLE_CHANGES = frozenset({
     "out", "cache", "max_steps", "eval_every", "checkpoint_every", "log_every", "resume",
-    "overwrite", "device", "workers", "eval_batch_size"})
+    "overwrite", "device", "workers", "eval_batch_size", "compile", "compile_backend"})
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, str]:

@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
+from transformers import LlamaForCausalLM
 
 from student_train.checkpoint import (
     CHECKPOINT_FILE,
@@ -76,6 +77,31 @@ def use_bf16(precision: str, device: torch.device) -> bool:
     if precision == "auto":
         return device.type == "cuda" and torch.cuda.is_bf16_supported()
     return precision == "bf16"
+
+
+def use_compile(mode: str, device: torch.device) -> bool:
+    # On CPU the first step's compile outweighs the gain on short runs (benchmarks/bench_train.py):
+    # there it is opt-in.
+    if mode == "auto":
+        return device.type == "cuda"
+    return mode == "on"
+
+
+def compile_decoder(student: LlamaForCausalLM, backend: str, device: torch.device) -> None:
+    """Compile the decoder in place, so its state_dict keys stay the eager ones; the loss (an
+    autograd Function, the LM head) stays outside the graph. Every training batch has the same
+    shape, hence dynamic=False: one compile, on the first step."""
+    if backend == "inductor" and device.type == "cpu":
+        from torch._inductor.cpp_builder import get_cpp_compiler
+        from torch._inductor.exc import InvalidCxxCompiler
+
+        try:
+            get_cpp_compiler()
+        except InvalidCxxCompiler:
+            raise ConfigError("--compile with the inductor backend on CPU needs a C++ compiler "
+                              "(g++, or $CXX); install one, or use --compile off or "
+                              "--compile-backend aot_eager") from None
+    student.model.compile(backend=backend, dynamic=False)
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig,
@@ -180,16 +206,20 @@ class Trainer:
         self.optimizer = make_optimizer(self.student, config, env.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, config))
-        self.step, self.train_seconds = 0, 0.0
+        self.step, self.train_seconds, self.timed_steps = 0, 0.0, 0
         # A rerun over a finished run returns its summary and rewrites nothing, measured figures
         # (tokens/s, seconds) included.
         self.finished: dict[str, Any] | None = None
+        self.compiled = use_compile(config.compile, env.device)
+        if self.compiled:
+            compile_decoder(self.student, config.compile_backend, env.device)
         if checkpoint is not None:
             self.student.load_state_dict(checkpoint["model"])
             self.optimizer.load_state_dict(checkpoint["optimizer"])
             self.scheduler.load_state_dict(checkpoint["scheduler"])
             set_rng_state(checkpoint["rng"])
             self.step, self.train_seconds = checkpoint["step"], checkpoint["train_seconds"]
+            self.timed_steps = checkpoint["timed_steps"]
             if self.step >= config.max_steps:
                 self.finished = finished_summary(self.out, self.step)
         self.model: torch.nn.Module = objective
@@ -235,7 +265,9 @@ class Trainer:
         env = self.env
         batches = eval_batches(self.cache, self.split.val, self.config.eval_batch_size, env.rank,
                                env.world_size)
-        result = evaluate(self.student, batches, env.device, impl=self.config.loss_impl)
+        # Eager: a no-grad graph and the last, smaller batch would each cost another compile.
+        with torch.compiler.set_stance("force_eager"):
+            result = evaluate(self.student, batches, env.device, impl=self.config.loss_impl)
         record = {"step": self.step, "tokens": self.step * self.tokens_per_step,
                   **result.as_record()}
         self.log(record)
@@ -247,13 +279,19 @@ class Trainer:
                 "step": self.step, "model": self.student.state_dict(),
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
-                "train_seconds": self.train_seconds,
+                "train_seconds": self.train_seconds, "timed_steps": self.timed_steps,
                 "config": asdict(self.config),
                 "data": stream_position(self.step * self.config.grad_accum,
                                         self.config.batch_size, len(self.split.train)),
             })
         if self.env.world_size > 1:
             dist.barrier()
+
+    def tokens_per_s(self) -> float | None:
+        """Over the timed steps of the whole run (a compiled session's first step is not one)."""
+        if not self.train_seconds:
+            return None
+        return self.timed_steps * self.tokens_per_step / self.train_seconds
 
     def log(self, record: dict[str, Any]) -> None:
         if self.metrics is not None:
@@ -271,19 +309,29 @@ class Trainer:
             print(f"student {config.student}: {self.parameters / 1e6:.2f}M parameters, "
                   f"{len(self.split.train)} training / {len(self.split.val)} held-out sequences, "
                   f"{self.tokens_per_step} tokens per step, {env.world_size} rank(s) on "
-                  f"{env.device}{', bf16 autocast' if self.bf16 else ''}")
+                  f"{env.device}{', bf16 autocast' if self.bf16 else ''}"
+                  f"{', compiled decoder' if self.compiled else ''}")
         last_eval = self.evaluate() if self.step == 0 and config.eval_every > 0 else None
+        # A compiled run's first step (of each session) compiles: it is timed apart and left out
+        # of tokens/s.
+        compile_seconds, compile_step = None, self.step + 1 if self.compiled else None
         progress = tqdm(total=config.max_steps, initial=self.step, unit="step",
                         disable=not env.is_main, dynamic_ncols=True)
         while self.step < config.max_steps:
             started = time.perf_counter()
             loss, grad_norm = self.train_step()
-            self.train_seconds += time.perf_counter() - started
-            tokens_per_s = self.step * self.tokens_per_step / self.train_seconds
+            elapsed = time.perf_counter() - started
+            if self.step == compile_step:
+                compile_seconds = elapsed
+            else:
+                self.train_seconds += elapsed
+                self.timed_steps += 1
+            tokens_per_s = self.tokens_per_s()
             progress.update(1)
             step = self.step
             if step % config.log_every == 0 or step == config.max_steps:
-                progress.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{tokens_per_s:,.0f}")
+                progress.set_postfix(loss=f"{loss.item():.4f}",
+                                     tok_s=f"{tokens_per_s or 0:,.0f}")
                 self.log({"step": step, "tokens": step * self.tokens_per_step,
                           "loss": loss.item(), "lr": self.scheduler.get_last_lr()[0],
                           "grad_norm": None if grad_norm is None else grad_norm.item(),
@@ -302,9 +350,9 @@ class Trainer:
         summary = {
             "student": config.student, "parameters": self.parameters, "steps": self.step,
             "tokens_seen": self.step * self.tokens_per_step,
-            "tokens_per_s": (self.step * self.tokens_per_step / self.train_seconds
-                             if self.train_seconds else None),
-            "train_seconds": self.train_seconds, "ce_weight": config.ce_weight,
+            "tokens_per_s": self.tokens_per_s(),
+            "train_seconds": self.train_seconds, "compile_seconds": compile_seconds,
+            "ce_weight": config.ce_weight,
             "kd_weight": config.kd_weight, "divergence": config.divergence,
             "select": config.select, "seed": config.seed, "rows_per_step": config.rows_per_step,
             "held_out_fraction": config.val_fraction,
@@ -317,6 +365,9 @@ class Trainer:
                   f"{summary['val_ce']:.4f} (PPL {summary['val_ppl']:.1f}), KL "
                   f"{summary['val_kl']:.4f}, top-1 {summary['val_top1']:.3f}; student saved to "
                   f"{self.out / STUDENT_DIR}")
+            if compile_seconds is not None:
+                print(f"compile: the first step took {compile_seconds:.1f} s (compilation "
+                      f"included), not counted in tokens/s")
         return summary
 
 

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from student_train.synthetic import write_synthetic_cache
+
 TINY_SEQ_LEN = 32
 TINY_TOP_K = 8
 TINY_SHARD_ROWS = 4
@@ -113,3 +115,12 @@ def tiny_cache(tmp_path_factory: pytest.TempPathFactory, tiny_build_config) -> P
     out = tmp_path_factory.mktemp("tiny_cache") / "cache"
     build_cache(tiny_build_config(out))
     return out
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    """A tiny synthetic cache the training tests share (48 sequences of 16 tokens, top-4)."""
+    path = tmp_path_factory.mktemp("cache")
+    write_synthetic_cache(path, sequences=48, seq_len=16, top_k=4, vocab_size=128,
+                          rows_per_shard=8, seed=2)
+    return str(path)

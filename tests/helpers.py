@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
+from safetensors.torch import load_file
 from torch import Tensor
 
 from kernels.divergences import TAIL_EPS, KDSpec, KDTargets
+from student_train.config import TrainConfig
 from student_train.synthetic import write_synthetic_cache
 from teacher_cache.reader import TeacherCache, open_cache
 
@@ -151,3 +155,34 @@ def synthetic_cache(path: str | os.PathLike, *, sequences: int = 40, seq_len: in
 def shard_bytes(path: Path) -> dict[str, bytes]:
     """Every shard file of a local cache (the .arrow and its .json) by name."""
     return {p.name: p.read_bytes() for p in sorted((path / "shards").glob("shard-*"))}
+
+
+# --- training runs: a tiny student on a tiny synthetic cache ---
+
+TINY = {"hidden_size": "32", "num_hidden_layers": "1", "num_attention_heads": "2",
+        "num_key_value_heads": "2", "intermediate_size": "64"}
+
+
+def tiny_config(cache_dir, out, **changes) -> TrainConfig:
+    values = dict(cache=cache_dir, out=str(out), student="xs", overrides=dict(TINY), max_steps=8,
+                  batch_size=4, lr=1e-2, warmup=2, eval_every=4, checkpoint_every=4, log_every=1,
+                  val_fraction=0.2, shuffle_buffer=8, eval_batch_size=4)
+    return TrainConfig(**(values | changes))
+
+
+def records(out, key) -> list[dict]:
+    lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if key in r]
+
+
+def assert_same_run(expected: Path, got: Path, keys: tuple[str, ...], rel: float,
+                    atol: float) -> None:
+    """Both runs logged the same metrics at the same steps and saved the same student weights."""
+    for key in keys:
+        want, have = records(expected, key), records(got, key)
+        assert [r["step"] for r in have] == [r["step"] for r in want]
+        assert [r[key] for r in have] == pytest.approx([r[key] for r in want], rel=rel)
+    want_weights = load_file(expected / "student" / "model.safetensors")
+    have_weights = load_file(got / "student" / "model.safetensors")
+    for name, tensor in want_weights.items():
+        torch.testing.assert_close(have_weights[name], tensor, rtol=rel, atol=atol)

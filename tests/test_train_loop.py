@@ -6,58 +6,19 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from helpers import TINY, assert_same_run, records, tiny_config
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import student_train.train as train_module
 from student_train.checkpoint import load_checkpoint
-from student_train.config import TrainConfig
 from student_train.data import TrainStream, split_rows
 from student_train.model import DistillationObjective, build_student
 from student_train.selection import Selection
-from student_train.synthetic import write_synthetic_cache
 from student_train.train import lr_factor, train
 from teacher_cache.reader import open_cache
-
-TINY = {"hidden_size": "32", "num_hidden_layers": "1", "num_attention_heads": "2",
-        "num_key_value_heads": "2", "intermediate_size": "64"}
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cache")
-    write_synthetic_cache(path, sequences=48, seq_len=16, top_k=4, vocab_size=128,
-                          rows_per_shard=8, seed=2)
-    return str(path)
-
-
-def tiny_config(cache_dir, out, **changes) -> TrainConfig:
-    values = dict(cache=cache_dir, out=str(out), student="xs", overrides=dict(TINY), max_steps=8,
-                  batch_size=4, lr=1e-2, warmup=2, eval_every=4, checkpoint_every=4, log_every=1,
-                  val_fraction=0.2, shuffle_buffer=8, eval_batch_size=4)
-    return TrainConfig(**(values | changes))
-
-
-def records(out, key) -> list[dict]:
-    lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if key in r]
-
-
-def assert_same_run(expected: Path, got: Path, keys: tuple[str, ...], rel: float,
-                    atol: float) -> None:
-    """Both runs logged the same metrics at the same steps and saved the same student weights."""
-    for key in keys:
-        want, have = records(expected, key), records(got, key)
-        assert [r["step"] for r in have] == [r["step"] for r in want]
-        assert [r[key] for r in have] == pytest.approx([r[key] for r in want], rel=rel)
-    want_weights = load_file(expected / "student" / "model.safetensors")
-    have_weights = load_file(got / "student" / "model.safetensors")
-    for name, tensor in want_weights.items():
-        torch.testing.assert_close(have_weights[name], tensor, rtol=rel, atol=atol)
 
 
 def test_a_few_steps_lower_the_loss(cache_dir, tmp_path):
