@@ -30,6 +30,7 @@ REFERENCE_RUN := $(CACHE)/reference
 STUDENTS ?= xs s
 STEPS ?= 200
 BASELINE ?= 0
+QUICK ?= 0
 PRETRAIN_OUT ?= runs/pretrain
 # torch.compile the students' decoder: auto (on for CUDA, off on CPU), on or off.
 COMPILE ?=
@@ -80,8 +81,9 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_cache.py
 	$(PY) benchmarks/bench_train.py
 
+# QUICK=1: the two V=128256 shapes of issue 14 plus a per-kernel profile (a few minutes on a GPU).
 bench-kernel: $(STAMP)
-	$(PY) benchmarks/bench_kernel.py
+	$(PY) benchmarks/bench_kernel.py $(if $(filter 1,$(QUICK)),--quick)
 
 # Larger teachers: $(PY) benchmarks/bench_vllm.py --random-teacher smollm2-1.7b --tokens 4096
 bench-vllm: $(STAMP)

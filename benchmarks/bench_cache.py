@@ -35,10 +35,14 @@ def packed_ids(tokenizer, tokens: int, seq_len: int) -> np.ndarray:
 
 @torch.inference_mode()
 def naive_loop(model, ids: np.ndarray, top_k: int, batch_size: int) -> float:
+    """Seconds for forward + log_softmax + topk over ids, batches moved to the model's device;
+    on CUDA the clock stops once the device has finished."""
     started = time.perf_counter()
     for chunk in torch.from_numpy(ids.astype(np.int64)).split(batch_size):
-        logprobs = torch.log_softmax(model(chunk).logits.float(), dim=-1)
-        torch.topk(logprobs, top_k, dim=-1)
+        logits = model(chunk.to(model.device)).logits
+        torch.topk(torch.log_softmax(logits.float(), dim=-1), top_k, dim=-1)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
     return time.perf_counter() - started
 
 

@@ -2,14 +2,20 @@
 
 For each shape (N tokens, hidden H, vocabulary V, teacher top-k) in bf16 it times loss + backward
 (median of triton.testing.do_bench) and the peak memory above the inputs for:
-  triton         kernels.sparse_kd_loss(impl="triton")
+  triton         kernels.sparse_kd_loss(impl="triton") (v2: logits once per chunk, 6 N H V)
   reference      the chunked torch reference, eager
   compiled       the same under torch.compile (compile time excluded)
   liger_ce       Liger-Kernel's fused linear cross-entropy (CE only), when importable
+  naive          full [N, V] logits, float32 log_softmax, CE + fkl at T = 1, eager autograd
   floor          the three LM-head GEMMs alone (logits, grad_h, grad_W) with cuBLAS
 and prints effective TFLOP/s (6 N H V / time) and each time's ratio to the floor.
 
     python benchmarks/bench_kernel.py --out runs/bench_kernel.json [--n 8192 --v 32768 ...]
+    python benchmarks/bench_kernel.py --quick    # `make bench-kernel QUICK=1`
+
+--quick measures the two V = 128256, k = 64 shapes of issue 14's table (N = 16384, H = 2048 and
+4096) with shorter timing loops, then prints a per-kernel profile (torch.profiler) of one
+triton step at the first shape: meant to finish in a few minutes on one GPU.
 
 Without CUDA it prints why and exits 0.
 """
@@ -30,7 +36,8 @@ import torch
 from kernels import DIVERGENCES, KDSpec, KDTargets, sparse_kd_loss
 from kernels.reference import sparse_kd_loss_reference
 
-IMPLS = ("triton", "reference", "compiled", "liger_ce", "floor")
+IMPLS = ("triton", "reference", "compiled", "liger_ce", "naive", "floor")
+QUICK_SHAPES = ((16384, 2048, 128256, 64), (16384, 4096, 128256, 64))
 
 
 @dataclass(frozen=True)
@@ -101,6 +108,12 @@ def loss_step(impl: str, problem: Problem, divergence: str) -> Callable[[], None
 
         def run() -> torch.Tensor:
             return liger(p.weight, p.hidden, p.labels)
+    elif impl == "naive":
+        if divergence != "fkl":
+            raise ValueError("the naive baseline computes fkl only")
+
+        def run() -> torch.Tensor:
+            return naive_loss(p)
     else:
         return floor_step(problem)
 
@@ -108,6 +121,33 @@ def loss_step(impl: str, problem: Problem, divergence: str) -> Callable[[], None
         run().backward()
 
     return step
+
+
+def naive_loss(p: Problem) -> torch.Tensor:
+    """CE + fkl at T = 1 over the full float32 log-softmax, as a plain training script writes it."""
+    logp = torch.log_softmax((p.hidden @ p.weight.T).float(), -1)
+    valid = p.labels != -100
+    ce = torch.nn.functional.nll_loss(logp, p.labels, ignore_index=-100)
+    q = p.topk_logprobs.softmax(-1)
+    kd = (q * (q.log() - logp.gather(1, p.topk_ids))).sum(-1)
+    return ce + kd[valid].mean()
+
+
+def profile_step(shape: Shape, divergence: str, rows: int = 15) -> None:
+    """Print the device time per kernel of one warm triton fwd+bwd at shape."""
+    from torch.profiler import ProfilerActivity, profile
+
+    problem = make_problem(shape)
+    step = loss_step("triton", problem, divergence)
+    step()  # compile and autotune outside the profile
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    print(f"\nper-kernel profile, triton, N={shape.n} H={shape.h} V={shape.v} k={shape.k}:")
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=rows), flush=True)
+    del problem
+    torch.cuda.empty_cache()
 
 
 def floor_step(problem: Problem) -> Callable[[], None]:
@@ -196,7 +236,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--divergence", choices=DIVERGENCES, default="fkl")
     parser.add_argument("--warmup-ms", type=int, default=100)
     parser.add_argument("--rep-ms", type=int, default=500)
+    parser.add_argument("--quick", action="store_true",
+                        help="issue 14's first two shapes, short timing loops, then a profile")
+    parser.add_argument("--profile", action="store_true",
+                        help="print a per-kernel profile of one triton step at the first shape")
     args = parser.parse_args(argv)
+    shapes = [Shape(*s) for s in itertools.product(args.n, args.h, args.v, args.k)]
+    if args.quick:
+        shapes = [Shape(*s) for s in QUICK_SHAPES]
+        args.warmup_ms, args.rep_ms, args.profile = 25, 200, True
 
     if not torch.cuda.is_available():
         print("bench_kernel: no CUDA device; this benchmark needs a GPU. Nothing was measured.")
@@ -205,8 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     print(" ".join(f"{k}={v}" for k, v in env.items()), flush=True)
 
     results: list[Result] = []
-    for n, h, v, k in itertools.product(args.n, args.h, args.v, args.k):
-        shape = Shape(n, h, v, k)
+    for shape in shapes:
         impls = [i for i in args.impls if i != "floor"]
         floor = measure("floor", shape, args.divergence, args.warmup_ms, args.rep_ms)
         shape_results = [floor] + [
@@ -231,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     tmp.write_text(json.dumps(payload, indent=2))
     tmp.replace(args.out)
     print(f"wrote {args.out}")
+    if args.profile and "triton" in args.impls:
+        profile_step(shapes[0], args.divergence)
     return 0
 
 

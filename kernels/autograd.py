@@ -5,6 +5,8 @@ head's gradients."""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
@@ -20,6 +22,19 @@ class GradientsInForward(torch.autograd.Function):
         return grad_hidden * grad_loss, grad_weight * grad_loss, *no_grads
 
 
+@functools.cache
+def _addmm_widens(device: torch.device, dtype: torch.dtype, wide: torch.dtype) -> bool:
+    """Whether torch.addmm(acc, a, b, out_dtype=wide, out=acc) accumulates a product of dtype
+    matrices into a wide acc here (CUDA in recent torch; not the CPU build)."""
+    a = torch.ones(2, 2, dtype=dtype, device=device)
+    acc = torch.ones(2, 2, dtype=wide, device=device)
+    try:
+        torch.addmm(acc, a, a, out_dtype=wide, out=acc)
+    except (NotImplementedError, RuntimeError, TypeError):
+        return False
+    return bool((acc == 3).all())
+
+
 class LMHeadGradients:
     """grad_hidden and grad_weight of the LM head, filled chunk of rows by chunk of rows from
     dL/dx: grad_hidden[rows] = dL/dx @ W, and grad_weight += dL/dx^T @ h summed in
@@ -29,13 +44,18 @@ class LMHeadGradients:
         self.weight = weight
         self.grad_hidden = torch.empty_like(hidden)
         self.grad_weight = torch.zeros_like(weight, dtype=accumulate_dtype)
-        self.chunk_grad_weight = None if weight.dtype == accumulate_dtype else \
-            torch.empty_like(weight)
+        self.widening = weight.dtype != accumulate_dtype
+        self.fused = self.widening and _addmm_widens(weight.device, weight.dtype, accumulate_dtype)
+        self.chunk_grad_weight = torch.empty_like(weight) if self.widening and not self.fused \
+            else None
 
     def add(self, rows: slice, dlogits: Tensor, hidden_rows: Tensor) -> None:
         torch.mm(dlogits, self.weight, out=self.grad_hidden[rows])
-        if self.chunk_grad_weight is None:
+        if not self.widening:
             self.grad_weight.addmm_(dlogits.T, hidden_rows)
+        elif self.fused:  # the GEMM adds its wide result into the accumulator: no extra pass
+            torch.addmm(self.grad_weight, dlogits.T, hidden_rows, out_dtype=self.grad_weight.dtype,
+                        out=self.grad_weight)
         else:  # the chunk product is rounded once; the sum over chunks stays wide
             self.grad_weight += torch.mm(dlogits.T, hidden_rows, out=self.chunk_grad_weight)
 
