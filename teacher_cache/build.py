@@ -320,7 +320,7 @@ def _previous_manifest(location: Location) -> Manifest | None:
 def _keep_scores(location: Location, previous: Manifest, manifest: Manifest) -> None:
     """A rerun of a finished build keeps the scores `score` wrote since: the shards, their score
     column included, are byte for byte those of the previous manifest."""
-    if manifest.score is None and previous.score and previous.shards == manifest.shards:
+    if previous.score and previous.shards == manifest.shards and manifest.score != previous.score:
         manifest.score = previous.score
         location.write_bytes_atomic(manifest.to_json().encode(), MANIFEST_FILE)
 

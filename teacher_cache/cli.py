@@ -1,4 +1,5 @@
-"""`python -m teacher_cache {build,finalize,score}`: the command line of build.py and score.py."""
+"""`python -m teacher_cache {build,finalize,score,verify}`: the command line of build.py,
+finalize.py, score.py and verify.py."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from teacher_cache.corpus import CorpusConfig
 from teacher_cache.errors import CorpusError, reports_user_errors
 from teacher_cache.finalize import finalize_cache
 from teacher_cache.score import describe_score_stats, rescore_cache
+from teacher_cache.verify import verify_cache
 
 DEFAULTS = BuildConfig(out="")
 DTYPE_HELP = ("compute dtype: auto (bf16 on GPUs with native bf16 and on CPUs with AMX, else "
@@ -94,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="sequences per reference forward")
     score.add_argument("--dtype", default=DEFAULTS.dtype, help=DTYPE_HELP)
     score.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    verify = commands.add_parser(
+        "verify", help="check every shard of a cache (size, sha256, rows); exit 1 if one is bad")
+    verify.add_argument("--cache", required=True, help="cache directory")
+    verify.add_argument("--repair", action="store_true",
+                        help="drop bad shards and their markers and mark the cache incomplete, "
+                             "so the same build command rebuilds only them")
     return parser
 
 
@@ -107,11 +116,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         manifest = finalize_cache(args.out)
         print(f"{args.out}: complete, {manifest.totals['sequences']:,} sequences in "
               f"{len(manifest.shards)} shards")
+    elif args.command == "verify":
+        return _verify(args.cache, args.repair)
     else:
         manifest = rescore_cache(args.cache, args.reference, batch_size=args.batch_size,
                                  dtype=args.dtype, progress=not args.no_progress)
         print(f"{args.cache}: rescored with {manifest.score['reference']['path']}\n"
               f"{describe_score_stats(manifest.score['stats'])}")
+    return 0
+
+
+def _verify(cache: str, repair: bool) -> int:
+    bad = verify_cache(cache, repair=repair)
+    for error in bad:
+        print(f"bad shard {error.info.index} ({error.info.path}): {error.problem}")
+    if not bad:
+        print(f"{cache}: every shard is intact")
+        return 0
+    if not repair:
+        print(f"{cache}: {len(bad)} bad shards; `python -m teacher_cache verify --cache {cache} "
+              f"--repair` drops them so that the same build command rebuilds them")
+        return 1
+    print(f"{cache}: dropped {len(bad)} bad shards; rerun the same build command (then `finalize` "
+          f"for a multi-worker build) to rebuild them, and `score` if a reference scored them")
     return 0
 
 

@@ -7,7 +7,9 @@ Human-readable description: docs/cache-format.md. Summary:
     CACHE/shards/shard-NNNNNN.arrow       Arrow IPC file (zstd), one row per packed sequence
     CACHE/shards/shard-NNNNNN.json        ShardInfo, written after the .arrow: marks the shard done
     CACHE/workers/worker-W-of-N.json      WorkerReport, once a worker went through the corpus
+    CACHE/shards/shard-NNNNNN.SHA.arrow   the shard as `score` rewrote it (SHA: its sha256 prefix)
     CACHE/rescore/REFERENCE/shard-NNNNNN.json  ShardInfo of a rescored shard, while `score` runs
+    CACHE/rescore/REFERENCE/started.json  the reference and the shard checksums it started from
 
 Shard `i` holds the sequences with ids `[i * rows_per_shard, (i + 1) * rows_per_shard)` of the
 packed corpus, so shard identity does not depend on how many workers built the cache.
@@ -23,14 +25,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 
 from teacher_cache.errors import CacheError
-from teacher_cache.storage import Location
+from teacher_cache.storage import Location, confined
 
 FORMAT_NAME = "distill.teacher-cache"
 FORMAT_VERSION = 1
@@ -43,6 +45,7 @@ BUILD_FILE = "build.json"
 SHARD_DIR = "shards"
 WORKER_DIR = "workers"
 RESCORE_DIR = "rescore"
+JOURNAL_FILE = "started.json"  # in a rescore dir: the reference and the shards it started from
 # A model saved by student_train carries how it was trained in this file of its directory.
 TRAINING_FILE = "training.json"
 
@@ -53,6 +56,16 @@ def shard_name(index: int) -> str:
 
 def shard_info_name(index: int) -> str:
     return f"shard-{index:06d}.json"
+
+
+def rescored_shard_name(index: int, sha256: str) -> str:
+    """A shard file `score` wrote, named by its content: no file a manifest lists ever changes."""
+    return f"shard-{index:06d}.{sha256[:16]}.arrow"
+
+
+# Arrow schema metadata of a shard `score` wrote: the reference weights that made its scores (a
+# shard without it was scored by the build's reference, if any).
+SCORE_REFERENCE_KEY = b"distill.score_reference"
 
 
 def worker_report_name(worker_index: int, num_workers: int) -> str:
@@ -121,12 +134,35 @@ class ShardInfo:
     bytes: int
     first_seq_id: int
 
+    def __post_init__(self) -> None:
+        confined(self.path)
+
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> ShardInfo:
-        return cls(**json.loads(text))
+    def from_json(cls, text: str | bytes, source: str = "shard marker") -> ShardInfo:
+        try:
+            raw = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise CacheError(f"{source}: not valid JSON ({e}); delete it and rerun") from None
+        return cls.from_dict(raw, source)
+
+    @classmethod
+    def from_dict(cls, raw: object, source: str) -> ShardInfo:
+        names = [f.name for f in fields(cls)]
+        if not isinstance(raw, dict) or sorted(raw) != sorted(names):
+            raise CacheError(f"{source}: a shard entry has exactly the fields {', '.join(names)}; "
+                             f"got {str(raw)[:120]}; the cache is damaged, rebuild it")
+        for name in names:
+            expected = str if name in ("path", "sha256") else int
+            if type(raw[name]) is not expected:
+                raise CacheError(f"{source}: shard field {name} = {raw[name]!r} is not of type "
+                                 f"{expected.__name__}; the cache is damaged, rebuild it")
+        try:
+            return cls(**raw)
+        except CacheError as e:
+            raise CacheError(f"{source}: shard {raw['index']} path {e}") from None
 
 
 @dataclass
@@ -211,6 +247,9 @@ class Manifest:
         except json.JSONDecodeError as e:
             raise CacheError(f"{source}: not valid JSON ({e}); the cache is damaged, rebuild it"
                              ) from e
+        if not isinstance(raw, dict):
+            raise CacheError(f"{source}: a manifest is a JSON object, not {type(raw).__name__}; "
+                             f"the cache is damaged, rebuild it")
         if raw.get("format") != FORMAT_NAME:
             raise CacheError(
                 f"{source}: format {raw.get('format')!r} is not a {FORMAT_NAME} manifest")
@@ -218,11 +257,10 @@ class Manifest:
             raise CacheError(
                 f"{source}: cache format version {raw.get('version')!r} is not supported by this "
                 f"reader (it knows version {FORMAT_VERSION}); upgrade distill or rebuild the cache")
-        raw["shards"] = [ShardInfo(**s) for s in raw.get("shards", [])]
-        try:
-            return cls(**raw)
-        except TypeError as e:
-            raise CacheError(f"{source}: unexpected manifest fields ({e})") from e
+        _check_manifest_fields(raw, source)
+        raw["shards"] = [ShardInfo.from_dict(s, f"{source}: shards[{i}]")
+                         for i, s in enumerate(raw.get("shards", []))]
+        return cls(**raw)
 
     def build_identity(self) -> dict[str, Any]:
         """What must match for a rerun to extend this cache rather than conflict with it."""
@@ -234,6 +272,24 @@ class Manifest:
             "rows_per_shard": self.rows_per_shard,
             "corpus": self.corpus.get("description"),
         }
+
+
+def _check_manifest_fields(raw: dict[str, Any], source: str) -> None:
+    """Names and basic types of a manifest's fields, so a damaged one fails here with one line and
+    not deep inside a reader. Whether the shards hold what it says is checked as they are read."""
+    known = {f.name: f for f in fields(Manifest)}
+    required = [name for name, f in known.items()
+                if f.default is MISSING and f.default_factory is MISSING]
+    problems = [f"unknown field {name!r}" for name in raw if name not in known]
+    problems += [f"missing field {name!r}" for name in required if name not in raw]
+    problems += [f"{name} = {raw[name]!r} is not a positive integer"
+                 for name in ("seq_len", "top_k", "vocab_size", "rows_per_shard")
+                 if name in raw and (type(raw[name]) is not int or raw[name] < 1)]
+    if not isinstance(raw.get("shards", []), list):
+        problems.append("shards is not a list")
+    if problems:
+        raise CacheError(f"{source}: {'; '.join(problems)}; the cache is damaged or from another "
+                         f"tool, rebuild it")
 
 
 @dataclass
@@ -350,23 +406,38 @@ def read_shard_info(location: Location, index: int) -> ShardInfo | None:
     """The ShardInfo of a finished shard, or None if the shard is missing or unfinished."""
     if not location.exists(SHARD_DIR, shard_info_name(index)):
         return None
-    return ShardInfo.from_json(location.read_bytes(SHARD_DIR, shard_info_name(index)))
+    return ShardInfo.from_json(location.read_bytes(SHARD_DIR, shard_info_name(index)),
+                               f"{location.uri.rstrip('/')}/{SHARD_DIR}/{shard_info_name(index)}")
+
+
+class ShardError(CacheError):
+    """A shard that cannot be read as its ShardInfo says: `problem` says why, in one line."""
+
+    def __init__(self, location: Location, info: ShardInfo, problem: str):
+        self.info, self.problem = info, problem
+        super().__init__(f"{location.uri.rstrip('/')}/{info.path}: {problem}; `python -m "
+                         f"teacher_cache verify --cache {location.uri} --repair` drops it, then "
+                         f"the same build command rebuilds it")
+
+
+class ShardMissing(ShardError):
+    """A shard file the manifest lists is not there (a reader may find a newer manifest)."""
 
 
 def read_shard(location: Location, info: ShardInfo, verify: bool = True) -> pa.Table:
     """A shard's rows as an Arrow table, after checking its size and sha256 against `info`."""
-    where = f"{location.uri.rstrip('/')}/{info.path}"
     try:
         data = location.read_bytes(info.path)
-    except FileNotFoundError as e:
-        raise CacheError(f"{where}: shard listed in the manifest is missing") from e
+    except FileNotFoundError:
+        raise ShardMissing(location, info, "shard listed in the manifest is missing") from None
     if verify and (len(data) != info.bytes or hashlib.sha256(data).hexdigest() != info.sha256):
-        raise CacheError(f"{where}: checksum mismatch (the shard is corrupt or was modified); "
-                         f"rebuild it by deleting it and rerunning the build")
+        raise ShardError(location, info,
+                         "checksum mismatch (the shard is corrupt or was modified)")
     try:
         table = pa.ipc.open_file(pa.BufferReader(data)).read_all()
     except pa.ArrowInvalid as e:
-        raise CacheError(f"{where}: not a readable Arrow IPC file ({e})") from e
+        raise ShardError(location, info, f"not a readable Arrow IPC file ({e})") from None
     if table.num_rows != info.rows:
-        raise CacheError(f"{where}: holds {table.num_rows} rows, the manifest says {info.rows}")
+        raise ShardError(location, info,
+                         f"holds {table.num_rows} rows, the manifest says {info.rows}")
     return table

@@ -6,6 +6,7 @@ import os
 from collections.abc import Iterator
 
 import numpy as np
+import pyarrow as pa
 
 from teacher_cache.format import (
     MANIFEST_FILE,
@@ -13,6 +14,7 @@ from teacher_cache.format import (
     CacheError,
     Manifest,
     ShardInfo,
+    ShardMissing,
     decode_batch,
     read_shard,
 )
@@ -20,7 +22,13 @@ from teacher_cache.storage import Location, resolve
 
 
 class TeacherCache:
-    """A finished cache. Iterating yields `CacheBatch`es of `batch_size` rows in storage order."""
+    """A finished cache. Iterating yields `CacheBatch`es of `batch_size` rows in storage order.
+
+    `score` never changes a file a manifest lists: it writes new shard files, switches the
+    manifest, then deletes the old files. A shard deleted under this reader is read from the
+    current manifest instead, when that one holds the same sequences (the teacher columns are then
+    the same bytes; only `score` may differ, and `read_scores` returns one version's).
+    """
 
     def __init__(self, location: Location, manifest: Manifest, verify: bool = True,
                  batch_size: int = 8):
@@ -39,21 +47,69 @@ class TeacherCache:
 
     def read_shard(self, shard: int | ShardInfo) -> CacheBatch:
         """All rows of one shard, decoded (checksum verified unless `verify=False`)."""
-        info = self.shards[shard] if isinstance(shard, int) else shard
-        table = read_shard(self.location, info, verify=self.verify)
-        return decode_batch(table, self.manifest.seq_len, self.manifest.top_k)
+        position = shard if isinstance(shard, int) else next(
+            i for i, s in enumerate(self.shards) if s.index == shard.index)
+        table = self._read_table(position)
+        self._check_shapes(table, shard)
+        batch = decode_batch(table, self.manifest.seq_len, self.manifest.top_k)
+        largest = max(int(batch.input_ids.max(initial=0)), int(batch.topk_ids.max(initial=0)))
+        if largest >= self.manifest.vocab_size:
+            raise CacheError(f"{self._where(shard)}: holds token id {largest}, but the manifest's "
+                             f"vocab_size is {self.manifest.vocab_size}; the manifest does not "
+                             f"belong to these shards, rebuild the cache")
+        return batch
 
     def read_scores(self) -> tuple[np.ndarray, np.ndarray]:
-        """(seq_ids, scores) of every row. Reads whole shards: their checksum covers the whole
-        file, so this also verifies every shard (unless `verify=False`)."""
-        seq_ids, scores = [], []
-        for info in self.shards:
-            table = read_shard(self.location, info, verify=self.verify)
-            seq_ids.append(table.column("seq_id").to_numpy())
-            scores.append(table.column("score").to_numpy(zero_copy_only=False).astype(np.float32))
-        if not seq_ids:
+        """(seq_ids, scores) of every row, all from one version of the cache. Reads whole shards:
+        their checksum covers the whole file, so this also verifies every shard (unless
+        `verify=False`)."""
+        while True:
+            version = self.manifest
+            tables = [self._read_table(i) for i in range(len(self.shards))]
+            if self.manifest is version:
+                break  # else `score` switched the manifest meanwhile: read the new version
+        if not tables:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        seq_ids = [t.column("seq_id").to_numpy() for t in tables]
+        scores = [t.column("score").to_numpy(zero_copy_only=False).astype(np.float32)
+                  for t in tables]
         return np.concatenate(seq_ids), np.concatenate(scores)
+
+    def _read_table(self, position: int) -> pa.Table:
+        try:
+            return read_shard(self.location, self.shards[position], verify=self.verify)
+        except ShardMissing:
+            if not self._follow_new_manifest():
+                raise
+            return read_shard(self.location, self.shards[position], verify=self.verify)
+
+    def _follow_new_manifest(self) -> bool:
+        """Switch to the cache's current manifest if it holds the same sequences as ours (a
+        `score` finished since we opened it); False if it is the one we have."""
+        current = read_manifest(self.location)
+        if current == self.manifest:
+            return False
+        if not current.complete or same_sequences(current) != same_sequences(self.manifest):
+            raise CacheError(f"{self.location.uri}: the cache was rebuilt while being read; "
+                             f"restart the reader")
+        self.manifest = current
+        return True
+
+    def _check_shapes(self, table: pa.Table, shard: int | ShardInfo) -> None:
+        m = self.manifest
+        widths = {"input_ids": m.seq_len, "topk_ids": m.seq_len * m.top_k}
+        for name, width in widths.items():
+            kind = table.schema.field(name).type if name in table.schema.names else None
+            found = kind.list_size if kind and pa.types.is_fixed_size_list(kind) else width
+            if found != width:
+                raise CacheError(f"{self._where(shard)}: column {name} holds {found} values per "
+                                 f"row, the manifest's seq_len {m.seq_len} and top_k {m.top_k} "
+                                 f"need {width}; the manifest does not belong to these shards, "
+                                 f"rebuild the cache")
+
+    def _where(self, shard: int | ShardInfo) -> str:
+        info = self.shards[shard] if isinstance(shard, int) else shard
+        return f"{self.location.uri.rstrip('/')}/{info.path}"
 
     def iter_batches(self, batch_size: int | None = None) -> Iterator[CacheBatch]:
         batch_size = batch_size or self.batch_size
@@ -69,6 +125,12 @@ class TeacherCache:
         m = self.manifest
         return (f"TeacherCache({self.location.uri!r}, sequences={self.num_sequences}, "
                 f"seq_len={m.seq_len}, top_k={m.top_k}, teacher={m.teacher.get('name')!r})")
+
+
+def same_sequences(manifest: Manifest) -> tuple:
+    """What two versions of a cache share when they differ only by `score`."""
+    shards = [(s.index, s.rows, s.first_seq_id, s.tokens) for s in manifest.shards]
+    return manifest.build_identity(), manifest.vocab_size, shards
 
 
 def read_manifest(location: Location) -> Manifest:

@@ -10,27 +10,35 @@ summary of that run (preset, selection, steps, tokens) that it saved beside the 
 
 from __future__ import annotations
 
+import hashlib
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 from tqdm.auto import tqdm
 
 from teacher_cache.backends import BackendConfig, Targets, TeacherBackend, create_backend
 from teacher_cache.format import (
+    BUILD_FILE,
+    JOURNAL_FILE,
     MANIFEST_FILE,
     RESCORE_DIR,
+    SCORE_REFERENCE_KEY,
+    SHARD_DIR,
     TRAINING_FILE,
     CacheError,
     Manifest,
     ShardInfo,
     read_shard,
     rescore_dir,
+    rescored_shard_name,
     score_stats,
+    serialize_shard,
     shard_info_name,
-    write_shard,
 )
 from teacher_cache.reader import read_manifest
 from teacher_cache.storage import Location, resolve
@@ -93,12 +101,6 @@ def reference_entry(reference: Teacher) -> dict[str, Any]:
     return reference.identity() | {"training": training}
 
 
-def is_scored_by(manifest: Manifest, reference: Teacher) -> bool:
-    """A complete cache whose scores already come from these reference weights."""
-    scored = (manifest.score or {}).get("reference") or {}
-    return manifest.complete and scored.get("weights_sha256") == reference.weights_sha256
-
-
 def check_same_tokenizer(reference: Teacher, tokenizer_sha256: str) -> None:
     if reference.tokenizer_sha256 != tokenizer_sha256:
         raise CacheError(f"reference {reference.path}: its tokenizer (sha256 "
@@ -106,60 +108,148 @@ def check_same_tokenizer(reference: Teacher, tokenizer_sha256: str) -> None:
                          f"tokenizer ({tokenizer_sha256[:12]}); a reference must share it")
 
 
+def check_vocabulary(reference: Teacher, vocab_size: int) -> None:
+    """A reference must give a logprob to every token id the teacher's vocabulary holds."""
+    from transformers import AutoConfig
+
+    theirs = AutoConfig.from_pretrained(reference.path).vocab_size
+    if theirs < vocab_size:
+        raise CacheError(f"reference {reference.path}: its vocabulary ({theirs:,} tokens) is "
+                         f"smaller than the cache's teacher vocabulary ({vocab_size:,}); use a "
+                         f"reference with the teacher's full vocabulary")
+
+
+def is_scored_by(location: Location, manifest: Manifest, reference: Teacher) -> bool:
+    """A complete cache whose every shard (read and verified) holds scores from these reference
+    weights, as its manifest says."""
+    scored = (manifest.score or {}).get("reference") or {}
+    if not manifest.complete or scored.get("weights_sha256") != reference.weights_sha256:
+        return False
+    built_by = _build_reference(location)
+    for info in manifest.shards:
+        table = read_shard(location, info)
+        metadata = table.schema.metadata or {}
+        made_by = metadata.get(SCORE_REFERENCE_KEY, b"").decode() or built_by
+        if made_by != reference.weights_sha256 or table.column("score").null_count:
+            return False
+    return True
+
+
 def rescore_cache(cache: str, reference_spec: str, batch_size: int = 8, dtype: str = "auto",
                   progress: bool = True) -> Manifest:
-    """Recompute every shard's `score` column with another reference, resumably.
+    """Recompute every shard's `score` column with another reference: all shards or none.
 
-    A cache already scored by the same reference weights is left as it is. Each shard is
-    rewritten atomically with only `score` changed and a marker under `rescore/` records it; the
-    manifest is marked incomplete meanwhile (its checksums are stale) and rewritten with the new
-    checksums and score statistics at the end. Rerunning after a kill resumes.
+    Readers keep the current version meanwhile: each rescored shard goes to a new file named by its
+    content, recorded under `rescore/REF/`; once all are written, one atomic write of the manifest
+    switches to them, then the build's shard markers follow and the old files are deleted. A kill
+    leaves the previous version intact; rerunning with the same reference resumes, another one is
+    refused until that rescore is finished or abandoned. A cache whose every shard already holds
+    this reference's scores is left as it is.
     """
     location = resolve(cache)
     manifest = read_manifest(location)
+    if not manifest.complete:
+        raise CacheError(f"{location.uri}: the cache is incomplete; finish its build first")
     reference = resolve_teacher(reference_spec)
     check_same_tokenizer(reference, manifest.tokenizer["sha256"])
-    if is_scored_by(manifest, reference):
+    check_vocabulary(reference, manifest.vocab_size)
+    journal = rescore_dir(reference.weights_sha256)
+    _refuse_other_rescores(location, journal)
+    if location.exists(journal) and _already_switched(location, manifest, journal):
+        _clean_up_after_switch(location, manifest)
         return manifest
-    marker_dir = rescore_dir(reference.weights_sha256)
-    if not manifest.complete and "rescoring" not in manifest.build:
-        raise CacheError(f"{location.uri}: the cache is incomplete; finish its build first")
-    manifest.complete = False
-    manifest.build["rescoring"] = reference.path
-    location.write_bytes_atomic(manifest.to_json().encode(), MANIFEST_FILE)
+    if not location.exists(journal) and is_scored_by(location, manifest, reference):
+        return manifest
+    _start_journal(location, manifest, reference, journal)
 
     scorer: ReferenceScorer | None = None
     new_infos: list[ShardInfo] = []
     try:
         for info in tqdm(manifest.shards, desc="rescore", unit="shard", disable=not progress):
             marker = shard_info_name(info.index)
-            if location.exists(marker_dir, marker):
-                new_infos.append(ShardInfo.from_json(location.read_bytes(marker_dir, marker)))
+            if location.exists(journal, marker):
+                new_infos.append(ShardInfo.from_json(location.read_bytes(journal, marker)))
                 continue
-            # Unverified: a kill between the shard write and its marker leaves a valid shard whose
-            # checksum is already the new one; recomputing its scores is idempotent.
-            table = read_shard(location, info, verify=False)
+            table = read_shard(location, info)
             scorer = scorer or ReferenceScorer(reference, manifest.tokenizer["sha256"],
                                                batch_size=batch_size, dtype=dtype)
-            new_infos.append(_rescore_shard(location, manifest, info, table, scorer))
-            location.write_bytes_atomic(new_infos[-1].to_json().encode(), marker_dir, marker)
+            new_infos.append(_rescore_shard(location, manifest, info, table, scorer, reference))
+            location.write_bytes_atomic(new_infos[-1].to_json().encode(), journal, marker)
     finally:
         if scorer is not None:
             scorer.close()
 
     manifest.shards = new_infos
     manifest.totals["bytes"] = sum(s.bytes for s in new_infos)
-    manifest.build.pop("rescoring")
-    manifest.complete = True
+    manifest.build.pop("rescoring", None)  # left by versions that rescored in place
     manifest.score = {"reference": reference_entry(reference),
                       "stats": score_stats(_all_scores(location, new_infos))}
-    location.write_bytes_atomic(manifest.to_json().encode(), MANIFEST_FILE)
-    location.fs.delete_dir(location.path(RESCORE_DIR))
+    location.write_bytes_atomic(manifest.to_json().encode(), MANIFEST_FILE)  # the switch
+    _clean_up_after_switch(location, manifest)
     return manifest
 
 
+def _refuse_other_rescores(location: Location, journal: str) -> None:
+    selector = pafs.FileSelector(location.path(RESCORE_DIR), allow_not_found=True)
+    for entry in location.fs.get_file_info(selector):
+        name = f"{RESCORE_DIR}/{entry.base_name}"
+        if entry.type == pafs.FileType.Directory and name != journal:
+            started = json.loads(location.read_bytes(name, JOURNAL_FILE)) if location.exists(
+                name, JOURNAL_FILE) else {}
+            raise CacheError(
+                f"{location.uri}: an interrupted `score` with reference "
+                f"{started.get('reference', {}).get('path', entry.base_name)} is pending in "
+                f"{name}; rerun it with that reference to finish it, or delete "
+                f"{location.path(RESCORE_DIR)} to abandon it (the cache is unchanged)")
+
+
+def _start_journal(location: Location, manifest: Manifest, reference: Teacher,
+                   journal: str) -> None:
+    """Record what this rescore starts from; a journal from another starting point (the cache was
+    rebuilt or repaired since) is discarded with the files it made."""
+    base = {"reference": reference.identity(), "base": [s.sha256 for s in manifest.shards]}
+    if location.exists(journal, JOURNAL_FILE):
+        if json.loads(location.read_bytes(journal, JOURNAL_FILE)) == base:
+            return
+        _clean_up_after_switch(location, manifest)
+    location.write_bytes_atomic(json.dumps(base).encode(), journal, JOURNAL_FILE)
+
+
+def _already_switched(location: Location, manifest: Manifest, journal: str) -> bool:
+    """The manifest already lists what the journal recorded: a kill after the switch."""
+    markers = [shard_info_name(s.index) for s in manifest.shards]
+    return all(location.exists(journal, m) for m in markers) and manifest.shards == [
+        ShardInfo.from_json(location.read_bytes(journal, m)) for m in markers]
+
+
+def _clean_up_after_switch(location: Location, manifest: Manifest) -> None:
+    """Make the build's shard markers name the manifest's files (so a rerun of the build keeps
+    them), delete every shard file the manifest does not list, then the rescore journal."""
+    for info in manifest.shards:
+        text = info.to_json().encode()
+        marker = shard_info_name(info.index)
+        if not location.exists(SHARD_DIR, marker) or location.read_bytes(SHARD_DIR,
+                                                                         marker) != text:
+            location.write_bytes_atomic(text, SHARD_DIR, marker)
+    listed = {info.path for info in manifest.shards}
+    for name in location.list(SHARD_DIR):
+        if name.endswith(".arrow") and f"{SHARD_DIR}/{name}" not in listed:
+            location.delete(SHARD_DIR, name)
+    if location.exists(RESCORE_DIR):
+        location.fs.delete_dir(location.path(RESCORE_DIR))
+
+
+def _build_reference(location: Location) -> str | None:
+    """The weights sha256 of the reference the build scored with, None if it had none."""
+    if not location.exists(BUILD_FILE):
+        return None
+    return (json.loads(location.read_bytes(BUILD_FILE)).get("reference") or {}).get(
+        "weights_sha256")
+
+
 def _rescore_shard(location: Location, manifest: Manifest, info: ShardInfo, table: pa.Table,
-                   scorer: ReferenceScorer) -> ShardInfo:
+                   scorer: ReferenceScorer, reference: Teacher) -> ShardInfo:
+    """Write the shard with new scores to a new file (named by its content); its ShardInfo."""
     seq_len = manifest.seq_len
     input_ids = table.column("input_ids").combine_chunks().flatten().to_numpy()
     teacher_target = table.column("target_logprobs").combine_chunks().flatten().to_numpy()
@@ -167,12 +257,16 @@ def _rescore_shard(location: Location, manifest: Manifest, info: ShardInfo, tabl
                           teacher_target.reshape(-1, seq_len))
     rescored = table.set_column(table.schema.get_field_index("score"), "score",
                                 pa.array(scores, type=pa.float32()))
-    batches = rescored.combine_chunks().to_batches()
-    return write_shard(location, info.index, batches, manifest.rows_per_shard)
+    rescored = rescored.replace_schema_metadata(
+        {SCORE_REFERENCE_KEY: reference.weights_sha256.encode()})
+    data = serialize_shard(rescored.combine_chunks().to_batches())
+    sha256 = hashlib.sha256(data).hexdigest()
+    name = rescored_shard_name(info.index, sha256)
+    location.write_bytes_atomic(data, SHARD_DIR, name)
+    return replace(info, path=f"{SHARD_DIR}/{name}", sha256=sha256, bytes=len(data))
 
 
 def _all_scores(location: Location, infos: list[ShardInfo]) -> np.ndarray:
     parts = [read_shard(location, info).column("score").to_numpy(zero_copy_only=False)
              for info in infos]
     return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
-

@@ -33,7 +33,8 @@ class Location:
         return isinstance(self.fs, pafs.LocalFileSystem)
 
     def path(self, *parts: str) -> str:
-        return "/".join([self.root.rstrip("/"), *parts])
+        """The full path of PARTS under the root; refuses any that would leave it."""
+        return "/".join([self.root.rstrip("/"), *(confined(part) for part in parts)])
 
     def exists(self, *parts: str) -> bool:
         return self.fs.get_file_info(self.path(*parts)).type != pafs.FileType.NotFound
@@ -58,6 +59,17 @@ class Location:
     def write_bytes_atomic(self, data: bytes, *parts: str) -> None:
         with atomic_output(self.path(*parts), self.fs) as f:
             f.write(data)
+
+
+def confined(relative: str) -> str:
+    """RELATIVE if it names something inside a directory: not absolute, no `..`, `.` or empty
+    segments (a cache may be copied or moved, and a manifest must not reach outside it)."""
+    segments = relative.replace("\\", "/").split("/")
+    if relative.startswith(("/", "~")) or ":" in segments[0] or any(
+            s in ("", ".", "..") for s in segments):
+        raise CacheError(f"{relative!r}: not a path inside the cache directory (absolute, or "
+                         f"with '..', '.' or empty parts)")
+    return relative
 
 
 @contextmanager

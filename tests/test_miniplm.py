@@ -94,7 +94,7 @@ def test_rescoring_changes_only_scores_checksums_and_score_stats(
     assert after["score"]["stats"]["count"] == before["totals"]["sequences"]
     assert after["totals"] == before["totals"] | {"bytes": after["totals"]["bytes"]}
     for old, new in zip(before["shards"], after["shards"], strict=True):
-        assert new == old | {"sha256": new["sha256"], "bytes": new["bytes"]}
+        assert new == old | {"path": new["path"], "sha256": new["sha256"], "bytes": new["bytes"]}
     unchanged = set(before) - {"score", "totals", "shards"}
     assert {k: after[k] for k in unchanged} == {k: before[k] for k in unchanged}
 
