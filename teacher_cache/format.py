@@ -52,8 +52,10 @@ BUILD_ID_METADATA = b"distill.build"
 
 
 def build_id(identity: dict[str, Any]) -> str:
-    """A short hash of a build identity, stamped on every shard the build writes."""
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    """A short hash of a build identity, stamped on every shard the build writes. The reference
+    is left out: `score` rewrites shards with another reference's scores, keeping their stamp."""
+    stamped = {k: v for k, v in identity.items() if not k.startswith("reference.")}
+    return hashlib.sha256(json.dumps(stamped, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def shard_name(index: int) -> str:
