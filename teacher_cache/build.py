@@ -6,13 +6,17 @@ shards that are not finished yet, so a rerun after a kill resumes, losing at mos
 flight: the one the teacher is computing and the one a background thread is encoding and writing
 (so the teacher never waits on compression or storage).
 
-`build.json`, written before any shard, holds the build identity and the manifest fields known up
-front; a rerun whose identity differs is refused (or `--overwrite` starts over).
+`build.json`, written before any shard once every input is validated, holds the build identity
+(settings, teacher and corpus content fingerprints) and the manifest fields known up front. It is
+created exclusively, so of two builds started together into one `--out` only one claims it; a
+rerun whose identity differs is refused (or `--overwrite` starts over). Every shard carries the
+hash of the identity that wrote it, and finalize refuses shards of another build.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -26,6 +30,8 @@ from teacher_cache.corpus import Corpus, CorpusConfig, open_corpus
 from teacher_cache.finalize import finalize_cache
 from teacher_cache.format import (
     BUILD_FILE,
+    BUILD_ID_METADATA,
+    FORMAT_NAME,
     MANIFEST_FILE,
     RESCORE_DIR,
     SHARD_DIR,
@@ -34,6 +40,7 @@ from teacher_cache.format import (
     CacheError,
     Manifest,
     WorkerReport,
+    build_id,
     encode_batch,
     read_shard_info,
     read_worker_report,
@@ -45,7 +52,7 @@ from teacher_cache.packing import PackedSequence, Packer, tokenize_documents
 from teacher_cache.reader import read_manifest
 from teacher_cache.score import ReferenceScorer, reference_entry
 from teacher_cache.storage import Location, resolve
-from teacher_cache.teacher import Teacher, resolve_teacher
+from teacher_cache.teacher import Teacher, context_length, resolve_teacher
 
 
 @dataclass
@@ -120,16 +127,21 @@ def build_cache(config: BuildConfig) -> BuildSummary:
     config.validate()
     started = time.perf_counter()
     location = resolve(config.out)
-    if config.overwrite:
-        clear_cache(location)
+    check_out(location)
     corpus = open_corpus(config.corpus)  # first: a bad path fails before any model loads
     teacher = resolve_teacher(config.teacher)
     reference = resolve_teacher(config.reference) if config.reference else None
     tokenizer = _load_tokenizer(teacher)
-    claim_build(location, _build_record(config, teacher, reference, tokenizer, corpus))
+    model_config = _load_model_config(teacher)
+    validate_against_teacher(config, teacher, model_config)
+    record = _build_record(config, teacher, reference, tokenizer, corpus, model_config)
+    # Only now that every input is valid: nothing is deleted or claimed for a build that fails.
+    if config.overwrite:
+        clear_cache(location)
+    claim_build(location, record)
     previous = _previous_manifest(location)
 
-    run = _WorkerRun(config, location, teacher, reference)
+    run = _WorkerRun(config, location, teacher, reference, build_id(record["identity"]))
     packer = Packer(tokenize_documents(tokenizer, corpus.documents(), tokenizer.eos_token_id),
                     config.seq_len, config.max_tokens)
     try:
@@ -165,7 +177,7 @@ class _WorkerRun:
     """One worker's pass over the packed corpus; loads the models only if a shard needs them."""
 
     def __init__(self, config: BuildConfig, location: Location, teacher: Teacher,
-                 reference: Teacher | None):
+                 reference: Teacher | None, build: str):
         self.config = config
         self.location = location
         self.teacher = teacher
@@ -173,7 +185,7 @@ class _WorkerRun:
         self.backend: TeacherBackend | None = None
         self.scorer: ReferenceScorer | None = None
         self.dtype: str | None = None
-        self.writer = _ShardWriter(location, config.shard_rows)
+        self.writer = _ShardWriter(location, config.shard_rows, build)
         self.shards_built = self.shards_skipped = self.tokens_computed = 0
         self.compute_s = 0.0
         self.bar = tqdm(total=self._expected_tokens(), unit="tok", unit_scale=True,
@@ -253,11 +265,12 @@ class _WorkerRun:
 class _ShardWriter:
     """Encodes and writes shards on one background thread while the teacher computes the next.
     `submit` first waits for the previous shard, so at most one waits in memory, and raises its
-    error, if any."""
+    error, if any. Each shard is stamped with the build's id."""
 
-    def __init__(self, location: Location, shard_rows: int):
+    def __init__(self, location: Location, shard_rows: int, build: str):
         self.location = location
         self.shard_rows = shard_rows
+        self.metadata = {BUILD_ID_METADATA: build.encode()}
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
         self.pending: Future | None = None
 
@@ -277,7 +290,9 @@ class _ShardWriter:
             self.pool.shutdown()
 
     def _write(self, index: int, batches: list[CacheBatch]) -> None:
-        write_shard(self.location, index, [encode_batch(b) for b in batches], self.shard_rows)
+        write_shard(self.location, index,
+                    [encode_batch(b).replace_schema_metadata(self.metadata) for b in batches],
+                    self.shard_rows)
 
 
 def _load_tokenizer(teacher: Teacher):
@@ -290,20 +305,53 @@ def _load_tokenizer(teacher: Teacher):
     return tokenizer
 
 
-def _build_record(config: BuildConfig, teacher: Teacher, reference: Teacher | None, tokenizer,
-                  corpus: Corpus) -> dict:
-    """build.json: the identity a rerun must match, and the manifest fields known up front."""
+def _load_model_config(teacher: Teacher):
     from transformers import AutoConfig
 
+    return AutoConfig.from_pretrained(teacher.path)
+
+
+def validate_against_teacher(config: BuildConfig, teacher: Teacher, model_config) -> None:
+    """The settings that only the teacher can check: targets within its vocabulary, sequences
+    within its context."""
+    vocab_size = model_config.vocab_size
+    if config.top_k > vocab_size:
+        raise CacheError(f"--top-k {config.top_k} is larger than the vocabulary of teacher "
+                         f"{teacher.path} ({vocab_size} tokens); pass at most {vocab_size}")
+    max_len = context_length(model_config)
+    if max_len is not None and config.seq_len > max_len:
+        raise CacheError(f"--seq-len {config.seq_len} is longer than teacher {teacher.path} "
+                         f"handles (max_position_embeddings {max_len}); pass --seq-len {max_len} "
+                         f"or less")
+
+
+def check_out(location: Location) -> None:
+    """A local --out must be a directory (or not exist yet) that this user can write into."""
+    if not location.is_local:
+        return
+    path = location.root
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    if not os.path.isdir(path):
+        raise CacheError(f"--out {location.uri}: {path} is a file, not a directory; pass a "
+                         f"directory for the cache")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise CacheError(f"--out {location.uri}: {path} is not writable by this user; pass a "
+                         f"directory you can write to")
+
+
+def _build_record(config: BuildConfig, teacher: Teacher, reference: Teacher | None, tokenizer,
+                  corpus: Corpus, model_config) -> dict:
+    """build.json: the identity a rerun must match, and the manifest fields known up front."""
     skeleton = Manifest(
-        seq_len=config.seq_len, top_k=config.top_k,
-        vocab_size=AutoConfig.from_pretrained(teacher.path).vocab_size,
+        seq_len=config.seq_len, top_k=config.top_k, vocab_size=model_config.vocab_size,
         teacher=teacher.manifest_entry(config.dtype, config.backend),
         tokenizer={"sha256": teacher.tokenizer_sha256, "eos_token_id": tokenizer.eos_token_id,
                    "bos_token_id": tokenizer.bos_token_id},
         corpus={"description": corpus.description, "max_tokens": config.max_tokens},
         rows_per_shard=config.shard_rows)
     identity = skeleton.build_identity() | {
+        "corpus.fingerprint": corpus.fingerprint(),
         "max_tokens": config.max_tokens, "backend": config.backend, "dtype": config.dtype,
         "reference.weights_sha256": reference.weights_sha256 if reference else None}
     return {"identity": identity, "manifest": skeleton,
@@ -326,25 +374,62 @@ def _keep_scores(location: Location, previous: Manifest, manifest: Manifest) -> 
 
 
 def claim_build(location: Location, record: dict) -> None:
-    """Write build.json, or check that the one already there describes the same build."""
-    if location.exists(BUILD_FILE):
-        existing = json.loads(location.read_bytes(BUILD_FILE))["identity"]
-        differences = [f"{key}: {existing.get(key)!r} in the cache, {value!r} now"
-                       for key, value in record["identity"].items() if existing.get(key) != value]
-        if differences:
-            raise CacheError(f"{location.uri} holds a different build ({'; '.join(differences)}); "
-                             f"rerun with the same settings to resume it, or pass --overwrite")
-        return
+    """Create build.json, or check that the one already there describes the same build. The
+    create is exclusive: of two builds started together, the second finds the first's claim."""
     manifest = json.loads(record["manifest"].to_json())
     text = json.dumps({**record, "manifest": manifest}, indent=2) + "\n"
-    location.write_bytes_atomic(text.encode(), BUILD_FILE)
+    if location.create_exclusive(text.encode(), BUILD_FILE):
+        return
+    existing = _read_claim(location)["identity"]
+    fingerprint = record["identity"]["corpus.fingerprint"]
+    if "corpus.fingerprint" in existing and existing["corpus.fingerprint"] != fingerprint:
+        raise CacheError(f"{location.uri} was started on other corpus content: the files of "
+                         f"{record['identity']['corpus']} changed since (their size and sha256 "
+                         f"fingerprint differs); resuming would mix old and new text. Restore the "
+                         f"corpus to resume, or pass --overwrite to start over")
+    differences = [f"{key}: {existing.get(key)!r} in the cache, {value!r} now"
+                   for key, value in record["identity"].items() if existing.get(key) != value]
+    if differences:
+        raise CacheError(f"{location.uri} holds a different build ({'; '.join(differences)}); "
+                         f"rerun with the same settings to resume it, or pass --overwrite")
+
+
+def _read_claim(location: Location) -> dict:
+    """build.json as written by claim_build; a CacheError if it is anything else."""
+    try:
+        record = json.loads(location.read_bytes(BUILD_FILE))
+        if record["manifest"]["format"] == FORMAT_NAME and isinstance(record["identity"], dict):
+            return record
+    except (ValueError, KeyError, TypeError):
+        pass
+    raise CacheError(f"{location.uri}/{BUILD_FILE} is not the build record of a teacher cache; "
+                     f"pick another --out")
+
+
+def owns_cache(location: Location) -> bool:
+    """Whether the directory holds this tool's build.json or manifest.json."""
+    if location.exists(BUILD_FILE):
+        try:
+            _read_claim(location)
+            return True
+        except CacheError:
+            return False
+    return _previous_manifest(location) is not None
 
 
 def clear_cache(location: Location) -> None:
-    """Remove everything a build writes (and nothing else) so that it starts over."""
+    """Remove everything a build writes (and nothing else) so that it starts over; only from a
+    directory that holds a cache of this tool, or none of a cache's names."""
+    names = [n for n in (MANIFEST_FILE, BUILD_FILE, SHARD_DIR, WORKER_DIR, RESCORE_DIR)
+             if location.exists(n)]
+    if not names:
+        return
+    if not owns_cache(location):
+        raise CacheError(f"--overwrite refused: {location.uri} holds {', '.join(names)} but no "
+                         f"{BUILD_FILE} or {MANIFEST_FILE} of a teacher cache, so this tool did "
+                         f"not create it; pick another --out, or delete them yourself")
     for name in (MANIFEST_FILE, BUILD_FILE):
         location.delete(name)
     for directory in (SHARD_DIR, WORKER_DIR, RESCORE_DIR):
         if location.exists(directory):
             location.fs.delete_dir(location.path(directory))
-

@@ -2,6 +2,8 @@
 
 Each worker leaves `workers/worker-W-of-N.json` (a WorkerReport) when it has gone through the whole
 corpus; the reports give the number of sequences, hence the expected shards `0 .. ceil(S / R) - 1`.
+Every shard must carry the id of the build in `build.json`: a shard another build wrote into the
+same directory (two builds started together, say) is refused, never mixed into the manifest.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from teacher_cache.format import (
     Manifest,
     ShardInfo,
     WorkerReport,
+    build_id,
     read_shard,
     read_shard_info,
     read_worker_reports,
@@ -37,6 +40,7 @@ def finalize_cache(out: str) -> Manifest:
     manifest = Manifest.from_json(json.dumps(record["manifest"]), source=BUILD_FILE)
     sequences = reports[0].sequences
     infos = _finished_shards(location, sequences, manifest.rows_per_shard, reports[0].num_workers)
+    _check_same_build(location, infos, build_id(record["identity"]))
 
     scores = []
     for info in infos:
@@ -80,6 +84,14 @@ def _worker_reports(location: Location) -> list[WorkerReport]:
                          f"({sorted(counts)}); the corpus changed between runs, rebuild with "
                          f"--overwrite")
     return reports
+
+
+def _check_same_build(location: Location, infos: list[ShardInfo], build: str) -> None:
+    foreign = [info.path for info in infos if info.build != build]
+    if foreign:
+        raise CacheError(f"{location.uri}: {len(foreign)} shards were written by another build "
+                         f"than the one in {BUILD_FILE} ({', '.join(foreign[:5])}); delete them "
+                         f"and their .json files and rerun the build, or rebuild with --overwrite")
 
 
 def _finished_shards(location: Location, sequences: int, rows_per_shard: int,

@@ -50,6 +50,17 @@ JOURNAL_FILE = "started.json"  # in a rescore dir: the reference and the shards 
 TRAINING_FILE = "training.json"
 
 
+# Schema metadata key of a shard's Arrow file: the build_id() of the build that wrote it.
+BUILD_ID_METADATA = b"distill.build"
+
+
+def build_id(identity: dict[str, Any]) -> str:
+    """A short hash of a build identity, stamped on every shard the build writes. The reference
+    is left out: `score` rewrites shards with another reference's scores, keeping their stamp."""
+    stamped = {k: v for k, v in identity.items() if not k.startswith("reference.")}
+    return hashlib.sha256(json.dumps(stamped, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def shard_name(index: int) -> str:
     return f"shard-{index:06d}.arrow"
 
@@ -133,6 +144,7 @@ class ShardInfo:
     sha256: str
     bytes: int
     first_seq_id: int
+    build: str | None = None  # build_id() of the build that wrote it (BUILD_ID_METADATA)
 
     def __post_init__(self) -> None:
         confined(self.path)
@@ -390,13 +402,16 @@ def serialize_shard(batches: list[pa.RecordBatch]) -> bytes:
 
 def write_shard(location: Location, index: int, batches: list[pa.RecordBatch],
                 rows_per_shard: int) -> ShardInfo:
-    """Write one complete shard atomically, then its ShardInfo (which marks it done)."""
+    """Write one complete shard atomically, then its ShardInfo (which marks it done and carries
+    the build id found in the batches' schema metadata)."""
     data = serialize_shard(batches)
     seq_len = batches[0].schema.field("input_ids").type.list_size
     rows = sum(b.num_rows for b in batches)
+    build = (batches[0].schema.metadata or {}).get(BUILD_ID_METADATA)
     info = ShardInfo(index=index, path=f"{SHARD_DIR}/{shard_name(index)}", rows=rows,
                      tokens=rows * seq_len, sha256=hashlib.sha256(data).hexdigest(),
-                     bytes=len(data), first_seq_id=index * rows_per_shard)
+                     bytes=len(data), first_seq_id=index * rows_per_shard,
+                     build=build.decode() if build else None)
     location.write_bytes_atomic(data, SHARD_DIR, shard_name(index))
     location.write_bytes_atomic(info.to_json().encode(), SHARD_DIR, shard_info_name(index))
     return info

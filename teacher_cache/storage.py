@@ -2,14 +2,16 @@
 
 Writes are atomic (`atomic_output`): on a local disk through a temp file, fsync and rename (so a
 kill at any moment leaves either the old file or the new one); on object stores a single PUT is
-already atomic.
+already atomic. Files get the mode the umask gives, like any file a user creates. A write that
+fails for want of space or permission is a CacheError naming the file.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import os
-import tempfile
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -60,6 +62,23 @@ class Location:
         with atomic_output(self.path(*parts), self.fs) as f:
             f.write(data)
 
+    def create_exclusive(self, data: bytes, *parts: str) -> bool:
+        """Write a new file whole, or return False if it already exists. Race-free on a local
+        disk (a hard link of the finished temp file fails if the name exists); elsewhere a check
+        then a PUT, which two processes can both pass (object stores have no portable exclusive
+        create)."""
+        try:
+            with atomic_output(self.path(*parts), self.fs, exclusive=True) as f:
+                f.write(data)
+        except FileExistsError:
+            return False
+        return True
+
+
+# Write failures a user fixes (room, quota, permissions), reported as one line naming the file.
+USER_FIXABLE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES,
+                       errno.EPERM, errno.ENOTDIR}
+
 
 def confined(relative: str) -> str:
     """RELATIVE if it names something inside a directory: not absolute, no `..`, `.` or empty
@@ -73,34 +92,59 @@ def confined(relative: str) -> str:
 
 
 @contextmanager
-def atomic_output(target: str | os.PathLike, fs: pafs.FileSystem | None = None
-                  ) -> Iterator[BinaryIO]:
+def atomic_output(target: str | os.PathLike, fs: pafs.FileSystem | None = None,
+                  exclusive: bool = False) -> Iterator[BinaryIO]:
     """A binary file whose bytes replace TARGET (a local path, or a path inside `fs`) only once
-    the block exits without an error; the one way this project writes a file.
+    the block exits without an error; the one way this project writes a file. `exclusive`:
+    FileExistsError, and nothing written, if TARGET exists.
 
-    Local: a temp file beside TARGET, fsync, rename, fsync of the directory. Other filesystems:
-    the bytes are buffered and written in one PUT, so an error in the block writes nothing."""
+    Local: a temp file beside TARGET, fsync, rename (a hard link if exclusive), fsync of the
+    directory. Other filesystems: the bytes are buffered and written in one PUT, so an error in
+    the block writes nothing."""
     target = os.fspath(target)
     if fs is not None and not isinstance(fs, pafs.LocalFileSystem):
         buffer = io.BytesIO()
         yield buffer
+        if exclusive and fs.get_file_info(target).type != pafs.FileType.NotFound:
+            raise FileExistsError(errno.EEXIST, "file exists", target)
         with fs.open_output_stream(target) as f:
             f.write(buffer.getvalue())
         return
     directory = os.path.dirname(os.path.abspath(target))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix="-" + os.path.basename(target))
+    tmp = None
     try:
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = _create_temp(directory, os.path.basename(target))
         with os.fdopen(fd, "wb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        if os.path.exists(tmp):
+        if exclusive:
+            os.link(tmp, target)
             os.unlink(tmp)
+        else:
+            os.replace(tmp, target)
+        tmp = None
+        fsync_directory(directory)
+    except OSError as e:
+        if e.errno in USER_FIXABLE_ERRNOS:
+            raise CacheError(f"cannot write {target}: {os.strerror(e.errno)} (the file is "
+                             f"unchanged); make room or fix the permissions, then rerun") from e
         raise
-    fsync_directory(directory)
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _create_temp(directory: str, name: str) -> tuple[int, str]:
+    """A new empty file beside `name`, created with mode 0666 so that the umask decides the final
+    file's mode (mkstemp would make it 0600)."""
+    while True:
+        path = os.path.join(directory, f".tmp-{secrets.token_hex(6)}-{name}")
+        try:
+            return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
+        except FileExistsError:
+            continue
 
 
 def replace_directory(source: str | os.PathLike, target: str | os.PathLike) -> None:

@@ -82,6 +82,15 @@ def choose_dtype(requested: str, device_type: str) -> DtypeChoice:
                                   "(AVX512-BF16 alone does not pay off)")
 
 
+def context_length(model_config) -> int | None:
+    """The longest sequence a transformers model config declares, or None if it declares none."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(model_config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def _cuda_available() -> bool:
     import torch
 

@@ -1,0 +1,256 @@
+"""Faults and bad input on the build side (docs/reliability.md): concurrent builds into one --out,
+a corpus edited before a resume, --overwrite of a foreign directory, settings the teacher cannot
+honour, file modes, and a disk that fills up in the middle of a shard."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+
+import teacher_cache.build as build_module
+import teacher_cache.storage as storage_module
+from teacher_cache.build import build_cache, claim_build
+from teacher_cache.cli import main
+from teacher_cache.corpus import CorpusConfig, open_corpus
+from teacher_cache.errors import CacheError
+from teacher_cache.finalize import finalize_cache
+from teacher_cache.format import BUILD_FILE, MANIFEST_FILE, Manifest
+from teacher_cache.reader import open_cache
+from teacher_cache.storage import Location, atomic_output, resolve
+from tests.conftest import TINY_MAX_TOKENS, TINY_SEQ_LEN, TINY_SHARD_ROWS, TINY_TOP_K
+
+
+def build_argv(out: Path, teacher: Path, corpus: Path, *extra: str) -> list[str]:
+    """`python -m teacher_cache build` arguments equal to the tiny_build_config fixture's."""
+    return ["build", "--out", str(out), "--teacher", str(teacher), "--corpus", str(corpus),
+            "--seq-len", str(TINY_SEQ_LEN), "--top-k", str(TINY_TOP_K),
+            "--shard-rows", str(TINY_SHARD_ROWS), "--max-tokens", str(TINY_MAX_TOKENS),
+            "--batch-size", "4", "--dtype", "fp32", "--no-progress", *extra]
+
+
+def one_error_line(capsys) -> str:
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def build_record(teacher_sha: str) -> dict:
+    manifest = Manifest(seq_len=8, top_k=2, vocab_size=16, teacher={"weights_sha256": teacher_sha},
+                        tokenizer={"sha256": "t"}, corpus={"description": "c"}, rows_per_shard=4)
+    identity = manifest.build_identity() | {"corpus.fingerprint": "f"}
+    return {"identity": identity, "manifest": manifest, "reference": None}
+
+
+def claimed_teacher(location: Location) -> str:
+    return json.loads(location.read_bytes(BUILD_FILE))["identity"]["teacher.weights_sha256"]
+
+
+# --- 1. two builds into one --out ---
+
+def test_a_build_that_checked_before_another_claimed_is_refused(tmp_path: Path, monkeypatch):
+    location = resolve(tmp_path / "cache")
+    claim_build(location, build_record("A"))
+    # B looked for build.json just before A created it: a check-then-write claim would replace A's.
+    real_exists = Location.exists
+    monkeypatch.setattr(Location, "exists", lambda self, *parts: parts != (BUILD_FILE,)
+                        and real_exists(self, *parts))
+    with pytest.raises(CacheError, match="holds a different build"):
+        claim_build(location, build_record("B"))
+    assert claimed_teacher(location) == "A"
+
+
+def test_of_builds_claiming_together_exactly_one_wins(tmp_path: Path):
+    location = resolve(tmp_path / "cache")
+    start, outcomes = threading.Barrier(8), []
+
+    def claim(name: str) -> None:
+        start.wait()
+        try:
+            claim_build(location, build_record(name))
+            outcomes.append(name)
+        except CacheError:
+            pass
+
+    threads = [threading.Thread(target=claim, args=(f"T{i}",)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(outcomes) == 1 and claimed_teacher(location) == outcomes[0]
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [BUILD_FILE]
+
+
+def test_finalize_refuses_shards_another_build_wrote(tmp_path: Path, tiny_cache: Path):
+    out = tmp_path / "cache"
+    shutil.copytree(tiny_cache, out)
+    # Another build (another teacher) took the directory over after these shards were written.
+    record = json.loads((out / BUILD_FILE).read_text())
+    record["identity"]["teacher.weights_sha256"] = "0" * 64
+    (out / BUILD_FILE).write_text(json.dumps(record))
+    with pytest.raises(CacheError, match=r"4 shards were written by another build .*"
+                                         r"shards/shard-000000\.arrow"):
+        finalize_cache(str(out))
+
+
+# --- 3. corpus edited between a kill and the rerun ---
+
+def test_a_resume_on_edited_corpus_content_is_refused(tmp_path: Path, tiny_corpus_dir: Path,
+                                                      tiny_build_config, monkeypatch):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(tiny_corpus_dir, corpus)
+    config = tiny_build_config(tmp_path / "cache", corpus=CorpusConfig(paths=[str(corpus)]))
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(build_module, "write_shard", killed)
+    with pytest.raises(KeyboardInterrupt):
+        build_cache(config)
+    monkeypatch.undo()
+    text = (corpus / "alpha.txt").read_text()
+    (corpus / "alpha.txt").write_text(text.replace("lazy", "busy"))  # same size, same path
+    with pytest.raises(CacheError, match="other corpus content.*changed since.*--overwrite"):
+        build_cache(config)
+
+
+def test_the_corpus_fingerprint_follows_content_not_location(tmp_path: Path,
+                                                            tiny_corpus_dir: Path):
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(tiny_corpus_dir, copy)
+
+    def fingerprint(root: Path) -> str:
+        return open_corpus(CorpusConfig(paths=[str(root)])).fingerprint()
+
+    assert fingerprint(copy) == fingerprint(tiny_corpus_dir)
+    (copy / "delta.txt").write_text("Short Document.\n")
+    assert fingerprint(copy) != fingerprint(tiny_corpus_dir)
+
+
+# --- 7. --overwrite deletes only a cache of this tool, after validation ---
+
+def test_overwrite_refuses_a_directory_this_tool_did_not_create(tmp_path: Path,
+                                                                tiny_build_config):
+    project = tmp_path / "proj"
+    for name in ("shards/data.bin", "workers/notes.txt"):
+        (project / name).parent.mkdir(parents=True)
+        (project / name).write_text("someone else's")
+    with pytest.raises(CacheError, match=rf"--overwrite refused: {project} holds shards, workers"):
+        build_cache(tiny_build_config(project, overwrite=True))
+    assert (project / "shards/data.bin").is_file() and (project / "workers/notes.txt").is_file()
+
+
+def test_overwrite_with_bad_input_deletes_nothing(tmp_path: Path, tiny_cache: Path,
+                                                  tiny_build_config):
+    out = tmp_path / "cache"
+    shutil.copytree(tiny_cache, out)
+    with pytest.raises(CacheError, match="--top-k"):
+        build_cache(tiny_build_config(out, overwrite=True, top_k=10**6))
+    assert open_cache(out).manifest.shards == open_cache(tiny_cache).manifest.shards
+
+
+# --- 9, 10. settings the teacher or the filesystem cannot honour: one line, exit 2 ---
+
+def test_top_k_above_the_vocabulary_is_one_line_and_claims_nothing(
+        tmp_path: Path, tiny_teacher_dir: Path, tiny_corpus_dir: Path, capsys):
+    out = tmp_path / "cache"
+    argv = build_argv(out, tiny_teacher_dir, tiny_corpus_dir)
+    argv[argv.index("--top-k") + 1] = "1000000"
+    assert main(argv) == 2
+    assert "--top-k 1000000 is larger than the vocabulary" in one_error_line(capsys)
+    assert not out.exists(), "a claim would block the corrected rerun"
+
+
+def test_seq_len_above_the_teachers_context_is_refused(tmp_path: Path, tiny_teacher_dir: Path,
+                                                       tiny_corpus_dir: Path, capsys):
+    argv = build_argv(tmp_path / "cache", tiny_teacher_dir, tiny_corpus_dir)
+    argv[argv.index("--seq-len") + 1] = "512"
+    argv[argv.index("--max-tokens") + 1] = str(4 * 512)
+    assert main(argv) == 2
+    line = one_error_line(capsys)
+    assert "--seq-len 512 is longer than teacher" in line and "max_position_embeddings 256" in line
+    assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.parametrize("where", ["file", "file/sub"])
+def test_an_out_that_is_a_file_is_one_line(where: str, tmp_path: Path, tiny_teacher_dir: Path,
+                                           tiny_corpus_dir: Path, capsys):
+    (tmp_path / "file").write_text("not a directory")
+    assert main(build_argv(tmp_path / where, tiny_teacher_dir, tiny_corpus_dir)) == 2
+    assert f"{tmp_path / 'file'} is a file, not a directory" in one_error_line(capsys)
+
+
+def test_a_write_refused_by_the_filesystem_names_the_file(tmp_path: Path, monkeypatch):
+    def read_only(*args, **kwargs):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
+
+    monkeypatch.setattr(storage_module, "_create_temp", read_only)
+    with pytest.raises(CacheError, match=rf"cannot write {tmp_path / 'x.json'}: Permission denied"):
+        resolve(tmp_path).write_bytes_atomic(b"{}", "x.json")
+
+
+# --- 11. file modes follow the umask ---
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_written_files_get_the_mode_the_umask_gives(umask: int, mode: int, tmp_path: Path):
+    previous = os.umask(umask)
+    try:
+        with atomic_output(tmp_path / "a.json") as f:
+            f.write(b"{}")
+        assert resolve(tmp_path).create_exclusive(b"{}", "b.json")
+    finally:
+        os.umask(previous)
+    assert [(tmp_path / n).stat().st_mode & 0o777 for n in ("a.json", "b.json")] == [mode, mode]
+
+
+# --- 14. out of disk space in the middle of a shard ---
+
+class FillsUp:
+    """A file whose first write stores half of its bytes, then fails as a full disk does."""
+
+    def __init__(self, file):
+        self.file = file
+
+    def write(self, data: bytes) -> int:
+        self.file.write(data[:len(data) // 2])
+        self.file.flush()
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def __getattr__(self, name: str):
+        return getattr(self.file, name)
+
+    def __enter__(self) -> FillsUp:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.file.close()
+
+
+def test_a_full_disk_mid_shard_lists_nothing_partial_and_a_rerun_continues(
+        tmp_path: Path, tiny_cache: Path, tiny_teacher_dir: Path, tiny_corpus_dir: Path,
+        monkeypatch, capsys):
+    real_fdopen = os.fdopen
+
+    def fdopen(fd, *args, **kwargs):
+        file = real_fdopen(fd, *args, **kwargs)
+        full = os.readlink(f"/proc/self/fd/{fd}").endswith("shard-000001.arrow")
+        return FillsUp(file) if full else file
+
+    monkeypatch.setattr(storage_module.os, "fdopen", fdopen)
+    out = tmp_path / "cache"
+    argv = build_argv(out, tiny_teacher_dir, tiny_corpus_dir)
+    assert main(argv) == 2
+    line = one_error_line(capsys)
+    assert f"cannot write {out / 'shards' / 'shard-000001.arrow'}: No space left on device" in line
+    assert sorted(p.name for p in (out / "shards").iterdir()) == [
+        "shard-000000.arrow", "shard-000000.json"], "a partial or temp file was left"
+    assert not (out / MANIFEST_FILE).exists()
+
+    monkeypatch.undo()
+    assert main(argv) == 0
+    assert open_cache(out).manifest.shards == open_cache(tiny_cache).manifest.shards
