@@ -163,14 +163,17 @@ class ShardInfo:
     @classmethod
     def from_dict(cls, raw: object, source: str) -> ShardInfo:
         names = [f.name for f in fields(cls)]
-        if not isinstance(raw, dict) or sorted(raw) != sorted(names):
-            raise CacheError(f"{source}: a shard entry has exactly the fields {', '.join(names)}; "
-                             f"got {str(raw)[:120]}; the cache is damaged, rebuild it")
-        for name in names:
-            expected = str if name in ("path", "sha256") else int
-            if type(raw[name]) is not expected:
-                raise CacheError(f"{source}: shard field {name} = {raw[name]!r} is not of type "
-                                 f"{expected.__name__}; the cache is damaged, rebuild it")
+        required = [f.name for f in fields(cls) if f.default is MISSING]
+        if not isinstance(raw, dict) or not set(required) <= set(raw) <= set(names):
+            raise CacheError(f"{source}: a shard entry has the fields {', '.join(names)} (all but "
+                             f"build required); got {str(raw)[:120]}; the cache is damaged, "
+                             f"rebuild it")
+        for name, value in raw.items():
+            expected = (str,) if name in ("path", "sha256") else (
+                (str, type(None)) if name == "build" else (int,))
+            if type(value) not in expected:
+                raise CacheError(f"{source}: shard field {name} = {value!r} is not of type "
+                                 f"{expected[0].__name__}; the cache is damaged, rebuild it")
         try:
             return cls(**raw)
         except CacheError as e:

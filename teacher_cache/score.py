@@ -258,7 +258,7 @@ def _rescore_shard(location: Location, manifest: Manifest, info: ShardInfo, tabl
     rescored = table.set_column(table.schema.get_field_index("score"), "score",
                                 pa.array(scores, type=pa.float32()))
     rescored = rescored.replace_schema_metadata(
-        {SCORE_REFERENCE_KEY: reference.weights_sha256.encode()})
+        {**(table.schema.metadata or {}), SCORE_REFERENCE_KEY: reference.weights_sha256.encode()})
     data = serialize_shard(rescored.combine_chunks().to_batches())
     sha256 = hashlib.sha256(data).hexdigest()
     name = rescored_shard_name(info.index, sha256)

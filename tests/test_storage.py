@@ -54,7 +54,7 @@ def test_an_interrupted_checkpoint_leaves_the_previous_one(tmp_path: Path):
 
     with pytest.raises(Interrupted):
         save_checkpoint(tmp_path, {"step": 2, "bad": Unpicklable()})
-    assert load_checkpoint(tmp_path) == {"step": 1}
+    assert load_checkpoint(tmp_path)["step"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
 
 
