@@ -13,6 +13,7 @@ from teacher_cache.format import (
     CacheError,
     Manifest,
     ShardInfo,
+    Targets,
     decode_batch,
     read_shard,
 )
@@ -41,7 +42,8 @@ class TeacherCache:
         """All rows of one shard, decoded (checksum verified unless `verify=False`)."""
         info = self.shards[shard] if isinstance(shard, int) else shard
         table = read_shard(self.location, info, verify=self.verify)
-        return decode_batch(table, self.manifest.seq_len, self.manifest.top_k)
+        m = self.manifest
+        return decode_batch(table, m.seq_len, m.top_k, m.target_kind)
 
     def read_scores(self) -> tuple[np.ndarray, np.ndarray]:
         """(seq_ids, scores) of every row. Reads whole shards: their checksum covers the whole
@@ -68,7 +70,8 @@ class TeacherCache:
     def __repr__(self) -> str:
         m = self.manifest
         return (f"TeacherCache({self.location.uri!r}, sequences={self.num_sequences}, "
-                f"seq_len={m.seq_len}, top_k={m.top_k}, teacher={m.teacher.get('name')!r})")
+                f"seq_len={m.seq_len}, targets={Targets.from_manifest(m.targets).spec}, "
+                f"teacher={m.teacher.get('name')!r})")
 
 
 def read_manifest(location: Location) -> Manifest:
