@@ -438,10 +438,11 @@ def decode_batch(rows: pa.RecordBatch | pa.Table, seq_len: int, top_k: int,
 def serialize_shard(batches: list[pa.RecordBatch]) -> bytes:
     sink = pa.BufferOutputStream()
     options = pa.ipc.IpcWriteOptions(compression=COMPRESSION)
-    with pa.ipc.new_file(sink, batches[0].schema, options=options) as writer:
-        for batch in batches:
-            for start in range(0, batch.num_rows, RECORD_BATCH_ROWS):
-                writer.write_batch(batch.slice(start, RECORD_BATCH_ROWS))
+    # Record batches of RECORD_BATCH_ROWS whatever the rows per teacher call, so the bytes do not
+    # depend on --batch-size.
+    table = pa.Table.from_batches(batches).combine_chunks()
+    with pa.ipc.new_file(sink, table.schema, options=options) as writer:
+        writer.write_table(table, max_chunksize=RECORD_BATCH_ROWS)
     return sink.getvalue().to_pybytes()
 
 
