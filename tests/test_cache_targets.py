@@ -224,3 +224,46 @@ def test_the_trainer_trains_on_sampled_targets_only_as_rs_kd(sampled_cache: Path
     assert np.isfinite(summary["val_ce"]) and np.isfinite(summary["val_kl"])
     # CE only needs no teacher distribution: any divergence setting is fine.
     train(train_config(sampled_cache, tmp_path / "ce", divergence="rkl", kd_weight=0.0))
+
+
+def test_vllm_samples_from_its_top_logprobs_and_reports_the_uncovered_mass():
+    from teacher_cache.backends.vllm_backend import VllmBackend
+
+    backend = object.__new__(VllmBackend)  # no engine: only the sampling of its results
+    backend.targets = Targets("sample", K, 1.0, 5)
+    gen = torch.Generator().manual_seed(0)
+    b, seq_len, top = 2, 6, 16
+    full = torch.log_softmax(torch.randn(b, seq_len, 1000, generator=gen) * 3, -1)
+    top_logprobs, top_ids = full.topk(top, -1)
+    target = np.zeros((b, seq_len), np.float32)
+    out = backend._sample(top_ids.int().numpy(), top_logprobs.numpy(), target, np.array([3, 9]))
+    # The draws are the torch sampler's over the renormalised top-K', mapped to token ids.
+    slots, counts = sample_targets(top_logprobs.flatten(0, 1), 5, torch.tensor([3, 9]).
+                                   repeat_interleave(seq_len), torch.arange(seq_len).repeat(b), K)
+    want = torch.where(counts > 0, top_ids.flatten(0, 1).gather(1, slots.long()), 0)
+    np.testing.assert_array_equal(out.topk_ids.reshape(-1, K), want.numpy())
+    np.testing.assert_array_equal(out.topk_logprobs.reshape(-1, K),
+                                  counts_to_logprobs(counts.numpy(), K))
+    np.testing.assert_allclose(out.uncovered_mass, 1 - top_logprobs.exp().sum(-1).numpy(),
+                               atol=1e-6)
+    assert out.target_logprobs is target
+
+
+def test_the_manifest_records_the_mean_uncovered_mass(tmp_path: Path, tiny_build_config,
+                                                      monkeypatch):
+    from teacher_cache.backends.torch_backend import TorchBackend
+
+    real_predict = TorchBackend.predict
+
+    def predict_from_a_top(self, input_ids, seq_ids=None):  # as the vLLM backend reports it
+        output = real_predict(self, input_ids, seq_ids)
+        output.uncovered_mass = np.full(input_ids.shape, 0.25, np.float32)
+        output.uncovered_mass[0, :-1] = 0.75 if seq_ids[0] == 0 else 0.25
+        return output
+
+    monkeypatch.setattr(TorchBackend, "predict", predict_from_a_top)
+    manifest = build_cache(sampled(tiny_build_config, tmp_path / "cache")).manifest
+    # Shard 0's first row (seq 0) has 0.75: (0.75 + 3 * 0.25) / 4; the others 0.25.
+    assert [s.uncovered_mass for s in manifest.shards] == [0.375, 0.25, 0.25, 0.25]
+    assert manifest.targets["uncovered_mass"] == pytest.approx((0.375 * 4 + 0.25 * 10) / 14)
+    assert open_cache(tmp_path / "cache").manifest.targets == manifest.targets
