@@ -15,7 +15,9 @@ TEACHER ?=
 CACHE ?= runs/cache
 TOKENS ?= 131072
 SEQ_LEN ?= 512
-TOP_K ?= 64
+# Teacher targets per position: sample:K (K draws from the teacher, the default) or topk:K.
+# TOP_K=K still works: it selects topk:K.
+TARGETS ?= $(if $(TOP_K),topk:$(TOP_K),sample:8)
 # torch, or vllm: faster per token once started, slower to start (pays off past ~200k tokens
 # on a 2-core CPU; the GPU choice).
 BACKEND ?= torch
@@ -58,7 +60,7 @@ $(STAMP): pyproject.toml $(PINS)
 
 cache: $(STAMP)
 	$(PY) -m teacher_cache build --out $(CACHE) --max-tokens $(TOKENS) --seq-len $(SEQ_LEN) \
-		--top-k $(TOP_K) --backend $(BACKEND) $(if $(CORPUS),--corpus $(CORPUS)) \
+		--targets $(TARGETS) --backend $(BACKEND) $(if $(CORPUS),--corpus $(CORPUS)) \
 		$(if $(TEACHER),--teacher $(TEACHER))
 # A finished reference run (its summary.json) is kept; `score` skips a cache already scored by it.
 ifeq ($(REFERENCE),1)

@@ -27,8 +27,8 @@ from bench_cache import packed_ids
 from teacher_args import add_teacher_arguments, teacher_path
 
 from teacher_cache.backends.torch_backend import resolve_device, resolve_dtype
-from teacher_cache.format import RECORD_BATCH_ROWS, decode_batch, encode_batch
-from teacher_cache.sampling import counts_to_logprobs, sample_targets, uniforms
+from teacher_cache.format import RECORD_BATCH_ROWS, counts_to_logprobs, decode_batch, encode_batch
+from teacher_cache.sampling import sample_targets, uniforms
 
 SEED = 1234
 COMPRESSIONS = (None, "lz4", "zstd")

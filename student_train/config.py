@@ -88,6 +88,22 @@ class TrainConfig:
             raise ConfigError("--resume and --overwrite exclude each other: continue the run in "
                               "--out or replace it")
 
+    def check_cache_targets(self, cache: str, targets: dict[str, Any]) -> None:
+        """ConfigError unless the KD term can train on the cache's targets (the manifest's
+        `targets`): sampled targets are RS-KD only with divergence fkl at the sampling
+        temperature (their unused slots are -inf, and the counts estimate the teacher at that
+        temperature, not at another)."""
+        if targets["kind"] != "sample" or self.kd_weight == 0:
+            return
+        where = f"{cache}: a cache of sampled targets (sample:{targets['k']})"
+        if self.divergence != "fkl":
+            raise ConfigError(f"{where} trains only with --divergence fkl (RS-KD), not "
+                              f"{self.divergence}; use fkl, or a topk:K cache")
+        if self.temperature != targets["temperature"]:
+            raise ConfigError(f"{where} was sampled at temperature {targets['temperature']}: "
+                              f"pass --temperature {targets['temperature']}, not "
+                              f"{self.temperature}")
+
     @property
     def rows_per_step(self) -> int:
         """Sequences per optimizer step over all ranks."""

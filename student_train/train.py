@@ -190,6 +190,7 @@ class Trainer:
         prepare_run_dir(config, env.is_main)
         self.cache = open_cache(config.cache)
         self.manifest = self.cache.manifest
+        config.check_cache_targets(config.cache, self.manifest.targets)
         model_config = llama_config(resolve_preset(config.student, config.overrides),
                                     self.manifest.vocab_size, self.manifest.seq_len)
         selection = Selection.parse(config.select)

@@ -54,6 +54,8 @@ from teacher_cache.score import ReferenceScorer, reference_entry
 from teacher_cache.storage import Location, resolve
 from teacher_cache.teacher import Teacher, context_length, resolve_teacher
 
+DEFAULT_TARGETS = "sample:8"
+
 
 @dataclass
 class BuildConfig:
@@ -62,7 +64,11 @@ class BuildConfig:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     max_tokens: int | None = None
     seq_len: int = 512
-    top_k: int = 64
+    targets: str | None = None  # "sample:K" or "topk:K"; None: topk:top_k if top_k is set, else
+    # DEFAULT_TARGETS
+    top_k: int | None = None  # alias of targets="topk:K" (--top-k)
+    sample_temperature: float = 1.0
+    seed: int = 0  # of the draws of sampled targets, recorded in the manifest
     backend: str = "torch"
     backend_options: dict = field(default_factory=dict)  # passed to the backend (vLLM: engine args)
     batch_size: int = 8
@@ -77,7 +83,6 @@ class BuildConfig:
     def validate(self) -> None:
         checks = [
             (self.seq_len >= 2, f"--seq-len must be at least 2, got {self.seq_len}"),
-            (self.top_k >= 1, f"--top-k must be at least 1, got {self.top_k}"),
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
             (self.shard_rows >= 1, f"--shard-rows must be at least 1, got {self.shard_rows}"),
             (self.num_workers >= 1, f"--num-workers must be at least 1, got {self.num_workers}"),
@@ -89,6 +94,21 @@ class BuildConfig:
         for ok, message in checks:
             if not ok:
                 raise CacheError(message)
+        self.target_spec().validate()
+
+    def target_spec(self) -> Targets:
+        """The targets to compute: `targets`, or its alias `top_k`, or DEFAULT_TARGETS."""
+        alias = None if self.top_k is None else Targets("top_k", self.top_k)
+        if self.targets is None:
+            spec = alias or Targets.parse(DEFAULT_TARGETS)
+        else:
+            spec = Targets.parse(self.targets)
+            if alias is not None and alias != spec:
+                raise CacheError(f"--top-k {self.top_k} and --targets {self.targets} disagree; "
+                                 f"pass only --targets")
+        if spec.kind == "sample":
+            spec = Targets("sample", spec.k, self.sample_temperature, self.seed)
+        return spec
 
 
 @dataclass
@@ -117,6 +137,7 @@ class BuildSummary:
             m = self.manifest
             lines.append(f"cache complete: {m.totals['sequences']:,} sequences, "
                          f"{m.totals['tokens']:,} tokens, {len(m.shards)} shards, "
+                         f"targets {Targets.from_manifest(m.targets).spec}, "
                          f"{m.totals['bytes'] / max(m.totals['tokens'], 1):.1f} bytes/token")
         else:
             lines.append("once every worker is done: python -m teacher_cache finalize --out DIR")
@@ -182,6 +203,7 @@ class _WorkerRun:
         self.location = location
         self.teacher = teacher
         self.reference = reference
+        self.targets = config.target_spec()
         self.backend: TeacherBackend | None = None
         self.scorer: ReferenceScorer | None = None
         self.dtype: str | None = None
@@ -213,20 +235,25 @@ class _WorkerRun:
         self._load_models()  # not counted: teacher throughput excludes start-up (wall time has it)
         started = time.perf_counter()
         step = self.backend.sequences_per_call or len(shard)
-        batches = []
+        batches, uncovered = [], []
         for start in range(0, len(shard), step):
             rows = shard[start:start + step]
             input_ids = np.stack([s.input_ids for s in rows])
-            output = self.backend.predict(input_ids)
+            seq_ids = np.array([s.seq_id for s in rows], dtype=np.int64)
+            output = self.backend.predict(input_ids, seq_ids)
             score = (unscored(len(rows)) if self.scorer is None
                      else self.scorer.score(input_ids, output.target_logprobs))
             batches.append(CacheBatch(
-                seq_ids=np.array([s.seq_id for s in rows]), input_ids=input_ids,
+                seq_ids=seq_ids, input_ids=input_ids,
                 topk_ids=output.topk_ids, topk_logprobs=output.topk_logprobs,
                 target_logprobs=output.target_logprobs, score=score,
-                doc_starts=[np.asarray(s.doc_starts, dtype=np.int32) for s in rows]))
+                doc_starts=[np.asarray(s.doc_starts, dtype=np.int32) for s in rows],
+                target_kind=self.targets.kind))
+            if output.uncovered_mass is not None:
+                uncovered.append(output.uncovered_mass[:, :-1])  # position L - 1 has no target
             self.bar.update(input_ids.size)
-        self.writer.submit(index, batches)
+        mass = float(np.concatenate(uncovered).mean(dtype=np.float64)) if uncovered else None
+        self.writer.submit(index, batches, mass)
         self.shards_built += 1
         self.tokens_computed += len(shard) * self.config.seq_len
         self.compute_s += time.perf_counter() - started
@@ -236,7 +263,7 @@ class _WorkerRun:
             return
         config = self.config
         self.backend = create_backend(config.backend, BackendConfig(
-            self.teacher.path, targets=Targets(k=config.top_k), batch_size=config.batch_size,
+            self.teacher.path, targets=self.targets, batch_size=config.batch_size,
             dtype=config.dtype, options=dict(config.backend_options)))
         self.dtype = self.backend.dtype_name
         if self.reference is not None:
@@ -274,9 +301,10 @@ class _ShardWriter:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-writer")
         self.pending: Future | None = None
 
-    def submit(self, index: int, batches: list[CacheBatch]) -> None:
+    def submit(self, index: int, batches: list[CacheBatch],
+               uncovered_mass: float | None = None) -> None:
         self.wait()
-        self.pending = self.pool.submit(self._write, index, batches)
+        self.pending = self.pool.submit(self._write, index, batches, uncovered_mass)
 
     def wait(self) -> None:
         pending, self.pending = self.pending, None
@@ -289,10 +317,10 @@ class _ShardWriter:
         finally:
             self.pool.shutdown()
 
-    def _write(self, index: int, batches: list[CacheBatch]) -> None:
+    def _write(self, index: int, batches: list[CacheBatch], uncovered_mass: float | None) -> None:
         write_shard(self.location, index,
                     [encode_batch(b).replace_schema_metadata(self.metadata) for b in batches],
-                    self.shard_rows)
+                    self.shard_rows, uncovered_mass)
 
 
 def _load_tokenizer(teacher: Teacher):
@@ -314,10 +342,7 @@ def _load_model_config(teacher: Teacher):
 def validate_against_teacher(config: BuildConfig, teacher: Teacher, model_config) -> None:
     """The settings that only the teacher can check: targets within its vocabulary, sequences
     within its context."""
-    vocab_size = model_config.vocab_size
-    if config.top_k > vocab_size:
-        raise CacheError(f"--top-k {config.top_k} is larger than the vocabulary of teacher "
-                         f"{teacher.path} ({vocab_size} tokens); pass at most {vocab_size}")
+    config.target_spec().validate(model_config.vocab_size)
     max_len = context_length(model_config)
     if max_len is not None and config.seq_len > max_len:
         raise CacheError(f"--seq-len {config.seq_len} is longer than teacher {teacher.path} "
@@ -343,13 +368,14 @@ def check_out(location: Location) -> None:
 def _build_record(config: BuildConfig, teacher: Teacher, reference: Teacher | None, tokenizer,
                   corpus: Corpus, model_config) -> dict:
     """build.json: the identity a rerun must match, and the manifest fields known up front."""
+    targets = config.target_spec()
     skeleton = Manifest(
-        seq_len=config.seq_len, top_k=config.top_k, vocab_size=model_config.vocab_size,
+        seq_len=config.seq_len, top_k=targets.k, vocab_size=model_config.vocab_size,
         teacher=teacher.manifest_entry(config.dtype, config.backend),
         tokenizer={"sha256": teacher.tokenizer_sha256, "eos_token_id": tokenizer.eos_token_id,
                    "bos_token_id": tokenizer.bos_token_id},
         corpus={"description": corpus.description, "max_tokens": config.max_tokens},
-        rows_per_shard=config.shard_rows)
+        rows_per_shard=config.shard_rows, targets=targets.manifest_entry())
     identity = skeleton.build_identity() | {
         "corpus.fingerprint": corpus.fingerprint(),
         "max_tokens": config.max_tokens, "backend": config.backend, "dtype": config.dtype,

@@ -8,10 +8,11 @@ import json
 from collections.abc import Sequence
 
 from teacher_cache.backends import BACKENDS
-from teacher_cache.build import BuildConfig, build_cache
+from teacher_cache.build import DEFAULT_TARGETS, BuildConfig, build_cache
 from teacher_cache.corpus import CorpusConfig
 from teacher_cache.errors import CorpusError, reports_user_errors
 from teacher_cache.finalize import finalize_cache
+from teacher_cache.format import MAX_K
 from teacher_cache.score import describe_score_stats, rescore_cache
 from teacher_cache.verify import verify_cache
 
@@ -34,7 +35,8 @@ class DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m teacher_cache",
-        description="Run a teacher once over a corpus and cache its top-k next-token logprobs.")
+        description="Run a teacher once over a corpus and cache its next-token targets: tokens "
+                    "sampled from it (default) or its top-k logprobs.")
     commands = parser.add_subparsers(dest="command", required=True)
 
     build = commands.add_parser(
@@ -56,8 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--max-tokens", type=int, help="cap on cached tokens; default: all")
     build.add_argument("--seq-len", type=int, default=DEFAULTS.seq_len,
                        help="tokens per packed sequence")
-    build.add_argument("--top-k", type=int, default=DEFAULTS.top_k,
-                       help="teacher predictions kept per position")
+    build.add_argument("--targets", metavar="KIND:K",
+                       help=f"teacher targets kept per position: sample:K, the distinct tokens of "
+                            f"K draws from the teacher and their counts (K <= {MAX_K}), or topk:K, "
+                            f"its K most likely tokens and their logprobs; default: "
+                            f"{DEFAULT_TARGETS}")
+    build.add_argument("--top-k", type=int, metavar="K", help="alias of --targets topk:K")
+    build.add_argument("--sample-temperature", type=float, default=DEFAULTS.sample_temperature,
+                       help="temperature of the teacher distribution sampled by sample:K (the "
+                            "student must train at the same --temperature)")
+    build.add_argument("--seed", type=int, default=DEFAULTS.seed,
+                       help="seed of the draws of sample:K, recorded in the manifest; the draws "
+                            "are a function of (seed, sequence, position) only")
     build.add_argument("--backend", choices=sorted(BACKENDS), default=DEFAULTS.backend,
                        help="what runs the teacher")
     build.add_argument("--backend-option", action="append", default=[], metavar="KEY=VALUE",
@@ -159,7 +171,8 @@ def _build_config(args: argparse.Namespace) -> BuildConfig:
         out=args.out, teacher=args.teacher,
         corpus=CorpusConfig(paths=args.corpus, dataset=args.dataset, split=args.split,
                             streaming=args.streaming, text_field=args.text_field),
-        max_tokens=args.max_tokens, seq_len=args.seq_len, top_k=args.top_k, backend=args.backend,
+        max_tokens=args.max_tokens, seq_len=args.seq_len, targets=args.targets, top_k=args.top_k,
+        sample_temperature=args.sample_temperature, seed=args.seed, backend=args.backend,
         backend_options=dict(args.backend_option), batch_size=args.batch_size, dtype=args.dtype,
         shard_rows=args.shard_rows,
         num_workers=args.num_workers, worker_index=args.worker_index, overwrite=args.overwrite,

@@ -60,6 +60,10 @@ def finalize_cache(out: str) -> Manifest:
     manifest.shards = infos
     manifest.totals = {"sequences": sequences, "tokens": sum(i.tokens for i in infos),
                        "bytes": sum(i.bytes for i in infos)}
+    covered = [i for i in infos if i.uncovered_mass is not None]
+    if covered:  # sampled from a backend's top-K' only: how much teacher mass that left out
+        manifest.targets["uncovered_mass"] = round(
+            sum(i.uncovered_mass * i.tokens for i in covered) / sum(i.tokens for i in covered), 6)
     computed = sum(r.tokens_computed for r in reports)
     compute_s = sum(r.compute_s for r in reports)
     manifest.build = {"backend": manifest.teacher["backend"], "workers": reports[0].num_workers,

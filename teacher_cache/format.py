@@ -14,10 +14,16 @@ Human-readable description: docs/cache-format.md. Summary:
 Shard `i` holds the sequences with ids `[i * rows_per_shard, (i + 1) * rows_per_shard)` of the
 packed corpus, so shard identity does not depend on how many workers built the cache.
 
-Per position `t` of a sequence, `topk_ids[t]`/`topk_logprobs[t]` are the teacher's k most likely
-tokens for position `t + 1` (raw logprobs at temperature 1, sorted descending) and
-`target_logprobs[t]` is the teacher logprob of the actual token `t + 1`. Position `L - 1` has no
-target: its ids are 0, its logprobs 0 and its target NaN.
+Per position `t` of a sequence the cache holds the teacher's targets for token `t + 1`, of the
+manifest's `targets.kind`:
+    top_k   `topk_ids[t]`/`topk_logprobs[t]`: the teacher's k most likely tokens (raw logprobs at
+            temperature 1, sorted descending)
+    sample  `topk_ids[t]`/`sample_counts[t]`: the distinct ids of K draws from the teacher (at the
+            sampling temperature) and their counts (sum K), sorted by count; unused slots 0 / 0
+and `target_logprobs[t]` is the teacher logprob of the actual token `t + 1`. Position `L - 1` has
+no target: its ids are 0, its logprobs (top_k) or counts (sample) 0 and its target NaN.
+
+Version 1 caches (top-k only, no `targets` in the manifest) are still read.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import hashlib
 import json
 import math
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -34,8 +40,65 @@ import pyarrow as pa
 from teacher_cache.errors import CacheError
 from teacher_cache.storage import Location, confined
 
+MAX_K = 255  # the most draws per position of a sampled cache: counts are stored as uint8
+
+TargetKind = Literal["top_k", "sample"]
+# The spelling of each kind on the command line: "topk:64", "sample:8".
+TARGET_PREFIXES: dict[str, TargetKind] = {"topk": "top_k", "sample": "sample"}
+
+
+@dataclass(frozen=True)
+class Targets:
+    """What the cache holds per position besides the logprob of the actual next token:
+    `top_k`, the teacher's k most likely next tokens, or `sample`, k draws with replacement from
+    the teacher at `temperature`, a pure function of (`seed`, sequence id, position)."""
+
+    kind: TargetKind = "top_k"
+    k: int = 64
+    temperature: float = 1.0  # sampling temperature (kind "sample" only)
+    seed: int = 0  # kind "sample" only
+
+    @classmethod
+    def parse(cls, text: str, temperature: float = 1.0, seed: int = 0) -> Targets:
+        """"sample:K" or "topk:K", as --targets spells them; CacheError (one line) otherwise."""
+        prefix, _, k = text.partition(":")
+        if prefix not in TARGET_PREFIXES or not k.isdigit():
+            raise CacheError(f"--targets {text!r}: expected sample:K or topk:K with K a positive "
+                             f"integer, e.g. sample:8 or topk:64")
+        return cls(TARGET_PREFIXES[prefix], int(k), temperature, seed)
+
+    @property
+    def spec(self) -> str:
+        prefix = next(p for p, kind in TARGET_PREFIXES.items() if kind == self.kind)
+        return f"{prefix}:{self.k}"
+
+    def validate(self, vocab_size: int | None = None) -> None:
+        """CacheError (one line) for a K or temperature the cache cannot hold."""
+        if self.k < 1:
+            raise CacheError(f"--targets {self.spec}: K must be at least 1")
+        if self.kind == "sample":
+            if self.k > MAX_K:
+                raise CacheError(f"--targets {self.spec}: K must be at most {MAX_K} (counts are "
+                                 f"stored as uint8)")
+            if not self.temperature > 0:
+                raise CacheError(f"--sample-temperature must be positive, got {self.temperature}")
+        elif vocab_size is not None and self.k > vocab_size:
+            raise CacheError(f"--targets {self.spec}: K is more than the teacher's vocabulary of "
+                             f"{vocab_size} tokens; choose K <= {vocab_size}")
+
+    def manifest_entry(self) -> dict[str, Any]:
+        if self.kind == "top_k":
+            return {"kind": self.kind, "k": self.k}
+        return {"kind": self.kind, "k": self.k, "temperature": self.temperature, "seed": self.seed}
+
+    @classmethod
+    def from_manifest(cls, entry: dict[str, Any]) -> Targets:
+        return cls(**{name: entry[name] for name in ("kind", "k", "temperature", "seed")
+                      if name in entry})
+
 FORMAT_NAME = "distill.teacher-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: top-k only, before the manifest named its targets
 COMPRESSION = "zstd"
 RECORD_BATCH_ROWS = 16
 
@@ -87,6 +150,13 @@ def rescore_dir(reference_weights_sha256: str) -> str:
     return f"{RESCORE_DIR}/{reference_weights_sha256[:16]}"
 
 
+def counts_to_logprobs(counts: np.ndarray, k: int) -> np.ndarray:
+    """float32 log(count / k) of uint8 counts (any shape); -inf where count is 0 (zero mass)."""
+    with np.errstate(divide="ignore"):
+        table = np.log(np.arange(MAX_K + 1, dtype=np.float64) / k).astype(np.float32)
+    return table[np.asarray(counts, dtype=np.uint8)]
+
+
 @dataclass(frozen=True)
 class Column:
     name: str
@@ -118,7 +188,7 @@ class Column:
 
 # Logprobs are stored as float16: its 11-bit mantissa keeps |error| < 0.008 nats at logprob -16,
 # well under the noise of a bf16 teacher, at half the bytes of float32.
-COLUMNS = (
+TOP_K_COLUMNS = (
     Column("seq_id", "int64"),
     Column("input_ids", "int32", ("seq_len",)),
     Column("doc_starts", "int32", None),
@@ -127,12 +197,21 @@ COLUMNS = (
     Column("target_logprobs", "float32", ("seq_len",)),
     Column("score", "float32", null_means="until scored"),
 )
-COLUMN_TYPES = {column.name: column.describe() for column in COLUMNS}
+# A sampled cache stores counts instead of logprobs: K fixed slots per position, padded with 0 / 0.
+# Chosen by measurement (docs/cache-format.md): zstd takes the padding and the small counts to a
+# few bytes per token, and decoding is a reshape, no scatter of variable-length lists.
+SAMPLE_COLUMNS = tuple(Column("sample_counts", "uint8", ("seq_len", "top_k"))
+                       if c.name == "topk_logprobs" else c for c in TOP_K_COLUMNS)
+COLUMNS: dict[TargetKind, tuple[Column, ...]] = {"top_k": TOP_K_COLUMNS, "sample": SAMPLE_COLUMNS}
 
 
-def schema(seq_len: int, top_k: int) -> pa.Schema:
+def column_types(kind: TargetKind) -> dict[str, str]:
+    return {column.name: column.describe() for column in COLUMNS[kind]}
+
+
+def schema(seq_len: int, top_k: int, kind: TargetKind = "top_k") -> pa.Schema:
     dims = {"seq_len": seq_len, "top_k": top_k}
-    return pa.schema([column.arrow_field(dims) for column in COLUMNS])
+    return pa.schema([column.arrow_field(dims) for column in COLUMNS[kind]])
 
 
 @dataclass
@@ -148,6 +227,8 @@ class ShardInfo:
 
     def __post_init__(self) -> None:
         confined(self.path)
+    # Sampled from a backend's top-K' only (vLLM): mean teacher mass outside that top-K'.
+    uncovered_mass: float | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -165,12 +246,12 @@ class ShardInfo:
         names = [f.name for f in fields(cls)]
         required = [f.name for f in fields(cls) if f.default is MISSING]
         if not isinstance(raw, dict) or not set(required) <= set(raw) <= set(names):
-            raise CacheError(f"{source}: a shard entry has the fields {', '.join(names)} (all but "
-                             f"build required); got {str(raw)[:120]}; the cache is damaged, "
-                             f"rebuild it")
+            raise CacheError(f"{source}: a shard entry has the fields {', '.join(names)} (all "
+                             f"but build and uncovered_mass required); got {str(raw)[:120]}; the "
+                             f"cache is damaged, rebuild it")
         for name, value in raw.items():
-            expected = (str,) if name in ("path", "sha256") else (
-                (str, type(None)) if name == "build" else (int,))
+            expected = {"path": (str,), "sha256": (str,), "build": (str, type(None)),
+                        "uncovered_mass": (float, type(None))}.get(name, (int,))
             if type(value) not in expected:
                 raise CacheError(f"{source}: shard field {name} = {value!r} is not of type "
                                  f"{expected[0].__name__}; the cache is damaged, rebuild it")
@@ -242,6 +323,7 @@ class Manifest:
     tokenizer: dict[str, Any]  # sha256, eos_token_id, bos_token_id
     corpus: dict[str, Any]  # description, documents, skipped files, max_tokens
     rows_per_shard: int
+    targets: dict[str, Any] | None = None  # Targets.manifest_entry(); None: top_k of top_k
     shards: list[ShardInfo] = field(default_factory=list)
     totals: dict[str, int] = field(default_factory=dict)  # sequences, tokens, bytes
     score: dict[str, Any] | None = None  # reference identity and score statistics
@@ -250,7 +332,17 @@ class Manifest:
     format: str = FORMAT_NAME
     version: int = FORMAT_VERSION
     compression: str = COMPRESSION
-    columns: dict[str, str] = field(default_factory=lambda: dict(COLUMN_TYPES))
+    columns: dict[str, str] | None = None  # None: those of the target kind
+
+    def __post_init__(self) -> None:
+        if self.targets is None:  # version 1, or a writer that predates sampled targets
+            self.targets = Targets("top_k", self.top_k).manifest_entry()
+        if self.columns is None:
+            self.columns = column_types(self.target_kind)
+
+    @property
+    def target_kind(self) -> TargetKind:
+        return self.targets["kind"]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
@@ -268,7 +360,7 @@ class Manifest:
         if raw.get("format") != FORMAT_NAME:
             raise CacheError(
                 f"{source}: format {raw.get('format')!r} is not a {FORMAT_NAME} manifest")
-        if raw.get("version") != FORMAT_VERSION:
+        if raw.get("version") not in READABLE_VERSIONS:
             raise CacheError(
                 f"{source}: cache format version {raw.get('version')!r} is not supported by this "
                 f"reader (it knows version {FORMAT_VERSION}); upgrade distill or rebuild the cache")
@@ -283,6 +375,9 @@ class Manifest:
             "teacher.weights_sha256": self.teacher.get("weights_sha256"),
             "tokenizer.sha256": self.tokenizer.get("sha256"),
             "top_k": self.top_k,
+            "targets": Targets.from_manifest(self.targets).spec,
+            "sample_temperature": self.targets.get("temperature"),
+            "seed": self.targets.get("seed"),
             "seq_len": self.seq_len,
             "rows_per_shard": self.rows_per_shard,
             "corpus": self.corpus.get("description"),
@@ -319,6 +414,9 @@ class CacheBatch:
     target_logprobs: np.ndarray  # float32 [B, L], NaN at L - 1
     score: np.ndarray  # float32 [B], NaN where not scored
     doc_starts: list[np.ndarray]  # B arrays of int32 document start offsets
+    # top_k: the teacher's k most likely tokens; sample: the distinct ids of k draws with
+    # log(count / k), unused slots id 0 and logprob -inf (zero mass).
+    target_kind: TargetKind = "top_k"
 
     def __len__(self) -> int:
         return len(self.seq_ids)
@@ -330,17 +428,26 @@ class CacheBatch:
             seq_ids=self.seq_ids[rows], input_ids=self.input_ids[rows],
             topk_ids=self.topk_ids[rows], topk_logprobs=self.topk_logprobs[rows],
             target_logprobs=self.target_logprobs[rows], score=self.score[rows],
-            doc_starts=[self.doc_starts[i] for i in positions.tolist()])
+            doc_starts=[self.doc_starts[i] for i in positions.tolist()],
+            target_kind=self.target_kind)
+
+
+def logprobs_to_counts(logprobs: np.ndarray, k: int) -> np.ndarray:
+    """uint8 counts of sampled logprobs log(count / k), the inverse of `counts_to_logprobs`."""
+    return np.rint(np.exp(np.asarray(logprobs, dtype=np.float64)) * k).astype(np.uint8)
 
 
 def encode_batch(rows: CacheBatch) -> pa.RecordBatch:
     """Rows as Arrow, the inverse of `decode_batch`; position L - 1 is masked here."""
     b, seq_len, top_k = rows.topk_ids.shape
     topk_ids = np.array(rows.topk_ids, dtype=np.int32)
-    topk_logprobs = np.array(rows.topk_logprobs, dtype=np.float16)
+    if rows.target_kind == "sample":
+        name, values = "sample_counts", logprobs_to_counts(rows.topk_logprobs, top_k)
+    else:
+        name, values = "topk_logprobs", np.array(rows.topk_logprobs, dtype=np.float16)
     target_logprobs = np.array(rows.target_logprobs, dtype=np.float32)
     topk_ids[:, -1] = 0
-    topk_logprobs[:, -1] = 0
+    values[:, -1] = 0
     target_logprobs[:, -1] = np.nan
 
     def fixed(values: np.ndarray, width: int) -> pa.FixedSizeListArray:
@@ -354,13 +461,13 @@ def encode_batch(rows: CacheBatch) -> pa.RecordBatch:
         "doc_starts": pa.array([list(map(int, d)) for d in rows.doc_starts],
                                type=pa.list_(pa.int32())),
         "topk_ids": fixed(topk_ids, seq_len * top_k),
-        "topk_logprobs": fixed(topk_logprobs, seq_len * top_k),
+        name: fixed(values, seq_len * top_k),
         "target_logprobs": fixed(target_logprobs, seq_len),
         # An unscored column is all nulls with zero values, whatever the NaNs held.
         "score": pa.nulls(b, pa.float32()) if missing.all() else pa.array(score, mask=missing),
     }
-    return pa.RecordBatch.from_arrays([columns[c.name] for c in COLUMNS],
-                                      schema=schema(seq_len, top_k))
+    return pa.RecordBatch.from_arrays([columns[c.name] for c in COLUMNS[rows.target_kind]],
+                                      schema=schema(seq_len, top_k, rows.target_kind))
 
 
 def unscored(rows: int) -> np.ndarray:
@@ -368,7 +475,8 @@ def unscored(rows: int) -> np.ndarray:
     return np.full(rows, np.nan, dtype=np.float32)
 
 
-def decode_batch(rows: pa.RecordBatch | pa.Table, seq_len: int, top_k: int) -> CacheBatch:
+def decode_batch(rows: pa.RecordBatch | pa.Table, seq_len: int, top_k: int,
+                 target_kind: TargetKind = "top_k") -> CacheBatch:
     if isinstance(rows, pa.Table):
         rows = rows.combine_chunks().to_batches()[0] if rows.num_rows else None
         if rows is None:
@@ -382,29 +490,35 @@ def decode_batch(rows: pa.RecordBatch | pa.Table, seq_len: int, top_k: int) -> C
     offsets = rows.column("doc_starts").offsets.to_numpy()
     starts = rows.column("doc_starts").flatten().to_numpy(zero_copy_only=False)
     score = rows.column("score").to_numpy(zero_copy_only=False)
+    if target_kind == "sample":
+        topk_logprobs = counts_to_logprobs(fixed("sample_counts", np.uint8, seq_len, top_k), top_k)
+    else:
+        topk_logprobs = fixed("topk_logprobs", np.float32, seq_len, top_k)
     return CacheBatch(
         seq_ids=rows.column("seq_id").to_numpy(zero_copy_only=False).astype(np.int64),
         input_ids=fixed("input_ids", np.int64, seq_len),
         topk_ids=fixed("topk_ids", np.int64, seq_len, top_k),
-        topk_logprobs=fixed("topk_logprobs", np.float32, seq_len, top_k),
+        topk_logprobs=topk_logprobs,
         target_logprobs=fixed("target_logprobs", np.float32, seq_len),
         score=np.asarray(score, dtype=np.float32),  # nulls come back as NaN
         doc_starts=[starts[offsets[i]:offsets[i + 1]] for i in range(b)],
+        target_kind=target_kind,
     )
 
 
 def serialize_shard(batches: list[pa.RecordBatch]) -> bytes:
     sink = pa.BufferOutputStream()
     options = pa.ipc.IpcWriteOptions(compression=COMPRESSION)
-    with pa.ipc.new_file(sink, batches[0].schema, options=options) as writer:
-        for batch in batches:
-            for start in range(0, batch.num_rows, RECORD_BATCH_ROWS):
-                writer.write_batch(batch.slice(start, RECORD_BATCH_ROWS))
+    # Record batches of RECORD_BATCH_ROWS whatever the rows per teacher call, so the bytes do not
+    # depend on --batch-size.
+    table = pa.Table.from_batches(batches).combine_chunks()
+    with pa.ipc.new_file(sink, table.schema, options=options) as writer:
+        writer.write_table(table, max_chunksize=RECORD_BATCH_ROWS)
     return sink.getvalue().to_pybytes()
 
 
 def write_shard(location: Location, index: int, batches: list[pa.RecordBatch],
-                rows_per_shard: int) -> ShardInfo:
+                rows_per_shard: int, uncovered_mass: float | None = None) -> ShardInfo:
     """Write one complete shard atomically, then its ShardInfo (which marks it done and carries
     the build id found in the batches' schema metadata)."""
     data = serialize_shard(batches)
@@ -414,7 +528,7 @@ def write_shard(location: Location, index: int, batches: list[pa.RecordBatch],
     info = ShardInfo(index=index, path=f"{SHARD_DIR}/{shard_name(index)}", rows=rows,
                      tokens=rows * seq_len, sha256=hashlib.sha256(data).hexdigest(),
                      bytes=len(data), first_seq_id=index * rows_per_shard,
-                     build=build.decode() if build else None)
+                     build=build.decode() if build else None, uncovered_mass=uncovered_mass)
     location.write_bytes_atomic(data, SHARD_DIR, shard_name(index))
     location.write_bytes_atomic(info.to_json().encode(), SHARD_DIR, shard_info_name(index))
     return info

@@ -15,6 +15,7 @@ from teacher_cache.format import (
     Manifest,
     ShardInfo,
     ShardMissing,
+    Targets,
     decode_batch,
     read_shard,
 )
@@ -50,8 +51,9 @@ class TeacherCache:
         position = shard if isinstance(shard, int) else next(
             i for i, s in enumerate(self.shards) if s.index == shard.index)
         table = self._read_table(position)
+        m = self.manifest
         self._check_shapes(table, shard)
-        batch = decode_batch(table, self.manifest.seq_len, self.manifest.top_k)
+        batch = decode_batch(table, m.seq_len, m.top_k, m.target_kind)
         largest = max(int(batch.input_ids.max(initial=0)), int(batch.topk_ids.max(initial=0)))
         if largest >= self.manifest.vocab_size:
             raise CacheError(f"{self._where(shard)}: holds token id {largest}, but the manifest's "
@@ -124,7 +126,8 @@ class TeacherCache:
     def __repr__(self) -> str:
         m = self.manifest
         return (f"TeacherCache({self.location.uri!r}, sequences={self.num_sequences}, "
-                f"seq_len={m.seq_len}, top_k={m.top_k}, teacher={m.teacher.get('name')!r})")
+                f"seq_len={m.seq_len}, targets={Targets.from_manifest(m.targets).spec}, "
+                f"teacher={m.teacher.get('name')!r})")
 
 
 def same_sequences(manifest: Manifest) -> tuple:

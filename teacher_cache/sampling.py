@@ -2,9 +2,9 @@
 
 `sample_targets` draws K tokens with replacement from softmax(logits / T) for every row and
 returns the distinct ids with their counts (sum K), sorted by count (descending, ties by id),
-unused slots id 0 / count 0. `counts_to_logprobs` turns counts into the reader's teacher
-logprobs log(count / K), -inf for an unused slot: with `divergence="fkl"` at temperature 1 the
-KD loss is then the cross-entropy to the sampled tokens (RS-KD), plus a constant.
+unused slots id 0 / count 0. `teacher_cache.format.counts_to_logprobs` turns counts into the
+reader's teacher logprobs log(count / K), -inf for an unused slot: with `divergence="fkl"` at
+temperature 1 the KD loss is then the cross-entropy to the sampled tokens (RS-KD), plus a constant.
 
 Randomness is counter-based: draw j of a row is the uniform `u = hash(seed, sequence id,
 position, j)` (splitmix64 chained over the four integers, top 53 bits, in [0, 1)), turned into a
@@ -33,7 +33,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-MAX_K = 255  # counts are stored as uint8
+from teacher_cache.format import MAX_K, Targets
+
 # Scratch per chunk of rows: float32 exp + float64 cumsum, 12 bytes per logit.
 CHUNK_BYTES = 64 * 1024 * 1024
 
@@ -131,8 +132,25 @@ def sample_targets(logits: Tensor, seed: int, sequence_ids: Tensor, positions: T
     return _distinct_counts(draws, k)
 
 
-def counts_to_logprobs(counts: np.ndarray, k: int) -> np.ndarray:
-    """float32 log(count / k) of uint8 counts (any shape); -inf where count is 0 (zero mass)."""
-    with np.errstate(divide="ignore"):
-        table = np.log(np.arange(MAX_K + 1, dtype=np.float64) / k).astype(np.float32)
-    return table[np.asarray(counts, dtype=np.uint8)]
+
+
+def sample_packed(logits: Tensor, seq_ids: np.ndarray | None,
+                  targets: Targets) -> tuple[Tensor, Tensor]:
+    """`sample_targets` for B packed sequences: logits [B, L, V] -> (ids int32 [B, L, k], counts
+    uint8 [B, L, k]); position t of row r draws with (targets.seed, seq_ids[r], t)."""
+    if seq_ids is None:
+        raise ValueError("sampled targets need the sequence ids of the rows (predict's seq_ids)")
+    b, seq_len, vocab = logits.shape
+    seqs = torch.as_tensor(np.asarray(seq_ids, dtype=np.int64), device=logits.device)
+    positions = torch.arange(seq_len, device=logits.device).repeat(b)
+    ids, counts = sample_targets(logits.reshape(b * seq_len, vocab), targets.seed,
+                                 seqs.repeat_interleave(seq_len), positions, targets.k,
+                                 targets.temperature)
+    return ids.view(b, seq_len, -1), counts.view(b, seq_len, -1)
+
+
+def logsumexp_rows(logits: Tensor) -> Tensor:
+    """float32 [N] logsumexp of logits [N, V] (any float dtype), a chunk of rows at a time so that
+    no float32 copy of all of them exists."""
+    rows = max(1, CHUNK_BYTES // (4 * logits.shape[-1]))
+    return torch.cat([torch.logsumexp(chunk.float(), -1) for chunk in logits.split(rows)])

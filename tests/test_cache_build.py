@@ -121,11 +121,11 @@ def predict_calls(monkeypatch) -> PredictCalls:
 
     real_predict, calls = TorchBackend.predict, PredictCalls()
 
-    def predict(self, input_ids):
+    def predict(self, input_ids, seq_ids=None):
         with calls.recorded:
             calls.append(len(input_ids))
             calls.recorded.notify_all()
-        return real_predict(self, input_ids)
+        return real_predict(self, input_ids, seq_ids)
 
     monkeypatch.setattr(TorchBackend, "predict", predict)
     return calls
@@ -136,12 +136,12 @@ def test_the_teacher_computes_the_next_shard_while_the_last_is_written(
     real_write_shard = build_module.write_shard
     overlapped = []  # per shard write: did the teacher start the next shard meanwhile?
 
-    def write_shard(location, index, batches, rows):
+    def write_shard(location, index, *args):
         if index < 3:  # the last shard has no next one; one predict call per shard
             with predict_calls.recorded:
                 overlapped.append(predict_calls.recorded.wait_for(
                     lambda: len(predict_calls) > index + 1, timeout=60))
-        return real_write_shard(location, index, batches, rows)
+        return real_write_shard(location, index, *args)
 
     monkeypatch.setattr(build_module, "write_shard", write_shard)
     assert tiny_build_config(tmp_path).batch_size == TINY_SHARD_ROWS

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 
 from kernels import sparse_kd_loss
-from teacher_cache.sampling import counts_to_logprobs, sample_targets
+from teacher_cache.format import counts_to_logprobs
+from teacher_cache.sampling import sample_targets
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 IGNORE = -100

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from teacher_cache import sampling
-from teacher_cache.sampling import counts_to_logprobs, sample_targets, uniforms
+from teacher_cache.format import counts_to_logprobs
+from teacher_cache.sampling import sample_targets, uniforms
 
 # Goodness of fit: a false alarm rate of 1e-6 per check (the seed is fixed, so a pass is stable).
 ALPHA = 1e-6

@@ -23,10 +23,17 @@ every prompt position over the whole vocabulary in float32 before taking its top
 in-process engine the backend uses there, it computes them in one pass over the logits instead, the
 method of vLLM's V2 (GPU) runner (`teacher_cache.backends.vllm_prompt_logprobs`).
 
+Sampled targets: vLLM cannot sample at prompt positions, so the backend asks for the top-K'
+prompt logprobs (K' = the `sample_from_top` option, default 64) and draws the K samples from them,
+renormalised, with the same counter-based uniforms as the torch backend. The teacher mass outside
+the top-K' is never drawn; `TeacherOutput.uncovered_mass` reports it per position (the manifest
+its mean). The exact route (vLLM's final hidden states, then our own LM head and sampler) is not
+implemented.
+
 `BackendConfig.options` are passed to `vllm.LLM` as engine arguments (e.g. gpu_memory_utilization,
 max_num_batched_tokens, dtype, enforce_eager), except `logprobs_path`, which forces one of the three
-result paths above, and `one_pass_logprobs` (true/false), which forces the logprobs method; the
-benchmark compares them.
+result paths above, `one_pass_logprobs` (true/false), which forces the logprobs method (the
+benchmark compares them), and `sample_from_top` (K' above).
 """
 
 from __future__ import annotations
@@ -43,10 +50,13 @@ from teacher_cache.backends import vllm_prompt_logprobs
 from teacher_cache.backends.base import BackendConfig, TeacherOutput
 from teacher_cache.backends.dtypes import dtype_name, resolve_dtype
 from teacher_cache.errors import TeacherError
+from teacher_cache.format import counts_to_logprobs
+from teacher_cache.sampling import sample_packed
 
 # On CPU, vLLM's "GPU memory" is a fraction of RAM; its default (0.9) does not fit beside the
 # process that builds the cache.
 DEFAULT_MEMORY_FRACTION = {"cpu": 0.5, "cuda": 0.9}
+DEFAULT_SAMPLE_FROM_TOP = 64  # K': sampled targets are drawn from the teacher's top-K'
 
 
 @dataclass
@@ -87,7 +97,10 @@ class VllmBackend:
                                "vLLM 0.32; pass one_pass_logprobs=false")
         self.dtype_name = dtype_name(
             resolve_dtype(options.pop("dtype", config.dtype), torch.device(device)))
-        self.top_k = config.targets.k
+        self.targets = config.targets
+        sample_from_top = options.pop("sample_from_top", DEFAULT_SAMPLE_FROM_TOP)
+        # The logprobs vLLM returns per position: the targets' top-k, or the top-K' to sample from.
+        self.top_k = sample_from_top if self.targets.kind == "sample" else self.targets.k
         engine_args = {
             "gpu_memory_utilization": DEFAULT_MEMORY_FRACTION[device],
             "dtype": self.dtype_name,
@@ -100,7 +113,7 @@ class VllmBackend:
         }
         self.llm = LLM(**engine_args)
 
-    def predict(self, input_ids: np.ndarray) -> TeacherOutput:
+    def predict(self, input_ids: np.ndarray, seq_ids: np.ndarray | None = None) -> TeacherOutput:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -128,7 +141,21 @@ class VllmBackend:
             topk_ids[row, :-1] = arrays.token_ids[:, 1:]
             topk_logprobs[row, :-1] = arrays.logprobs[:, 1:]
             target_logprobs[row, :-1] = arrays.logprobs[:, 0]
+        if self.targets.kind == "sample":
+            return self._sample(topk_ids, topk_logprobs, target_logprobs, seq_ids)
         return TeacherOutput(topk_ids, topk_logprobs, target_logprobs)
+
+    def _sample(self, top_ids: np.ndarray, top_logprobs: np.ndarray,
+                target_logprobs: np.ndarray, seq_ids: np.ndarray | None) -> TeacherOutput:
+        """K draws per position from the top-K' logprobs, renormalised (softmax over them)."""
+        import torch
+
+        slots, counts = sample_packed(torch.from_numpy(top_logprobs), seq_ids, self.targets)
+        slots, counts = slots.long().numpy(), counts.numpy()
+        ids = np.where(counts > 0, np.take_along_axis(top_ids, slots, axis=-1), 0)
+        uncovered = np.clip(1.0 - np.exp(top_logprobs.astype(np.float64)).sum(-1), 0.0, 1.0)
+        return TeacherOutput(ids.astype(np.int32), counts_to_logprobs(counts, self.targets.k),
+                             target_logprobs, uncovered.astype(np.float32))
 
     def close(self) -> None:
         del self.llm
