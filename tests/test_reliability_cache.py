@@ -149,7 +149,7 @@ def test_overwrite_with_bad_input_deletes_nothing(tmp_path: Path, tiny_cache: Pa
                                                   tiny_build_config):
     out = tmp_path / "cache"
     shutil.copytree(tiny_cache, out)
-    with pytest.raises(CacheError, match="--top-k"):
+    with pytest.raises(CacheError, match="topk:1000000: K is more than the teacher.s vocabulary"):
         build_cache(tiny_build_config(out, overwrite=True, top_k=10**6))
     assert open_cache(out).manifest.shards == open_cache(tiny_cache).manifest.shards
 
@@ -162,7 +162,7 @@ def test_top_k_above_the_vocabulary_is_one_line_and_claims_nothing(
     argv = build_argv(out, tiny_teacher_dir, tiny_corpus_dir)
     argv[argv.index("--top-k") + 1] = "1000000"
     assert main(argv) == 2
-    assert "--top-k 1000000 is larger than the vocabulary" in one_error_line(capsys)
+    assert "topk:1000000: K is more than the teacher's vocabulary" in one_error_line(capsys)
     assert not out.exists(), "a claim would block the corrected rerun"
 
 
