@@ -124,3 +124,11 @@ def cache_dir(tmp_path_factory):
     write_synthetic_cache(path, sequences=48, seq_len=16, top_k=4, vocab_size=128,
                           rows_per_shard=8, seed=2)
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def cli_cache_dir(tmp_path_factory):
+    """A smaller synthetic cache for the command-line tests (24 sequences of 8 tokens, top-2)."""
+    path = tmp_path_factory.mktemp("cli_cache")
+    write_synthetic_cache(path, sequences=24, seq_len=8, top_k=2, vocab_size=64, rows_per_shard=8)
+    return path

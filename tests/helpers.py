@@ -161,6 +161,8 @@ def shard_bytes(path: Path) -> dict[str, bytes]:
 
 TINY = {"hidden_size": "32", "num_hidden_layers": "1", "num_attention_heads": "2",
         "num_key_value_heads": "2", "intermediate_size": "64"}
+# The same student on the command line.
+TINY_ARGS = [arg for key, value in TINY.items() for arg in ("--set", f"{key}={value}")]
 
 
 def tiny_config(cache_dir, out, **changes) -> TrainConfig:

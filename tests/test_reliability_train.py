@@ -10,26 +10,16 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from helpers import TINY_ARGS
 
 from student_train.__main__ import main as train_main
 from student_train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from student_train.pretrain import main as pretrain_main
-from student_train.synthetic import write_synthetic_cache
-
-TINY = ["--set", "hidden_size=32", "--set", "num_hidden_layers=1", "--set",
-        "num_attention_heads=2", "--set", "num_key_value_heads=2", "--set", "intermediate_size=64"]
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cache")
-    write_synthetic_cache(path, sequences=24, seq_len=8, top_k=2, vocab_size=64, rows_per_shard=8)
-    return path
 
 
 def train(cache, out, *extra) -> int:
     return train_main(["--cache", str(cache), "--out", str(out), "--max-steps", "2",
-                       "--batch-size", "2", *TINY, *extra])
+                       "--batch-size", "2", *TINY_ARGS, *extra])
 
 
 def one_error_line(capsys, code: int, *fragments: str) -> str:
@@ -57,8 +47,8 @@ class TouchOnLoad:
     ("no_format", "checkpoint format None"),
     ("torn", "unreadable"),
 ])
-def test_resume_refuses_a_checkpoint_that_does_not_load_safely(cache_dir, tmp_path, capsys, kind,
-                                                               message):
+def test_resume_refuses_a_checkpoint_that_does_not_load_safely(cli_cache_dir, tmp_path, capsys,
+                                                               kind, message):
     out, marker = tmp_path / "run", tmp_path / "code-ran"
     out.mkdir()
     checkpoint = out / "checkpoint.pt"
@@ -75,7 +65,7 @@ def test_resume_refuses_a_checkpoint_that_does_not_load_safely(cache_dir, tmp_pa
     if kind == "torn":
         checkpoint.write_bytes(checkpoint.read_bytes()[:100])
 
-    one_error_line(capsys, train(cache_dir, out, "--resume"), str(checkpoint), message,
+    one_error_line(capsys, train(cli_cache_dir, out, "--resume"), str(checkpoint), message,
                    "--overwrite")
     assert not marker.exists()
     assert not (out / "student").exists()
@@ -94,52 +84,53 @@ def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
     assert load_checkpoint(tmp_path)["format"] == 2
 
 
-def test_a_finished_run_is_not_replaced_without_resume_or_overwrite(cache_dir, tmp_path, capsys):
+def test_a_finished_run_is_not_replaced_without_resume_or_overwrite(cli_cache_dir, tmp_path,
+                                                                    capsys):
     out = tmp_path / "run"
-    assert train(cache_dir, out) == 0
+    assert train(cli_cache_dir, out) == 0
     weights = (out / "student" / "model.safetensors").read_bytes()
     summary = json.loads((out / "summary.json").read_text())
     capsys.readouterr()
 
-    one_error_line(capsys, train(cache_dir, out, "--max-steps", "1"), str(out),
+    one_error_line(capsys, train(cli_cache_dir, out, "--max-steps", "1"), str(out),
                    "checkpoint.pt and student", "--resume", "--overwrite")
     assert (out / "student" / "model.safetensors").read_bytes() == weights
     assert json.loads((out / "summary.json").read_text()) == summary
 
     # Only the student left (checkpoint deleted): still a run.
     (out / "checkpoint.pt").unlink()
-    one_error_line(capsys, train(cache_dir, out), str(out), "(student)")
-    one_error_line(capsys, train(cache_dir, out, "--resume", "--overwrite"), "--overwrite")
+    one_error_line(capsys, train(cli_cache_dir, out), str(out), "(student)")
+    one_error_line(capsys, train(cli_cache_dir, out, "--resume", "--overwrite"), "--overwrite")
 
-    assert train(cache_dir, out, "--overwrite", "--max-steps", "3") == 0
+    assert train(cli_cache_dir, out, "--overwrite", "--max-steps", "3") == 0
     assert json.loads((out / "summary.json").read_text())["steps"] == 3
     assert load_checkpoint(out)["step"] == 3
 
 
-def test_resume_with_other_settings_names_the_run(cache_dir, tmp_path, capsys):
+def test_resume_with_other_settings_names_the_run(cli_cache_dir, tmp_path, capsys):
     out = tmp_path / "run"
-    assert train(cache_dir, out) == 0
+    assert train(cli_cache_dir, out) == 0
     capsys.readouterr()
-    one_error_line(capsys, train(cache_dir, out, "--resume", "--batch-size", "4"), str(out),
+    one_error_line(capsys, train(cli_cache_dir, out, "--resume", "--batch-size", "4"), str(out),
                    "batch_size: 2 -> 4")
 
 
 def pretrain(cache, out) -> int:
     return pretrain_main(["--cache", str(cache), "--students", "xs", "--out", str(out),
-                          "--max-steps", "4", "--eval-every", "2", *TINY])
+                          "--max-steps", "4", "--eval-every", "2", *TINY_ARGS])
 
 
-def test_rerunning_pretrain_keeps_the_finished_runs_measured_figures(cache_dir, tmp_path,
+def test_rerunning_pretrain_keeps_the_finished_runs_measured_figures(cli_cache_dir, tmp_path,
                                                                      capsys):
     out = tmp_path / "pretrain"
-    assert pretrain(cache_dir, out) == 0
+    assert pretrain(cli_cache_dir, out) == 0
     run = out / "xs"
     files = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
     first = json.loads((out / "results.json").read_text())[0]
     assert first["tokens_per_s"] > 0 and first["train_seconds"] > 0
     capsys.readouterr()
 
-    assert pretrain(cache_dir, out) == 0
+    assert pretrain(cli_cache_dir, out) == 0
     assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == files
     assert json.loads((out / "results.json").read_text())[0] == first
     printed = capsys.readouterr().out
@@ -148,16 +139,16 @@ def test_rerunning_pretrain_keeps_the_finished_runs_measured_figures(cache_dir, 
     assert "already trained" in printed
 
 
-def test_a_run_killed_before_its_summary_reports_the_checkpointed_figures(cache_dir, tmp_path):
+def test_a_run_killed_before_its_summary_reports_the_checkpointed_figures(cli_cache_dir, tmp_path):
     out = tmp_path / "pretrain"
-    assert pretrain(cache_dir, out) == 0
+    assert pretrain(cli_cache_dir, out) == 0
     run = out / "xs"
     checkpointed = load_checkpoint(run)["train_seconds"]
     assert checkpointed > 0
     (run / "summary.json").unlink()
     shutil.rmtree(run / "student")
 
-    assert pretrain(cache_dir, out) == 0
+    assert pretrain(cli_cache_dir, out) == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["train_seconds"] == checkpointed
     assert summary["tokens_per_s"] == pytest.approx(4 * 2 * 8 / checkpointed)

@@ -6,25 +6,16 @@ import shutil
 from pathlib import Path
 
 import pytest
+from helpers import TINY_ARGS
 
 from student_train.__main__ import build_parser, main
 from student_train.config import ConfigError, TrainConfig
 from student_train.synthetic import write_synthetic_cache
 
-TINY = ["--set", "hidden_size=32", "--set", "num_hidden_layers=1", "--set",
-        "num_attention_heads=2", "--set", "num_key_value_heads=2", "--set", "intermediate_size=64"]
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("cache")
-    write_synthetic_cache(path, sequences=24, seq_len=8, top_k=2, vocab_size=64, rows_per_shard=8)
-    return path
-
 
 def run(cache, out, *extra) -> int:
     return main(["--cache", str(cache), "--out", str(out), "--max-steps", "2", "--batch-size", "2",
-                 *TINY, *extra])
+                 *TINY_ARGS, *extra])
 
 
 def expect_error(capsys, code: int, *fragments: str) -> None:
@@ -59,8 +50,8 @@ def test_choices_come_from_the_config_types_and_fail_at_parse_time(capsys):
         TrainConfig(cache="c", out="o", loss_impl="trition")
 
 
-def test_a_good_run_exits_zero(cache_dir, tmp_path):
-    assert run(cache_dir, tmp_path) == 0
+def test_a_good_run_exits_zero(cli_cache_dir, tmp_path):
+    assert run(cli_cache_dir, tmp_path) == 0
     assert (tmp_path / "student" / "model.safetensors").exists()
 
 
@@ -75,15 +66,15 @@ def test_incomplete_cache(tmp_path, capsys):
     expect_error(capsys, run(tmp_path / "cache", tmp_path / "out"), "incomplete")
 
 
-def test_vocabulary_mismatch(cache_dir, tmp_path, capsys):
-    expect_error(capsys, run(cache_dir, tmp_path, "--set", "vocab_size=100"),
+def test_vocabulary_mismatch(cli_cache_dir, tmp_path, capsys):
+    expect_error(capsys, run(cli_cache_dir, tmp_path, "--set", "vocab_size=100"),
                  "vocab_size 100", "64")
     assert not (tmp_path / "checkpoint.pt").exists()
 
 
-def test_corrupt_shard(cache_dir, tmp_path, capsys):
+def test_corrupt_shard(cli_cache_dir, tmp_path, capsys):
     cache = tmp_path / "cache"
-    shutil.copytree(cache_dir, cache)
+    shutil.copytree(cli_cache_dir, cache)
     shard = cache / "shards" / "shard-000001.arrow"
     data = bytearray(shard.read_bytes())
     data[len(data) // 2] ^= 0xFF
@@ -99,18 +90,18 @@ def test_corrupt_shard(cache_dir, tmp_path, capsys):
     (["--select", "top:0.5"], "no score"),
     (["--batch-size", "0"], "--batch-size"),
 ])
-def test_bad_settings(cache_dir, tmp_path, capsys, extra, message):
-    expect_error(capsys, run(cache_dir, tmp_path, *extra), message)
+def test_bad_settings(cli_cache_dir, tmp_path, capsys, extra, message):
+    expect_error(capsys, run(cli_cache_dir, tmp_path, *extra), message)
 
 
-def test_resume_with_other_settings_is_refused(cache_dir, tmp_path, capsys):
-    assert run(cache_dir, tmp_path) == 0
+def test_resume_with_other_settings_is_refused(cli_cache_dir, tmp_path, capsys):
+    assert run(cli_cache_dir, tmp_path) == 0
     capsys.readouterr()
-    expect_error(capsys, run(cache_dir, tmp_path, "--resume", "--lr", "0.5"), "lr", "--resume")
+    expect_error(capsys, run(cli_cache_dir, tmp_path, "--resume", "--lr", "0.5"), "lr", "--resume")
 
 
-def test_resume_of_a_finished_run_changes_nothing(cache_dir, tmp_path):
-    assert run(cache_dir, tmp_path) == 0
+def test_resume_of_a_finished_run_changes_nothing(cli_cache_dir, tmp_path):
+    assert run(cli_cache_dir, tmp_path) == 0
     weights = Path(tmp_path / "student" / "model.safetensors").read_bytes()
-    assert run(cache_dir, tmp_path, "--resume") == 0
+    assert run(cli_cache_dir, tmp_path, "--resume") == 0
     assert Path(tmp_path / "student" / "model.safetensors").read_bytes() == weights
