@@ -11,6 +11,13 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# Without CUDA the Triton kernels run in the interpreter. triton reads TRITON_INTERPRET when it is
+# first imported (its own @jit helpers too), and a test module may import it indirectly (through
+# transformers or torch) before the kernel tests do: so it is set once, for the whole session.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from student_train.synthetic import write_synthetic_cache
 

@@ -3,18 +3,13 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import replace
 
 import torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-# Without CUDA the kernels run in the Triton interpreter. @triton.jit reads TRITON_INTERPRET when
-# kernels.triton_kernels is imported, so it is set for that import (then restored, so it does not
-# leak into other test modules) and again around every test here.
-_saved_interpret = os.environ.get("TRITON_INTERPRET")
-if DEVICE == "cpu":
-    os.environ["TRITON_INTERPRET"] = "1"
+# Without CUDA the kernels run in the Triton interpreter: conftest.py sets TRITON_INTERPRET for
+# the whole session, before anything imports triton (which reads it at import).
 
 import pytest  # noqa: E402
 
@@ -49,10 +44,6 @@ from kernels.triton_kernels import (  # noqa: E402
     sparse_dlogits,
 )
 
-if _saved_interpret is None:
-    os.environ.pop("TRITON_INTERPRET", None)
-else:
-    os.environ["TRITON_INTERPRET"] = _saved_interpret
 assert INTERPRETED == (DEVICE == "cpu"), "kernels.triton_kernels was imported in the wrong mode"
 
 
