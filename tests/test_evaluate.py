@@ -8,16 +8,20 @@ import numpy as np
 import pytest
 import torch
 from helpers import brute_force_metrics, student_logits64, synthetic_cache
-from transformers import LlamaConfig
 
 from student_train.data import eval_batches
-from student_train.evaluate import evaluate
-from student_train.model import build_student
 
 VOCAB, TOP_K = 64, 4
 
 
 def test_metrics_equal_their_float64_definitions(tmp_path):
+    # Imported here: transformers imports triton, which must first see TRITON_INTERPRET as
+    # test_kernels_triton.py sets it when it is collected after this module.
+    from transformers import LlamaConfig
+
+    from student_train.evaluate import evaluate
+    from student_train.model import build_student
+
     cache = synthetic_cache(tmp_path, sequences=10, seq_len=12, top_k=TOP_K, vocab_size=VOCAB)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
                          num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)

@@ -170,7 +170,9 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="mutate-") as tmp:
         copy = Path(tmp)
         copy_repository(copy)
-        all_tests = tuple(dict.fromkeys(t for m in mutations for t in m.tests))
+        # In file name order, as `make test` runs them (test_kernels_triton.py must be collected
+        # before the modules that import transformers, and with it triton, at import time).
+        all_tests = tuple(sorted({t for m in mutations for t in m.tests}))
         baseline, output = run_tests(copy, all_tests, args.timeout * 2)
         if baseline != "passed":
             print(f"{output}\nthe named tests do not pass unmutated ({baseline}); fix them first",
