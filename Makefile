@@ -39,7 +39,7 @@ COMPILE ?=
 
 export DISTILL_HOME
 
-.PHONY: install cache pretrain test bench bench-kernel bench-vllm bench-miniplm lint clean
+.PHONY: install cache pretrain test mutate bench bench-kernel bench-vllm bench-miniplm lint clean
 
 install: $(STAMP)
 
@@ -79,6 +79,10 @@ pretrain: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+# Curated one-line bugs that the tests must catch (tools/mutate.py); CPU heavy, not part of test.
+mutate: $(STAMP)
+	nice -n 10 $(PY) tools/mutate.py
+
 bench: $(STAMP)
 	$(PY) benchmarks/bench_cache.py
 	$(PY) benchmarks/bench_train.py
@@ -92,7 +96,7 @@ bench-vllm: $(STAMP)
 	$(PY) benchmarks/bench_vllm.py
 
 lint: $(STAMP)
-	$(PY) -m ruff check teacher_cache student_train kernels tests benchmarks
+	$(PY) -m ruff check teacher_cache student_train kernels tests benchmarks tools
 
 clean:
 	rm -rf runs

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from torch import Tensor
 
 from kernels.divergences import TAIL_EPS, KDSpec, KDTargets
 from student_train.config import TrainConfig
+from student_train.data import IGNORE_INDEX, Batch
 from student_train.synthetic import write_synthetic_cache
 from teacher_cache.reader import TeacherCache, open_cache
 
@@ -124,9 +126,13 @@ class Tolerance:
 
 # Per input dtype, for well-conditioned inputs; harder cases loosen an entry with
 # dataclasses.replace where they are tested.
+# bfloat16: the reference on make_inputs(40, 64, 300, 16, logit_scale=2.0), seeds 0-4, fkl /
+# fkl_tail / rkl at T = 1 measured at most 8.4e-5 relative loss error and 5.0e-3 relative
+# gradient error; the bounds are about 5x and 4x that. All loss math in bf16 instead of float32
+# measured 2.5e-3 to 4.3e-3 on the loss, which loss_rtol must catch.
 TOLERANCES = {
     torch.float32: Tolerance(loss_rtol=1e-5, loss_atol=1e-6, grad_rel=1e-5),
-    torch.bfloat16: Tolerance(loss_rtol=2e-2, loss_atol=0.0, grad_rel=3e-2),
+    torch.bfloat16: Tolerance(loss_rtol=4e-4, loss_atol=0.0, grad_rel=2e-2),
 }
 
 
@@ -188,3 +194,47 @@ def assert_same_run(expected: Path, got: Path, keys: tuple[str, ...], rel: float
     have_weights = load_file(got / "student" / "model.safetensors")
     for name, tensor in want_weights.items():
         torch.testing.assert_close(have_weights[name], tensor, rtol=rel, atol=atol)
+
+
+# --- independent oracles for what the code computes from a cache ---
+
+
+def brute_force_scores(input_ids: np.ndarray, teacher_dir: Path, reference_dir: Path) -> np.ndarray:
+    """MiniPLM scores from both models' float32 forward passes: the mean over positions 0..L-2 of
+    teacher minus reference log-probability of the next token, in float64."""
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.as_tensor(input_ids, dtype=torch.long)
+    targets = []
+    for path in (teacher_dir, reference_dir):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        with torch.inference_mode():
+            logprobs = torch.log_softmax(model(ids).logits.float(), dim=-1)
+        targets.append(logprobs[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1).double())
+    return (targets[0] - targets[1]).mean(dim=1).numpy()
+
+
+def student_logits64(student, input_ids: Tensor) -> Tensor:
+    """[B, L, V] float64 logits: the student's float32 hidden states times its LM head."""
+    with torch.no_grad():
+        hidden = student.model(input_ids=input_ids, use_cache=False).last_hidden_state
+    return hidden.double() @ student.lm_head.weight.double().T
+
+
+def brute_force_metrics(student, batches: Iterable[Batch]) -> dict[str, float]:
+    """val_ce, val_kl (forward KL from the renormalised teacher top-k) and val_top1 (student
+    argmax == teacher top-1 id) from their definitions, in float64, token-weighted."""
+    ce = kl = agree = tokens = 0.0
+    for batch in batches:
+        x = student_logits64(student, batch.input_ids)
+        valid = batch.labels != IGNORE_INDEX
+        logp = torch.log_softmax(x, -1)
+        q = torch.softmax(batch.topk_logprobs.double(), -1)
+        student_at_topk = logp.gather(-1, batch.topk_ids)
+        row_ce = -logp.gather(-1, torch.where(valid, batch.labels, 0)[..., None])[..., 0]
+        row_kl = (torch.special.xlogy(q, q) - q * student_at_topk).sum(-1)
+        ce += row_ce[valid].sum().item()
+        kl += row_kl[valid].sum().item()
+        agree += (x.argmax(-1) == batch.topk_ids[..., 0])[valid].sum().item()
+        tokens += valid.sum().item()
+    return {"val_ce": ce / tokens, "val_kl": kl / tokens, "val_top1": agree / tokens}

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from conftest import TINY_MAX_TOKENS, TINY_SEQ_LEN, TINY_SHARD_ROWS, TINY_TOP_K
+from helpers import brute_force_scores
 
 from teacher_cache import open_cache
 from teacher_cache.cli import _build_config, build_parser, main
@@ -73,15 +74,18 @@ def test_invalid_numbers_exit_2(tmp_path: Path, tiny_teacher_dir: Path, tiny_cor
     assert "--worker-index must be in [0, 2)" in capsys.readouterr().err
 
 
-def test_score_command_rescores_a_cache(tmp_path: Path, tiny_cache: Path,
+def test_score_command_rescores_a_cache(tmp_path: Path, tiny_cache: Path, tiny_teacher_dir: Path,
                                         tiny_reference_dir: Path, capsys):
     out = tmp_path / "cache"
     shutil.copytree(tiny_cache, out)
     argv = ["score", "--cache", str(out), "--reference", str(tiny_reference_dir), "--no-progress"]
     assert main(argv) == 0
     assert "rescored" in capsys.readouterr().out
-    _, scores = open_cache(out).read_scores()
-    assert not np.isnan(scores).any()
+    cache = open_cache(out)
+    _, scores = cache.read_scores()
+    input_ids = np.concatenate([cache.read_shard(i).input_ids for i in cache.shards])
+    want = brute_force_scores(input_ids, tiny_teacher_dir, tiny_reference_dir)
+    np.testing.assert_allclose(scores, want, rtol=1e-4, atol=1e-4)
 
 
 def test_sigkill_mid_build_then_rerun_gives_the_same_cache(tmp_path: Path, tiny_cache: Path,

@@ -6,26 +6,13 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-import torch
+from helpers import brute_force_scores
 
 from teacher_cache import CacheError, open_cache
 from teacher_cache import score as score_module
 from teacher_cache.build import build_cache
 from teacher_cache.format import read_shard, score_stats
 from teacher_cache.score import rescore_cache, sequence_scores
-
-
-def brute_force_scores(input_ids: np.ndarray, teacher_dir: Path, reference_dir: Path) -> np.ndarray:
-    from transformers import AutoModelForCausalLM
-
-    ids = torch.as_tensor(input_ids, dtype=torch.long)
-    targets = []
-    for path in (teacher_dir, reference_dir):
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        with torch.inference_mode():
-            logprobs = torch.log_softmax(model(ids).logits.float(), dim=-1)
-        targets.append(logprobs[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1).double())
-    return (targets[0] - targets[1]).mean(dim=1).numpy()
 
 
 def tables(path: Path) -> list[pa.Table]:
@@ -115,7 +102,16 @@ def test_rescore_resumes_after_a_crash(tmp_path: Path, tiny_cache: Path, scored_
     assert open_cache(out).manifest == open_cache(tiny_cache).manifest  # the old version, whole
     monkeypatch.undo()
 
+    # The resume skips the shard finished before the crash (its marker) and rescores the rest.
+    real_rescore_shard, written = score_module._rescore_shard, []
+
+    def record_rescored(location, manifest, info, *rest):
+        written.append(info.index)
+        return real_rescore_shard(location, manifest, info, *rest)
+
+    monkeypatch.setattr(score_module, "_rescore_shard", record_rescored)
     manifest = rescore_cache(str(out), str(tiny_reference_dir), dtype="fp32", progress=False)
+    assert written == list(range(1, len(manifest.shards)))
     # Same reference and dtype as the scored build: the same scores and statistics.
     expected = open_cache(scored_cache)
     np.testing.assert_array_equal(open_cache(out).read_scores()[1], expected.read_scores()[1])

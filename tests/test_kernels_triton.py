@@ -248,3 +248,23 @@ def test_grad_weight_accumulates_bfloat16_chunks_in_float32() -> None:
     assert relative_error(grads.grad_weight.double().cpu(), want.cpu()) < 3e-3
     torch.testing.assert_close(grads.grad_hidden.double(), dlogits.double() @ weight.double(),
                                rtol=1e-2, atol=1e-5)
+
+
+def test_bfloat16_grad_weight_is_summed_over_chunks_in_float32(monkeypatch) -> None:
+    """The Triton wrapper folds its bf16 chunks into LMHeadGradients with a float32 sum, whose
+    accuracy over many chunks test_kernels_precision.py measures (many interpreted launches per
+    chunk make that measurement too slow here)."""
+    import kernels.autograd
+    import kernels.triton_autograd
+
+    accumulate_dtypes = []
+
+    class Recording(kernels.autograd.LMHeadGradients):
+        def __init__(self, hidden, weight, accumulate_dtype):
+            accumulate_dtypes.append(accumulate_dtype)
+            super().__init__(hidden, weight, accumulate_dtype)
+
+    monkeypatch.setattr(kernels.triton_autograd, "LMHeadGradients", Recording)
+    inputs = make_inputs(12, 16, 64, 4, seed=12)
+    triton_result(inputs, torch.bfloat16, KDSpec("fkl"))
+    assert accumulate_dtypes == [torch.float32]

@@ -12,7 +12,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
-from helpers import synthetic_cache
+from helpers import brute_force_scores, synthetic_cache
 from torch.utils.data import DataLoader
 
 from student_train.__main__ import main as train_main
@@ -35,7 +35,7 @@ def manifest_json(cache: Path) -> dict:
 
 
 def test_reference_trained_on_a_subset_scores_the_cache_and_top_selects(
-        tmp_path: Path, tiny_cache: Path):
+        tmp_path: Path, tiny_cache: Path, tiny_teacher_dir: Path):
     cache = tmp_path / "cache"
     shutil.copytree(tiny_cache, cache)
     run = tmp_path / "reference"
@@ -53,10 +53,13 @@ def test_reference_trained_on_a_subset_scores_the_cache_and_top_selects(
     assert training["tokens_seen"] == 3 * 2 * manifest.seq_len
 
     seq_ids, scores = open_cache(cache).read_scores()
-    assert not np.isnan(scores).any() and len(np.unique(scores)) > 1
+    input_ids = np.concatenate([open_cache(cache).read_shard(i).input_ids
+                                for i in manifest.shards])
+    want = brute_force_scores(input_ids, tiny_teacher_dir, run / "student")
+    np.testing.assert_allclose(scores, want, rtol=1e-4, atol=1e-4)
     split = split_rows(open_cache(cache), 0.2, Selection.parse("top:0.5"), seed=0)
     candidates = np.setdiff1d(seq_ids, split.val)
-    ranked = sorted(candidates.tolist(), key=lambda i: (-scores[i], i))
+    ranked = sorted(candidates.tolist(), key=lambda i: (-want[i], i))
     assert split.train.tolist() == sorted(ranked[:round(0.5 * len(candidates))])
 
     # A rerun (as `make cache` does) finds the cache scored by this reference and rewrites nothing.

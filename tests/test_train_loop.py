@@ -9,12 +9,12 @@ import sys
 
 import pytest
 import torch
-from helpers import TINY, assert_same_run, records, tiny_config
+from helpers import TINY, assert_same_run, brute_force_metrics, records, tiny_config
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 import student_train.train as train_module
 from student_train.checkpoint import load_checkpoint
-from student_train.data import TrainStream, split_rows
+from student_train.data import TrainStream, eval_batches, split_rows
 from student_train.model import DistillationObjective, build_student
 from student_train.selection import Selection
 from student_train.train import lr_factor, train
@@ -30,8 +30,14 @@ def test_a_few_steps_lower_the_loss(cache_dir, tmp_path):
     assert evals[-1]["val_ce"] < evals[0]["val_ce"] - 0.3
     assert evals[-1]["val_kl"] < evals[0]["val_kl"]
     assert summary["tokens_seen"] == 30 * 4 * 16
-    assert summary["val_ce"] == evals[-1]["val_ce"]
-    assert 0 <= summary["val_top1"] <= 1
+    # The summary's metrics are those of the saved student, recomputed from their definitions.
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "student").eval()
+    config = tiny_config(cache_dir, tmp_path)
+    split = split_rows(open_cache(cache_dir), config.val_fraction, Selection(), config.seed)
+    want = brute_force_metrics(student, eval_batches(open_cache(cache_dir), split.val, 4))
+    assert summary["val_top1"] == want["val_top1"]
+    assert summary["val_ce"] == pytest.approx(want["val_ce"], rel=1e-5)
+    assert summary["val_kl"] == pytest.approx(want["val_kl"], rel=1e-5)
     # What selected the training rows is recorded (MiniPLM manifests copy it for references).
     assert (summary["select"], summary["seed"], summary["rows_per_step"],
             summary["held_out_fraction"]) == ("none", 0, 4, 0.2)
@@ -108,8 +114,21 @@ def test_ddp_on_two_processes_matches_one_process(cache_dir, tmp_path):
 
 
 def test_bf16_autocast_follows_the_float32_run(cache_dir, tmp_path):
-    for precision in ("fp32", "bf16"):
-        train(tiny_config(cache_dir, tmp_path / precision, max_steps=3, precision=precision))
+    linear_outputs = {}  # precision -> dtypes of every nn.Linear output while it trained
+
+    def record(module, args, output):
+        if isinstance(module, torch.nn.Linear):
+            linear_outputs[precision].add(output.dtype)
+
+    hook = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        for precision in ("fp32", "bf16"):
+            linear_outputs[precision] = set()
+            train(tiny_config(cache_dir, tmp_path / precision, max_steps=3, precision=precision))
+    finally:
+        hook.remove()
+    assert linear_outputs["fp32"] == {torch.float32}
+    assert torch.bfloat16 in linear_outputs["bf16"]  # evaluation runs without autocast
     fp32, bf16 = (records(tmp_path / p, "loss") for p in ("fp32", "bf16"))
     assert [r["loss"] for r in bf16] == pytest.approx([r["loss"] for r in fp32], rel=0.02)
 
