@@ -14,7 +14,6 @@ resumes from its own directory under --out, so a rerun only finishes what is mis
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -34,6 +33,7 @@ from student_train.selection import Selection
 from student_train.train import train
 from teacher_cache.format import Manifest
 from teacher_cache.reader import open_cache
+from teacher_cache.storage import write_json
 
 
 def describe(cache_dir: str, manifest: Manifest, config: TrainConfig) -> dict[str, Any]:
@@ -134,7 +134,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     report = {**header, "score_stats": manifest.score["stats"], "held_out": stats["held-out"],
               "runs": results, "seconds": elapsed}
-    (out / "results.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_json(out / "results.json", report)
     print(f"results: {out / 'results.json'}")
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -15,7 +14,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from kernels import sparse_kd_loss
 from student_train.data import IGNORE_INDEX
 from teacher_cache.format import TRAINING_FILE, Manifest
-from teacher_cache.storage import atomic_output
+from teacher_cache.storage import write_json
 
 log = logging.getLogger(__name__)
 
@@ -60,8 +59,7 @@ def save_student(student: LlamaForCausalLM, out_dir: str | os.PathLike, manifest
     out = Path(out_dir)
     student.save_pretrained(out, safe_serialization=True)
     if training is not None:
-        with atomic_output(out / TRAINING_FILE) as f:
-            f.write((json.dumps(training, indent=2) + "\n").encode())
+        write_json(out / TRAINING_FILE, training)
     teacher_path = manifest.teacher.get("path")  # the teacher's local Hugging Face directory
     if teacher_path and os.path.isdir(teacher_path):
         try:

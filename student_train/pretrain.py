@@ -25,6 +25,7 @@ from student_train.config import ConfigError, add_arguments, config_from_args
 from student_train.presets import PRESETS, describe_presets
 from teacher_cache import open_cache
 from teacher_cache.errors import reports_user_errors
+from teacher_cache.storage import write_json
 
 RESULTS_FILE = "results.json"
 PLOT_FILE = "val_ce.png"
@@ -179,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
                              **({"kd_weight": 0.0} if ce_only else {}))
             results.append({"run": name, **train(config)})
     out.mkdir(parents=True, exist_ok=True)
-    (out / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n")
+    write_json(out / RESULTS_FILE, results)
     teacher_ce = teacher_val_ce(base.cache, base.val_fraction)
     print()
     print(format_table(results))

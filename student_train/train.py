@@ -38,7 +38,7 @@ from student_train.model import (
 from student_train.presets import llama_config, resolve_preset
 from student_train.selection import Selection
 from teacher_cache.reader import open_cache
-from teacher_cache.storage import atomic_output
+from teacher_cache.storage import atomic_output, write_json
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -173,11 +173,6 @@ def finished_summary(run_dir: Path, step: int) -> dict[str, Any] | None:
     except (FileNotFoundError, json.JSONDecodeError):
         return None
     return summary if summary.get("steps") == step else None
-
-
-def _write_json(path: Path, value: dict[str, Any]) -> None:
-    with atomic_output(path) as f:
-        f.write((json.dumps(value, indent=2) + "\n").encode())
 
 
 class Trainer:
@@ -361,7 +356,7 @@ class Trainer:
         }
         if env.is_main:
             save_student(self.student, self.out / STUDENT_DIR, self.manifest, training=summary)
-            _write_json(self.out / SUMMARY_FILE, summary)
+            write_json(self.out / SUMMARY_FILE, summary)
             print(f"done: {self.step} steps, {summary['tokens_seen']:,} tokens, val CE "
                   f"{summary['val_ce']:.4f} (PPL {summary['val_ppl']:.1f}), KL "
                   f"{summary['val_kl']:.4f}, top-1 {summary['val_top1']:.3f}; student saved to "

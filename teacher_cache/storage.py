@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import os
 import secrets
 from collections.abc import Iterator
@@ -134,6 +135,12 @@ def atomic_output(target: str | os.PathLike, fs: pafs.FileSystem | None = None,
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_json(target: str | os.PathLike, value: object) -> None:
+    """`value` as indented JSON, atomically (`atomic_output`)."""
+    with atomic_output(target) as f:
+        f.write((json.dumps(value, indent=2) + "\n").encode())
 
 
 def _create_temp(directory: str, name: str) -> tuple[int, str]:
