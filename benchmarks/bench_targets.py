@@ -78,25 +78,31 @@ def teacher_ce(cache: TeacherCache, seq_ids: np.ndarray) -> float:
     return total / count
 
 
-def sequences_digest(cache: TeacherCache) -> str:
-    """A hash of every row's seq_id and input ids, in seq_id order."""
-    rows = {}
+def scan(cache: TeacherCache) -> tuple[str, dict[str, float]]:
+    """A hash of every row's seq_id and input ids in seq_id order, and what the targets hold per
+    position: the teacher mass they cover (top-k; 1 for samples) and how many distinct ids."""
+    rows, mass, distinct, positions = {}, 0.0, 0, 0
     for batch in cache.iter_batches():
         for seq_id, ids in zip(batch.seq_ids.tolist(), batch.input_ids, strict=True):
             rows[seq_id] = ids.tobytes()
+        logprobs = batch.topk_logprobs[:, :-1].astype(np.float64)
+        mass += np.exp(logprobs).sum()
+        distinct += int(np.isfinite(logprobs).sum())
+        positions += logprobs.shape[0] * logprobs.shape[1]
     digest = hashlib.sha256()
     for seq_id in sorted(rows):
         digest.update(seq_id.to_bytes(8, "little") + rows[seq_id])
-    return digest.hexdigest()
+    return digest.hexdigest(), {"teacher_mass": mass / positions, "ids_per_position":
+                                distinct / positions}
 
 
-def kind_stats(cache: TeacherCache, batch_size: int) -> dict[str, Any]:
+def kind_stats(cache: TeacherCache, targets: dict[str, float], batch_size: int) -> dict[str, Any]:
     manifest: Manifest = cache.manifest
     decode, stream = reader_throughput(str(cache.location.uri), batch_size)
     return {"bytes_per_token": manifest.totals["bytes"] / manifest.totals["tokens"],
             "build_tokens_per_s": manifest.build.get("tokens_per_s"),
             "build_dtype": manifest.teacher.get("dtype"),
-            "decode_tokens_per_s": decode, "stream_tokens_per_s": stream}
+            "decode_tokens_per_s": decode, "stream_tokens_per_s": stream, **targets}
 
 
 def heldout_ce(run_dir: Path, text: TeacherCache) -> float:
@@ -108,11 +114,12 @@ def heldout_ce(run_dir: Path, text: TeacherCache) -> float:
 def format_tables(report: dict[str, Any]) -> str:
     kinds = report["kinds"]
     lines = [f"{'targets':<12}{'bytes/token':>12}{'build tok/s':>13}{'decode tok/s':>14}"
-             f"{'stream tok/s':>14}", "-" * 65]
+             f"{'stream tok/s':>14}{'ids/pos':>9}{'mass':>7}", "-" * 81]
     for name, k in kinds.items():
         build = k["build_tokens_per_s"] or 0
         lines.append(f"{name:<12}{k['bytes_per_token']:>12.1f}{build:>13,.0f}"
-                     f"{k['decode_tokens_per_s']:>14,.0f}{k['stream_tokens_per_s']:>14,.0f}")
+                     f"{k['decode_tokens_per_s']:>14,.0f}{k['stream_tokens_per_s']:>14,.0f}"
+                     f"{k['ids_per_position']:>9.2f}{k['teacher_mass']:>7.3f}")
     lines += ["", f"{'run':<18}{'KD on':<12}{'seed':>5}{'tokens':>10}{'val CE':>9}"
                   f"{'held-out CE':>13}{'train tok/s':>13}", "-" * 80]
     for r in report["runs"]:
@@ -159,7 +166,8 @@ def main() -> None:
           f"tokens x seq_len {args.seq_len}; held-out text: {args.heldout_package} .py sources, "
           f"{len(files)} files, first {text.manifest.totals['tokens']:,} tokens")
 
-    digests = {t: sequences_digest(c) for t, c in caches.items()}
+    scans = {t: scan(c) for t, c in caches.items()}
+    digests = {t: digest for t, (digest, _) in scans.items()}
     assert len(set(digests.values())) == 1, f"caches hold different sequences: {digests}"
     base = TrainConfig(cache="", out="", student=args.student, overrides=dict(
         o.split("=", 1) for o in args.overrides), max_steps=args.steps,
@@ -170,7 +178,7 @@ def main() -> None:
     assert all(np.array_equal(v, val) for v in vals.values()), "held-out splits differ"
     print(f"packed sequences identical in every cache; held-out split: {len(val)} sequences")
 
-    kinds = {t: kind_stats(c, args.batch_size) for t, c in caches.items()}
+    kinds = {t: kind_stats(c, scans[t][1], args.batch_size) for t, c in caches.items()}
     all_text = text.read_scores()[0]
     teacher = {"val_ce": teacher_ce(first, val), "heldout_ce": teacher_ce(text, all_text)}
 
