@@ -39,7 +39,8 @@ COMPILE ?=
 
 export DISTILL_HOME
 
-.PHONY: install cache pretrain test mutate bench bench-kernel bench-vllm bench-miniplm lint clean
+.PHONY: install cache pretrain test mutate bench bench-kernel bench-vllm bench-miniplm bench-targets \
+	lint clean
 
 install: $(STAMP)
 
@@ -104,3 +105,12 @@ clean:
 # MiniPLM difference sampling: all rows vs random:0.5 vs top:0.5, with and without KD.
 bench-miniplm: $(STAMP)
 	$(PY) benchmarks/bench_miniplm.py --cache $(CACHE)
+
+# Sampled vs top-k targets (issue 11): one cache per kind, CE-only and KD students per seed. The
+# script's defaults (1M tokens, 100 steps, topk:64 sample:8 sample:4, seeds 0 1) hold unless
+# TOKENS=, STEPS=, TARGETS= or SEEDS= is given; rerunning reuses finished caches and runs.
+given = $(filter command line environment,$(origin $(1)))
+bench-targets: $(STAMP)
+	$(PY) benchmarks/bench_targets.py $(if $(call given,TOKENS),--tokens $(TOKENS)) \
+		$(if $(call given,STEPS),--steps $(STEPS)) $(if $(call given,TARGETS),--targets $(TARGETS)) \
+		$(if $(SEEDS),--seeds $(SEEDS))

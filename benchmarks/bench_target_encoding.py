@@ -27,7 +27,14 @@ from bench_cache import packed_ids
 from teacher_args import add_teacher_arguments, teacher_path
 
 from teacher_cache.backends.torch_backend import resolve_device, resolve_dtype
-from teacher_cache.format import RECORD_BATCH_ROWS, counts_to_logprobs, decode_batch, encode_batch
+from teacher_cache.format import (
+    RECORD_BATCH_ROWS,
+    CacheBatch,
+    counts_to_logprobs,
+    decode_batch,
+    encode_batch,
+    unscored,
+)
 from teacher_cache.sampling import sample_targets, uniforms
 
 SEED = 1234
@@ -209,11 +216,21 @@ ENCODINGS = {
 }
 
 
+def top_k_rows(input_ids: np.ndarray, topk_ids: np.ndarray, topk_logprobs: np.ndarray,
+               target_logprobs: np.ndarray) -> CacheBatch:
+    """Top-k cache rows of one document each, unscored."""
+    b = len(input_ids)
+    return CacheBatch(seq_ids=np.arange(b), input_ids=input_ids, topk_ids=topk_ids,
+                      topk_logprobs=topk_logprobs, target_logprobs=target_logprobs,
+                      score=unscored(b), doc_starts=[np.zeros(1, np.int32)] * b)
+
+
 def common_columns(arrays: dict[str, np.ndarray], input_ids: np.ndarray) -> pa.RecordBatch:
     """The cache's columns besides the targets (seq_id, input_ids, doc_starts, target, score)."""
     b, seq_len = input_ids.shape
-    batch = encode_batch(np.arange(b), input_ids, [[0]] * b, np.zeros((b, seq_len, 1), np.int32),
-                         np.zeros((b, seq_len, 1), np.float16), arrays["target_logprobs"])
+    batch = encode_batch(top_k_rows(input_ids, np.zeros((b, seq_len, 1), np.int32),
+                                    np.zeros((b, seq_len, 1), np.float16),
+                                    arrays["target_logprobs"]))
     return batch.drop_columns(["topk_ids", "topk_logprobs"])
 
 
@@ -277,8 +294,8 @@ def main() -> None:
           + f", Gumbel-max K={max(args.ks)} {1e3 * times['gumbel_per_row']:.3f}")
 
     print(f"{'':2}{'encoding':<46}{'codec':>6}{'bytes/tok':>10}{'decode Mtok/s':>14}")
-    top_batch = encode_batch(np.arange(b), ids, [[0]] * b, arrays["topk_ids"],
-                             arrays["topk_logprobs"], arrays["target_logprobs"])
+    top_batch = encode_batch(top_k_rows(ids, arrays["topk_ids"], arrays["topk_logprobs"],
+                                        arrays["target_logprobs"]))
     print(f"top-{args.top_k} (the current format, all columns):")
     measure(f"fixed int32 ids + float16 logprobs, k={args.top_k}", pa.Table.from_batches(
         [top_batch]), tokens, lambda t: decode_batch(t, seq_len, args.top_k), lambda _: None)
