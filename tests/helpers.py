@@ -178,6 +178,23 @@ def tiny_config(cache_dir, out, **changes) -> TrainConfig:
     return TrainConfig(**(values | changes))
 
 
+def train_until_killed(config: TrainConfig, monkeypatch, at_step: int = 4) -> None:
+    """Train, as if the process were killed right after the checkpoint of `at_step`."""
+    import student_train.train as train_module
+
+    save = train_module.save_checkpoint
+
+    def save_then_crash(run_dir, state):
+        save(run_dir, state)
+        if state["step"] == at_step:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(train_module, "save_checkpoint", save_then_crash)
+        with pytest.raises(KeyboardInterrupt):
+            train_module.train(config)
+
+
 def records(out, key) -> list[dict]:
     lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if key in r]

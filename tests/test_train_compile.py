@@ -14,10 +14,9 @@ import sys
 
 import pytest
 import torch
-from helpers import TINY, assert_same_run, records, tiny_config
+from helpers import TINY, assert_same_run, records, tiny_config, train_until_killed
 from safetensors.torch import load_file
 
-import student_train.train as train_module
 from student_train.__main__ import main as train_main
 from student_train.checkpoint import load_checkpoint
 from student_train.train import Trainer, train, use_compile
@@ -94,17 +93,7 @@ def test_compiled_run_matches_the_eager_run_and_saves_the_same_keys(cache_dir, t
 def test_resume_across_eager_and_compiled(cache_dir, tmp_path, monkeypatch, first, then):
     modes = {"on": COMPILED, "off": {"compile": "off"}}
     train(tiny_config(cache_dir, tmp_path / "straight", **modes[first]))
-    save = train_module.save_checkpoint
-
-    def save_then_crash(run_dir, state):
-        save(run_dir, state)
-        if state["step"] == 4:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_config(cache_dir, tmp_path / "resumed", **modes[first]))
-    monkeypatch.undo()
+    train_until_killed(tiny_config(cache_dir, tmp_path / "resumed", **modes[first]), monkeypatch)
     summary = train(tiny_config(cache_dir, tmp_path / "resumed", resume=True, **modes[then]))
     assert summary["steps"] == 8
     assert_same_run(tmp_path / "straight", tmp_path / "resumed", ("loss", "val_ce"),

@@ -9,10 +9,16 @@ import sys
 
 import pytest
 import torch
-from helpers import TINY, assert_same_run, brute_force_metrics, records, tiny_config
+from helpers import (
+    TINY,
+    assert_same_run,
+    brute_force_metrics,
+    records,
+    tiny_config,
+    train_until_killed,
+)
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-import student_train.train as train_module
 from student_train.checkpoint import load_checkpoint
 from student_train.data import TrainStream, eval_batches, split_rows
 from student_train.model import DistillationObjective, build_student
@@ -46,17 +52,7 @@ def test_a_few_steps_lower_the_loss(cache_dir, tmp_path):
 def test_resume_continues_exactly(cache_dir, tmp_path, monkeypatch):
     train(tiny_config(cache_dir, tmp_path / "straight", grad_accum=2))
 
-    save = train_module.save_checkpoint
-
-    def save_then_crash(run_dir, state):
-        save(run_dir, state)
-        if state["step"] == 4:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(train_module, "save_checkpoint", save_then_crash)
-    with pytest.raises(KeyboardInterrupt):
-        train(tiny_config(cache_dir, tmp_path / "resumed", grad_accum=2))
-    monkeypatch.undo()
+    train_until_killed(tiny_config(cache_dir, tmp_path / "resumed", grad_accum=2), monkeypatch)
     checkpoint = load_checkpoint(tmp_path / "resumed")
     assert checkpoint["step"] == 4
     assert checkpoint["data"]["micro_batches"] == 8
