@@ -163,6 +163,22 @@ def shard_bytes(path: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted((path / "shards").glob("shard-*"))}
 
 
+def crash_on_second_shard(monkeypatch) -> None:
+    """`score` raises RuntimeError("simulated kill") when it writes its second shard."""
+    from teacher_cache import score as score_module
+
+    real = score_module.serialize_shard
+    calls = []
+
+    def serialize(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("simulated kill")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(score_module, "serialize_shard", serialize)
+
+
 # --- training runs: a tiny student on a tiny synthetic cache ---
 
 TINY = {"hidden_size": "32", "num_hidden_layers": "1", "num_attention_heads": "2",

@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-from helpers import brute_force_scores
+from helpers import brute_force_scores, crash_on_second_shard
 
 from teacher_cache import CacheError, open_cache
 from teacher_cache import score as score_module
@@ -87,17 +87,8 @@ def test_rescore_resumes_after_a_crash(tmp_path: Path, tiny_cache: Path, scored_
                                        tiny_reference_dir: Path, monkeypatch):
     out = tmp_path / "cache"
     shutil.copytree(tiny_cache, out)
-    real_serialize_shard = score_module.serialize_shard
-    calls = []
-
-    def crash_on_second_shard(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("simulated crash")
-        return real_serialize_shard(*args, **kwargs)
-
-    monkeypatch.setattr(score_module, "serialize_shard", crash_on_second_shard)
-    with pytest.raises(RuntimeError, match="simulated crash"):
+    crash_on_second_shard(monkeypatch)
+    with pytest.raises(RuntimeError, match="simulated kill"):
         rescore_cache(str(out), str(tiny_reference_dir), dtype="fp32", progress=False)
     assert open_cache(out).manifest == open_cache(tiny_cache).manifest  # the old version, whole
     monkeypatch.undo()

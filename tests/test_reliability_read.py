@@ -9,10 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import synthetic_cache
+from helpers import crash_on_second_shard, synthetic_cache
 
 from teacher_cache import CacheError, open_cache
-from teacher_cache import score as score_module
 from teacher_cache.build import build_cache
 from teacher_cache.cli import main
 from teacher_cache.format import ShardInfo
@@ -23,19 +22,6 @@ from teacher_cache.teacher import resolve_teacher
 
 def rescore(cache: Path, reference: Path) -> None:
     rescore_cache(str(cache), str(reference), dtype="fp32", progress=False)
-
-
-def crash_on_second_shard(monkeypatch) -> None:
-    real = score_module.serialize_shard
-    calls = []
-
-    def serialize(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
-            raise RuntimeError("simulated kill")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(score_module, "serialize_shard", serialize)
 
 
 def edit_manifest(cache: Path, edit) -> None:
