@@ -12,7 +12,8 @@ token by inverse CDF: the smallest id whose running sum of exp(x / T - max) (sum
 exceeds u times the row total. So a row's draws are a pure function of (seed, sequence id,
 position, the row's logits), independent of batch size, row order, the other rows, workers,
 reruns and resumes. Logits are read once per chunk of rows ([rows, V] float32 + float64 scratch
-under CHUNK_BYTES); no [N, V] log-softmax is materialised.
+under CHUNK_BYTES); no [N, V] log-softmax is materialised. At T = 1 the same pass yields each row's
+logsumexp (max + log of the exp-sum), which the builder needs for the true token's logprob.
 
 Why inverse CDF and not Gumbel-max (argmax over V of x / T + Gumbel(hash(..., j, v))): Gumbel-max
 needs K * V hashes per position, inverse CDF one exp and one cumsum pass over V plus K binary
@@ -76,18 +77,24 @@ def uniforms(seed: int, sequence_ids: Tensor, positions: Tensor, k: int) -> Tens
     return _shift_right(h, 11).double() * 2.0 ** -53
 
 
-def _draw(logits: Tensor, u: Tensor, temperature: float) -> Tensor:
-    """Inverse-CDF draws [n, k] int64 from softmax(logits / T) for uniforms u [n, k]."""
+def _draw(logits: Tensor, u: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
+    """Inverse-CDF draws [n, k] int64 from softmax(logits / T) for uniforms u [n, k], and the
+    float32 logsumexp [n] of the logits at temperature 1, from the same pass when T = 1."""
     x = logits.float()
+    peak = x.amax(-1, keepdim=True)
+    logsumexp = None
     if temperature != 1.0:
+        logsumexp = torch.logsumexp(x, -1)  # at T != 1 the T = 1 logsumexp needs its own pass
         x = x / temperature
-    e = (x - x.amax(-1, keepdim=True)).exp_()
-    cdf = e.cumsum(-1, dtype=torch.float64)
+        peak = peak / temperature  # division by T > 0 is monotone: this is max(x / T) exactly
+    cdf = (x - peak).exp_().cumsum(-1, dtype=torch.float64)
     total = cdf[:, -1:]
+    if logsumexp is None:
+        logsumexp = (peak.double() + total.log()).squeeze(-1).float()
     # u < 1, but u * total may round up to total: keep the target strictly below the last entry
     # so the search lands on a token of nonzero mass (right=True skips zero-mass tokens).
     target = torch.minimum(u * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, target, right=True)
+    return torch.searchsorted(cdf, target, right=True), logsumexp
 
 
 def _distinct_counts(draws: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -105,15 +112,9 @@ def _distinct_counts(draws: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return ids.to(torch.int32), counts.to(torch.uint8)
 
 
-def sample_targets(logits: Tensor, seed: int, sequence_ids: Tensor, positions: Tensor, k: int,
-                   temperature: float = 1.0) -> tuple[Tensor, Tensor]:
-    """K draws with replacement per row of logits [N, V] (any float dtype, any device) from
-    softmax(logits / temperature) computed in float32.
-
-    sequence_ids, positions: int [N], with `seed` the whole source of randomness (see the module
-    docstring). Returns (ids int32 [N, k], counts uint8 [N, k]) on the logits' device: distinct
-    ids sorted by count (desc, ties by id), counts summing to k, unused slots id 0 and count 0.
-    """
+def _sample_rows(logits: Tensor, seed: int, sequence_ids: Tensor, positions: Tensor, k: int,
+                 temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+    """`sample_targets` plus the float32 logsumexp [N] of the logits at temperature 1."""
     if logits.dim() != 2 or not logits.is_floating_point():
         raise ValueError(f"logits must be a float tensor [N, V]; got {logits.dtype} "
                          f"{tuple(logits.shape)}")
@@ -127,30 +128,38 @@ def sample_targets(logits: Tensor, seed: int, sequence_ids: Tensor, positions: T
         raise ValueError(f"temperature must be > 0; got {temperature}")
     u = uniforms(seed, sequence_ids.to(logits.device), positions.to(logits.device), k)
     rows = max(1, CHUNK_BYTES // (12 * vocab))
-    draws = torch.cat([_draw(logits[start:start + rows], u[start:start + rows], temperature)
-                       for start in range(0, n, rows)]) if n else u.long()
-    return _distinct_counts(draws, k)
+    chunks = [_draw(logits[start:start + rows], u[start:start + rows], temperature)
+              for start in range(0, n, rows)]
+    if not chunks:
+        return *_distinct_counts(u.long(), k), u.new_zeros(0, dtype=torch.float32)
+    draws, logsumexp = (torch.cat(parts) for parts in zip(*chunks, strict=True))
+    return *_distinct_counts(draws, k), logsumexp
 
 
+def sample_targets(logits: Tensor, seed: int, sequence_ids: Tensor, positions: Tensor, k: int,
+                   temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+    """K draws with replacement per row of logits [N, V] (any float dtype, any device) from
+    softmax(logits / temperature) computed in float32.
+
+    sequence_ids, positions: int [N], with `seed` the whole source of randomness (see the module
+    docstring). Returns (ids int32 [N, k], counts uint8 [N, k]) on the logits' device: distinct
+    ids sorted by count (desc, ties by id), counts summing to k, unused slots id 0 and count 0.
+    """
+    ids, counts, _ = _sample_rows(logits, seed, sequence_ids, positions, k, temperature)
+    return ids, counts
 
 
 def sample_packed(logits: Tensor, seq_ids: np.ndarray | None,
-                  targets: Targets) -> tuple[Tensor, Tensor]:
+                  targets: Targets) -> tuple[Tensor, Tensor, Tensor]:
     """`sample_targets` for B packed sequences: logits [B, L, V] -> (ids int32 [B, L, k], counts
-    uint8 [B, L, k]); position t of row r draws with (targets.seed, seq_ids[r], t)."""
+    uint8 [B, L, k], logsumexp float32 [B, L] of the logits at temperature 1, from the sampler's
+    own pass at T = 1); position t of row r draws with (targets.seed, seq_ids[r], t)."""
     if seq_ids is None:
         raise ValueError("sampled targets need the sequence ids of the rows (predict's seq_ids)")
     b, seq_len, vocab = logits.shape
     seqs = torch.as_tensor(np.asarray(seq_ids, dtype=np.int64), device=logits.device)
     positions = torch.arange(seq_len, device=logits.device).repeat(b)
-    ids, counts = sample_targets(logits.reshape(b * seq_len, vocab), targets.seed,
-                                 seqs.repeat_interleave(seq_len), positions, targets.k,
-                                 targets.temperature)
-    return ids.view(b, seq_len, -1), counts.view(b, seq_len, -1)
-
-
-def logsumexp_rows(logits: Tensor) -> Tensor:
-    """float32 [N] logsumexp of logits [N, V] (any float dtype), a chunk of rows at a time so that
-    no float32 copy of all of them exists."""
-    rows = max(1, CHUNK_BYTES // (4 * logits.shape[-1]))
-    return torch.cat([torch.logsumexp(chunk.float(), -1) for chunk in logits.split(rows)])
+    ids, counts, logsumexp = _sample_rows(logits.reshape(b * seq_len, vocab), targets.seed,
+                                          seqs.repeat_interleave(seq_len), positions, targets.k,
+                                          targets.temperature)
+    return ids.view(b, seq_len, -1), counts.view(b, seq_len, -1), logsumexp.view(b, seq_len)

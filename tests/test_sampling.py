@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from teacher_cache import sampling
-from teacher_cache.format import counts_to_logprobs
+from teacher_cache.format import Targets, counts_to_logprobs
 from teacher_cache.sampling import sample_targets, uniforms
 
 # Goodness of fit: a false alarm rate of 1e-6 per check (the seed is fixed, so a pass is stable).
@@ -200,3 +200,21 @@ def test_bad_arguments_say_which(kwargs: dict, message: str) -> None:
             "positions": torch.arange(4), "k": 8, "temperature": 1.0} | kwargs
     with pytest.raises(ValueError, match=message):
         sample_targets(**args)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_packed_sampling_returns_the_temperature_one_logsumexp(temperature: float) -> None:
+    """The builder takes the true token's logprob from this logsumexp (at T = 1 it comes from the
+    sampler's own pass): float64 oracle, and the draws are `sample_targets`'."""
+    logits, _, _ = random_batch(n=3 * 5, vocab=70)
+    packed = logits.view(3, 5, 70)
+    targets = Targets.parse("sample:6", temperature=temperature, seed=4)
+    seq_ids = np.array([8, 2, 5])
+    ids, counts, logsumexp = sampling.sample_packed(packed.to(torch.bfloat16), seq_ids, targets)
+    want = torch.logsumexp(packed.to(torch.bfloat16).double(), -1)
+    torch.testing.assert_close(logsumexp.double(), want, rtol=0, atol=2e-6)
+    flat_ids, flat_counts = sample_targets(packed.to(torch.bfloat16).flatten(0, 1), 4,
+                                           torch.tensor(seq_ids).repeat_interleave(5),
+                                           torch.arange(5).repeat(3), 6, temperature)
+    assert torch.equal(ids.flatten(0, 1), flat_ids) and torch.equal(counts.flatten(0, 1),
+                                                                     flat_counts)

@@ -5,7 +5,8 @@ CPUs with AMX: about 4-7x the float32 throughput on such a CPU, see benchmarks/b
 Top-k targets: log_softmax, top-k and the target gather run in float32, one sequence at a time so
 that at most one [L, V] float32 slice exists besides the model's [B, L, V] logits. Sampled
 targets: exact draws from the full logits (`teacher_cache.sampling`, in row chunks) and the target
-logprob as the gathered logit minus the row logsumexp, both in float32 with no log-softmax copy.
+logprob as the gathered logit minus the row logsumexp that the sampler's pass yields, in one read
+of the logits with no log-softmax copy.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from teacher_cache.backends.base import BackendConfig, TeacherOutput
 from teacher_cache.backends.dtypes import dtype_name, resolve_dtype
 from teacher_cache.format import counts_to_logprobs
-from teacher_cache.sampling import logsumexp_rows, sample_packed
+from teacher_cache.sampling import sample_packed
 from teacher_cache.teacher import quiet_transformers_bars
 
 
@@ -73,9 +74,8 @@ class TorchBackend:
 
     def _sample(self, logits: torch.Tensor, ids: torch.Tensor,
                 seq_ids: np.ndarray | None) -> tuple[np.ndarray, ...]:
-        sampled_ids, counts = sample_packed(logits, seq_ids, self.targets)
-        b, seq_len, vocab = logits.shape
-        logsumexp = logsumexp_rows(logits.view(b * seq_len, vocab)).view(b, seq_len)
+        sampled_ids, counts, logsumexp = sample_packed(logits, seq_ids, self.targets)
+        b, seq_len, _ = logits.shape
         target = torch.full((b, seq_len), float("nan"), dtype=torch.float32, device=self.device)
         target[:, :-1] = (logits[:, :-1].gather(-1, ids[:, 1:, None])[..., 0].float()
                           - logsumexp[:, :-1])

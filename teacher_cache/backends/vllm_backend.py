@@ -150,7 +150,7 @@ class VllmBackend:
         """K draws per position from the top-K' logprobs, renormalised (softmax over them)."""
         import torch
 
-        slots, counts = sample_packed(torch.from_numpy(top_logprobs), seq_ids, self.targets)
+        slots, counts, _ = sample_packed(torch.from_numpy(top_logprobs), seq_ids, self.targets)
         slots, counts = slots.long().numpy(), counts.numpy()
         ids = np.where(counts > 0, np.take_along_axis(top_ids, slots, axis=-1), 0)
         uncovered = np.clip(1.0 - np.exp(top_logprobs.astype(np.float64)).sum(-1), 0.0, 1.0)
