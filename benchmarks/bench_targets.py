@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
-import importlib
 import io
 import json
 import time
@@ -39,7 +38,7 @@ from student_train.evaluate import evaluate
 from student_train.selection import Selection
 from student_train.train import STUDENT_DIR, train
 from teacher_cache.build import BuildConfig, build_cache
-from teacher_cache.corpus import STDLIB_EXCLUDED_DIRS, CorpusConfig
+from teacher_cache.corpus import CorpusConfig, package_sources
 from teacher_cache.errors import CacheError
 from teacher_cache.format import Manifest
 from teacher_cache.reader import TeacherCache, open_cache
@@ -56,14 +55,6 @@ def cached(out: Path, targets: str, corpus: CorpusConfig, tokens: int, args) -> 
                             seq_len=args.seq_len, targets=targets, seed=args.cache_seed,
                             progress=False))
     return open_cache(out)
-
-
-def heldout_files(package: str) -> list[str]:
-    """The package's .py files outside test directories, sorted by path inside the package."""
-    root = Path(importlib.import_module(package).__file__).parent
-    files = [p for p in root.rglob("*.py")
-             if not STDLIB_EXCLUDED_DIRS & set(p.relative_to(root).parts[:-1])]
-    return [str(p) for p in sorted(files, key=lambda p: p.relative_to(root).as_posix())]
 
 
 def teacher_ce(cache: TeacherCache, seq_ids: np.ndarray) -> float:
@@ -156,7 +147,7 @@ def main() -> None:
     with contextlib.redirect_stdout(machine):
         describe_machine()
     print(machine.getvalue(), end="")
-    files = heldout_files(args.heldout_package)
+    files = [str(p) for p in package_sources(args.heldout_package)]
     text = cached(out / f"heldout-{args.heldout_package}", "topk:1", CorpusConfig(paths=files),
                   args.heldout_tokens, args)
     caches = {t: cached(out / f"cache-{t.replace(':', '-')}", t, CorpusConfig(), args.tokens, args)

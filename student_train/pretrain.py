@@ -1,17 +1,21 @@
 """`make pretrain`: train several students on one cache, then compare them in a table and a plot.
 
     python -m student_train.pretrain --cache DIR --students "xs s" --out DIR --max-steps N
-        [--baseline] [any training flag of python -m student_train]
+        [--baseline [PRESETS]] [--heldout-package NAME] [any flag of python -m student_train]
 
 Each student trains in OUT/<preset> (OUT/<preset>-ce for the CE-only baseline of --baseline) and
 resumes from its checkpoint when the command is rerun (a finished run is kept as it is; --overwrite
 retrains every run from scratch). Results: OUT/results.json and OUT/val_ce.png (validation CE
-against training tokens, with the teacher's CE on the same held-out rows as a reference line).
+against training tokens, with the teacher's CE on the same held-out rows as a reference line). At
+the end, the held-out comparison: each larger student against the next smaller one, and each
+student with KD against its CE-only baseline, on the cache's validation rows and on text outside
+the corpus (--heldout-package).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -31,6 +35,7 @@ RESULTS_FILE = "results.json"
 PLOT_FILE = "val_ce.png"
 # Sized for the default cache (256 x 512 tokens) on 2 CPU cores: 200 steps of 2 sequences are 1.6
 # epochs, about 1 minute of training for xs and 3 to 5 for s (benchmarks/bench_train.py).
+ALL_STUDENTS = "all"
 DRIVER_DEFAULTS = {"batch_size": 2, "eval_every": 40, "checkpoint_every": 50, "log_every": 5}
 
 
@@ -40,8 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--students", default="xs s",
                         help=f"presets to train, space separated, from {describe_presets()} "
                              f"(default: xs s)")
-    parser.add_argument("--baseline", action="store_true",
-                        help="also train every student CE-only (kd_weight=0) for comparison")
+    parser.add_argument("--baseline", nargs="?", const=ALL_STUDENTS, default="", metavar="PRESETS",
+                        help="also train these students (space separated; alone: every one) "
+                             "CE-only (kd_weight=0) for comparison")
+    parser.add_argument("--heldout-package", default="", metavar="NAME",
+                        help="also report each student's CE on this installed package's .py "
+                             "sources, text outside the cache's corpus (e.g. numpy for the stdlib "
+                             "cache; default: none)")
+    parser.add_argument("--heldout-tokens", type=int, default=16384,
+                        help="tokens of that text to evaluate on (default: 16384)")
     parser.add_argument("--out", required=True,
                         help="directory holding one run directory per student, the results and "
                              "the plot")
@@ -61,14 +73,16 @@ def eval_curve(run_dir: Path) -> tuple[list[int], list[float]]:
 
 
 def format_table(results: list[dict[str, Any]]) -> str:
+    text = any("heldout_ce" in r for r in results)
     header = (f"{'run':<10}{'params':>9}{'tokens':>10}{'val CE':>9}{'val PPL':>10}"
-              f"{'val KL':>9}{'top-1':>8}{'tokens/s':>10}")
+              f"{'val KL':>9}{'top-1':>8}{'tokens/s':>10}" + (f"{'text CE':>9}" if text else ""))
     rows = [header, "-" * len(header)]
     for r in results:
         tokens_per_s = "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}"
         rows.append(f"{r['run']:<10}{r['parameters'] / 1e6:>8.2f}M{r['tokens_seen']:>10,}"
                     f"{r['val_ce']:>9.3f}{r['val_ppl']:>10.1f}{r['val_kl']:>9.3f}"
-                    f"{r['val_top1']:>8.3f}{tokens_per_s:>10}")
+                    f"{r['val_top1']:>8.3f}{tokens_per_s:>10}"
+                    + (f"{r['heldout_ce']:>9.3f}" if text else ""))
     return "\n".join(rows)
 
 
@@ -159,33 +173,92 @@ def plot_curves(out: Path, run_dirs: dict[str, Path], teacher_ce: float | None =
     return path
 
 
+def baseline_students(students: list[str], baseline: str) -> list[str]:
+    if baseline == ALL_STUDENTS:
+        return students
+    chosen = baseline.split()
+    if stray := [b for b in chosen if b not in students]:
+        raise ConfigError(f"--baseline {baseline!r}: {stray[0]} is not among --students "
+                          f"{' '.join(students)}")
+    return [s for s in students if s in chosen]
+
+
+def comparisons(results: list[dict[str, Any]]) -> list[tuple[str, dict, dict]]:
+    """(what, expected better run, other run): each KD student against the next smaller KD
+    student, then each student's KD run against its CE-only run."""
+    by_name = {r["run"]: r for r in results}
+    kd = sorted((r for r in results if r["kd_weight"] > 0), key=lambda r: r["parameters"])
+    pairs = [(f"{big['run']} vs {small['run']} (larger student, CE + KD)", big, small)
+             for small, big in itertools.pairwise(kd)]
+    pairs += [(f"{r['run']} CE + KD vs CE only", r, by_name[run_name(r["run"], True)])
+              for r in kd if run_name(r["run"], True) in by_name]
+    return pairs
+
+
+def compare_cell(better: float, other: float) -> str:
+    """`5.974 vs 6.010  better by 0.036`, WORSE when the expected winner lost; n/a without rows."""
+    if not (math.isfinite(better) and math.isfinite(other)):
+        return "n/a (no rows)"
+    verdict = "better" if better < other else "WORSE"
+    return f"{better:.3f} vs {other:.3f}  {verdict} by {abs(better - other):.3f}"
+
+
+def format_comparison(results: list[dict[str, Any]], teacher_ce: float | None,
+                      text: str | None) -> str:
+    """Held-out CE of each comparison's two runs (the expected winner first)."""
+    columns = [("val_ce", "validation rows")] + ([("heldout_ce", "outside text")] if text else [])
+    lines = ["held-out comparison, CE in nats/token (lower is better):",
+             f"  {'':<38}" + "".join(f"{title:<34}" for _, title in columns)]
+    for what, better, other in comparisons(results):
+        lines.append(f"  {what:<38}" + "".join(f"{compare_cell(better[key], other[key]):<34}"
+                                               for key, _ in columns).rstrip())
+    if teacher_ce is not None:
+        lines.append(f"  teacher on the validation rows: {teacher_ce:.3f}")
+    lines.append("  validation rows: the cache's held-out sequences (same documents as training)")
+    if text:
+        lines.append(f"  outside text: {text}")
+    return "\n".join(lines)
+
+
 @reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from student_train.train import train  # after argument errors, so --help stays fast
+    import torch  # after argument errors, so --help stays fast
+    from transformers import LlamaForCausalLM
+
+    from student_train.heldout import load_heldout_text, text_ce
+    from student_train.train import STUDENT_DIR, train
 
     out = Path(args.out)
     students = args.students.split()
     unknown = [s for s in students if s not in PRESETS]
     if not students or unknown:
         raise ConfigError(f"--students {args.students!r}: choose from {', '.join(PRESETS)}")
+    baselines = baseline_students(students, args.baseline)
     base = config_from_args(args, student=students[0], resume=not args.overwrite)
+    text = (load_heldout_text(open_cache(base.cache), args.heldout_package, args.heldout_tokens)
+            if args.heldout_package else None)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    runs = [(s, False) for s in students] + [(s, True) for s in baselines]
     results, run_dirs = [], {}
-    for ce_only in [False, True] if args.baseline else [False]:
-        for student in students:
-            name = run_name(student, ce_only)
-            run_dirs[name] = out / name
-            print(f"== {name} ==", flush=True)
-            config = replace(base, student=student, out=str(run_dirs[name]),
-                             **({"kd_weight": 0.0} if ce_only else {}))
-            results.append({"run": name, **train(config)})
+    for student, ce_only in runs:
+        name = run_name(student, ce_only)
+        run_dirs[name] = out / name
+        print(f"== {name} ==", flush=True)
+        config = replace(base, student=student, out=str(run_dirs[name]),
+                         **({"kd_weight": 0.0} if ce_only else {}))
+        result = {"run": name, **train(config)}
+        if text is not None:
+            trained = LlamaForCausalLM.from_pretrained(run_dirs[name] / STUDENT_DIR)
+            result["heldout_ce"] = text_ce(trained, text, device)
+        results.append(result)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / RESULTS_FILE, results)
     teacher_ce = teacher_val_ce(base.cache, base.val_fraction)
     print()
     print(format_table(results))
-    if teacher_ce is not None:
-        print(f"teacher on the same validation rows: val CE {teacher_ce:.3f}")
+    print()
+    print(format_comparison(results, teacher_ce, text and text.description))
     print(f"\nresults: {out / RESULTS_FILE}")
     try:
         print(f"plot: {plot_curves(out, run_dirs, teacher_ce)}")

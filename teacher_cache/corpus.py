@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import importlib.util
 import json
 import os
 import sys
@@ -116,6 +117,22 @@ def stdlib_files(root: Path) -> list[Path]:
         dirs[:] = [d for d in dirs if d not in STDLIB_EXCLUDED_DIRS]
         found.extend(Path(directory) / n for n in names if n.endswith(".py"))
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def package_sources(package: str) -> list[Path]:
+    """An installed package's .py files outside test directories, sorted by path inside it: a
+    text set outside the default (stdlib) corpus for held-out evaluation."""
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise CorpusError(f"--heldout-package {package}: not an installed package; name one that "
+                          f"`python -c 'import {package}'` finds (e.g. numpy)")
+    root = Path(next(iter(spec.submodule_search_locations)))
+    files = [p for p in root.rglob("*.py")
+             if not STDLIB_EXCLUDED_DIRS & set(p.relative_to(root).parts[:-1])]
+    return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
 def _expand(spec: str) -> list[Path]:

@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import json
 
-from student_train.pretrain import main
+import pytest
+import torch
+from transformers import LlamaForCausalLM
+
+from student_train.heldout import load_heldout_text, text_ce
+from student_train.pretrain import comparisons, format_comparison, main
 from student_train.synthetic import write_synthetic_cache
+from student_train.train import STUDENT_DIR
+from teacher_cache import open_cache
 
 TINY = ["--set", "hidden_size=32", "--set", "num_hidden_layers=1", "--set",
         "num_attention_heads=2", "--set", "num_key_value_heads=2", "--set", "intermediate_size=64"]
@@ -35,3 +42,57 @@ def test_unknown_student_is_a_clear_error(tmp_path, capsys):
                  "--out", str(tmp_path / "out")])
     assert code == 2
     assert "--students" in capsys.readouterr().err
+
+
+def test_baseline_subset_and_outside_text_comparison(tiny_cache, tmp_path, capsys):
+    out = tmp_path / "pretrain"
+    code = main(["--cache", str(tiny_cache), "--students", "xs s", "--out", str(out),
+                 "--max-steps", "2", "--eval-every", "0", "--baseline", "xs",
+                 "--heldout-package", "json", "--heldout-tokens", "64", *TINY])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [r["run"] for r in results] == ["xs", "s", "xs-ce"]
+    text = load_heldout_text(open_cache(tiny_cache), "json", 64)
+    for r in results:  # recomputed from the saved students
+        student = LlamaForCausalLM.from_pretrained(out / r["run"] / STUDENT_DIR)
+        assert r["heldout_ce"] == pytest.approx(text_ce(student, text, torch.device("cpu")),
+                                                rel=1e-6)
+    printed = capsys.readouterr().out
+    assert "text CE" in printed
+    assert "s vs xs (larger student, CE + KD)" in printed
+    runs_compared = [line.split()[0] for line in printed.splitlines() if "CE only " in line]
+    assert runs_compared == ["xs"]
+    assert "outside text: json .py sources" in printed
+
+
+def result(run: str, parameters: int, kd_weight: float, val_ce: float, heldout_ce: float) -> dict:
+    return {"run": run, "parameters": parameters, "kd_weight": kd_weight, "val_ce": val_ce,
+            "heldout_ce": heldout_ce}
+
+
+def test_comparison_pairs_sizes_and_baselines_and_says_which_won():
+    results = [result("s", 7, 1.0, 5.9, 7.2), result("xs", 3, 1.0, 6.0, 7.1),
+               result("m", 50, 1.0, 5.5, 6.5), result("xs-ce", 3, 0.0, 6.1, 7.0)]
+    pairs = [(what, better["run"], other["run"]) for what, better, other in comparisons(results)]
+    assert pairs == [("s vs xs (larger student, CE + KD)", "s", "xs"),
+                     ("m vs s (larger student, CE + KD)", "m", "s"),
+                     ("xs CE + KD vs CE only", "xs", "xs-ce")]
+    lines = format_comparison(results, 2.2, "some text").splitlines()
+    s_vs_xs = next(line for line in lines if line.lstrip().startswith("s vs xs"))
+    assert "5.900 vs 6.000  better by 0.100" in s_vs_xs
+    assert "7.200 vs 7.100  WORSE by 0.100" in s_vs_xs
+    kd_vs_ce = next(line for line in lines if "CE only" in line)
+    assert "6.000 vs 6.100  better by 0.100" in kd_vs_ce
+    assert "7.100 vs 7.000  WORSE by 0.100" in kd_vs_ce
+    assert any("teacher on the validation rows: 2.200" in line for line in lines)
+    without_text = format_comparison([r | {"heldout_ce": None} for r in results], None, None)
+    assert "outside text" not in without_text and "WORSE" not in without_text
+    no_rows = format_comparison([r | {"val_ce": float("nan")} for r in results], None, None)
+    assert "n/a (no rows)" in no_rows and "better by" not in no_rows
+
+
+def test_baseline_of_a_student_not_trained_is_a_clear_error(cli_cache_dir, tmp_path, capsys):
+    code = main(["--cache", str(cli_cache_dir), "--students", "xs s", "--baseline", "m",
+                 "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert "--baseline 'm': m is not among --students xs s" in capsys.readouterr().err
