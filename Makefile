@@ -31,7 +31,12 @@ REFERENCE_SEED ?= 1234
 REFERENCE_RUN := $(CACHE)/reference
 STUDENTS ?= xs s
 STEPS ?= 200
-BASELINE ?= 0
+# CE-only students for the held-out comparison: these presets (default: the smallest, the cheapest),
+# 1: every student, 0: none.
+BASELINE ?= $(firstword $(STUDENTS))
+# Text outside the corpus for the held-out comparison: this installed package's .py sources (numpy
+# is not in the default stdlib corpus); empty: validation rows only.
+HELDOUT_PACKAGE ?= numpy
 QUICK ?= 0
 PRETRAIN_OUT ?= runs/pretrain
 # torch.compile the students' decoder: auto (on for CUDA, off on CPU), on or off.
@@ -74,7 +79,8 @@ endif
 
 pretrain: $(STAMP)
 	$(PY) -m student_train.pretrain --cache $(CACHE) --students "$(STUDENTS)" --out $(PRETRAIN_OUT) \
-		--max-steps $(STEPS) $(if $(filter 1,$(BASELINE)),--baseline) \
+		--max-steps $(STEPS) $(if $(filter 1,$(BASELINE)),--baseline,$(if $(filter-out 0,$(BASELINE)),\
+		--baseline "$(BASELINE)")) $(if $(HELDOUT_PACKAGE),--heldout-package $(HELDOUT_PACKAGE)) \
 		$(if $(COMPILE),--compile $(COMPILE))
 
 test: $(STAMP)

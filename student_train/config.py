@@ -37,7 +37,8 @@ class TrainConfig:
     batch_size: int = _opt(8, "sequences per micro-step summed over all ranks (the global batch "
                            "is batch_size * grad_accum)")
     grad_accum: int = _opt(1, "micro-steps accumulated per optimizer step")
-    lr: float = _opt(3e-3, "peak learning rate")
+    lr: float | None = _opt(None, "peak learning rate (default: the student preset's, "
+                            "LEARNING_RATES in student_train/presets.py)")
     min_lr_ratio: float = _opt(0.1, "final learning rate of the cosine decay, as a fraction of lr")
     warmup: int = _opt(20, "linear warmup steps")
     weight_decay: float = _opt(0.1, "AdamW weight decay (matrices only)")
@@ -71,6 +72,10 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.overrides = dict(self.overrides or {})
+        if self.lr is None:
+            from student_train.presets import LEARNING_RATES  # presets imports ConfigError
+
+            self.lr = LEARNING_RATES.get(self.student)  # an unknown preset fails where it is built
         for name, choices in CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: choose one "
@@ -139,7 +144,8 @@ def add_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -
             continue
         flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
         required = f.default is MISSING
-        help_text = f.metadata["help"] + ("" if required else " (default: %(default)s)")
+        stated = required or f.default is None  # no default, or the help says what it is
+        help_text = f.metadata["help"] + ("" if stated else " (default: %(default)s)")
         if f.type == "bool":
             parser.add_argument(flag, dest=f.name, action="store_true", help=f.metadata["help"])
         elif f.name == "overrides":
@@ -147,7 +153,8 @@ def add_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -
                                 metavar=f.metadata["metavar"], help=f.metadata["help"])
         else:
             choices = CHOICES.get(f.name)
-            kind = str if choices else {"int": int, "float": float, "str": str}[f.type]
+            kind = str if choices else {"int": int, "float": float, "float | None": float,
+                                        "str": str}[f.type]
             parser.add_argument(flag, dest=f.name, type=kind, required=required,
                                 default=None if required else f.default,
                                 choices=choices, help=help_text)

@@ -39,6 +39,12 @@ PRESETS = {
                        num_key_value_heads=4, intermediate_size=2048),
 }
 
+# Peak learning rate of each preset, TrainConfig.lr when --lr is not given. xs and s: the best of
+# the rates tried on the `make pretrain` demo (200 steps of 2 x 512 tokens, BENCHMARKS.md): xs 1e-3,
+# 3e-3 and 1e-2; s 5e-4, 1e-3, 3e-3 and 1e-2 (at 3e-3 s was no better than xs on text outside the
+# corpus). m and l keep 3e-3, the rate of the H100 runs in BENCHMARKS.md: not tuned.
+LEARNING_RATES = {"xs": 3e-3, "s": 1e-3, "m": 3e-3, "l": 3e-3}
+
 
 def parameter_count(preset: StudentPreset, vocab_size: int) -> int:
     """Parameters of the Llama built from `preset` (llama_config), counted without building it."""

@@ -19,7 +19,6 @@ import itertools
 import json
 import math
 import sys
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -245,8 +244,10 @@ def main(argv: list[str] | None = None) -> int:
         name = run_name(student, ce_only)
         run_dirs[name] = out / name
         print(f"== {name} ==", flush=True)
-        config = replace(base, student=student, out=str(run_dirs[name]),
-                         **({"kd_weight": 0.0} if ce_only else {}))
+        # From the flags again, not replace(base): an unset --lr is each preset's own.
+        config = config_from_args(args, student=student, out=str(run_dirs[name]),
+                                  resume=not args.overwrite,
+                                  **({"kd_weight": 0.0} if ce_only else {}))
         result = {"run": name, **train(config)}
         if text is not None:
             trained = LlamaForCausalLM.from_pretrained(run_dirs[name] / STUDENT_DIR)

@@ -348,7 +348,7 @@ class Trainer:
             "tokens_seen": self.step * self.tokens_per_step,
             "tokens_per_s": self.tokens_per_s(),
             "train_seconds": self.train_seconds, "compile_seconds": compile_seconds,
-            "ce_weight": config.ce_weight,
+            "lr": config.lr, "ce_weight": config.ce_weight,
             "kd_weight": config.kd_weight, "divergence": config.divergence,
             "select": config.select, "seed": config.seed, "rows_per_step": config.rows_per_step,
             "held_out_fraction": config.val_fraction,

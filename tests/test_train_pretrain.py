@@ -9,6 +9,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from student_train.heldout import load_heldout_text, text_ce
+from student_train.presets import LEARNING_RATES
 from student_train.pretrain import comparisons, format_comparison, main
 from student_train.synthetic import write_synthetic_cache
 from student_train.train import STUDENT_DIR
@@ -52,6 +53,7 @@ def test_baseline_subset_and_outside_text_comparison(tiny_cache, tmp_path, capsy
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert [r["run"] for r in results] == ["xs", "s", "xs-ce"]
+    assert [r["lr"] for r in results] == [LEARNING_RATES[s] for s in ("xs", "s", "xs")]
     text = load_heldout_text(open_cache(tiny_cache), "json", 64)
     for r in results:  # recomputed from the saved students
         student = LlamaForCausalLM.from_pretrained(out / r["run"] / STUDENT_DIR)
@@ -96,3 +98,10 @@ def test_baseline_of_a_student_not_trained_is_a_clear_error(cli_cache_dir, tmp_p
                  "--out", str(tmp_path / "out")])
     assert code == 2
     assert "--baseline 'm': m is not among --students xs s" in capsys.readouterr().err
+
+
+def test_an_explicit_lr_applies_to_every_student(cli_cache_dir, tmp_path):
+    out = tmp_path / "pretrain"
+    assert main(["--cache", str(cli_cache_dir), "--students", "xs s", "--out", str(out),
+                 "--max-steps", "1", "--lr", "0.02", *TINY]) == 0
+    assert [r["lr"] for r in json.loads((out / "results.json").read_text())] == [0.02, 0.02]
