@@ -15,6 +15,7 @@ from kernels import sparse_kd_loss
 from student_train.data import IGNORE_INDEX
 from teacher_cache.format import TRAINING_FILE, Manifest
 from teacher_cache.storage import write_json
+from teacher_cache.teacher import quiet_transformers_bars
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,8 @@ def save_student(student: LlamaForCausalLM, out_dir: str | os.PathLike, manifest
     path in the manifest exists on this machine) that `AutoModelForCausalLM` loads, plus the
     run's `training` summary in TRAINING_FILE, which the cache's `score` records for a reference."""
     out = Path(out_dir)
-    student.save_pretrained(out, safe_serialization=True)
+    with quiet_transformers_bars():
+        student.save_pretrained(out, safe_serialization=True)
     if training is not None:
         write_json(out / TRAINING_FILE, training)
     teacher_path = manifest.teacher.get("path")  # the teacher's local Hugging Face directory

@@ -29,6 +29,7 @@ from student_train.presets import PRESETS, describe_presets
 from teacher_cache import open_cache
 from teacher_cache.errors import reports_user_errors
 from teacher_cache.storage import write_json
+from teacher_cache.teacher import quiet_transformers_bars
 
 RESULTS_FILE = "results.json"
 PLOT_FILE = "val_ce.png"
@@ -207,7 +208,7 @@ def format_comparison(results: list[dict[str, Any]], teacher_ce: float | None,
     """Held-out CE of each comparison's two runs (the expected winner first)."""
     columns = [("val_ce", "validation rows")] + ([("heldout_ce", "outside text")] if text else [])
     lines = ["held-out comparison, CE in nats/token (lower is better):",
-             f"  {'':<38}" + "".join(f"{title:<34}" for _, title in columns)]
+             (f"  {'':<38}" + "".join(f"{title:<34}" for _, title in columns)).rstrip()]
     for what, better, other in comparisons(results):
         lines.append(f"  {what:<38}" + "".join(f"{compare_cell(better[key], other[key]):<34}"
                                                for key, _ in columns).rstrip())
@@ -250,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
                                   **({"kd_weight": 0.0} if ce_only else {}))
         result = {"run": name, **train(config)}
         if text is not None:
-            trained = LlamaForCausalLM.from_pretrained(run_dirs[name] / STUDENT_DIR)
+            with quiet_transformers_bars():
+                trained = LlamaForCausalLM.from_pretrained(run_dirs[name] / STUDENT_DIR)
             result["heldout_ce"] = text_ce(trained, text, device)
         results.append(result)
     out.mkdir(parents=True, exist_ok=True)
