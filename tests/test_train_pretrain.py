@@ -105,3 +105,13 @@ def test_an_explicit_lr_applies_to_every_student(cli_cache_dir, tmp_path):
     assert main(["--cache", str(cli_cache_dir), "--students", "xs s", "--out", str(out),
                  "--max-steps", "1", "--lr", "0.02", *TINY]) == 0
     assert [r["lr"] for r in json.loads((out / "results.json").read_text())] == [0.02, 0.02]
+
+
+def test_unknown_heldout_package_fails_before_training(cli_cache_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    code = main(["--cache", str(cli_cache_dir), "--students", "xs", "--out", str(out),
+                 "--heldout-package", "no_such_package_here"])
+    assert code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not an installed package" in err
+    assert not out.exists()
