@@ -11,8 +11,13 @@ KD on each cache, once per seed. Reported per run: CE on the cache's held-out sp
 in every cache: checked) and CE on a text set outside the corpus, the .py sources of an installed
 package (sorted file list, first --heldout-tokens tokens, packed and scored by the teacher like the
 cache); the teacher's CE on both is the reference line. Per target kind: bytes/token and build
-tokens/s (from the manifest), decode and training-stream tokens/s of the reader. Finished caches and
-runs under --out are reused, unfinished ones resume; results.json holds everything.
+tokens/s, decode and training-stream tokens/s of the reader. Finished caches and runs under --out
+are reused, unfinished ones resume; results.json holds everything.
+
+Fresh caches of every kind are built together with one teacher forward pass (`SharedForward`: the
+builders run in threads and the first to ask for a batch computes its logits, which are a function
+of the input ids, for all of them), so three kinds cost about one teacher pass. Build tokens/s per
+kind then comes from separate small builds of --speed-tokens tokens each.
 """
 
 from __future__ import annotations
@@ -22,9 +27,11 @@ import contextlib
 import hashlib
 import io
 import json
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -37,11 +44,17 @@ from student_train.data import eval_batches, split_rows
 from student_train.evaluate import evaluate
 from student_train.selection import Selection
 from student_train.train import STUDENT_DIR, train
+from teacher_cache.backends import torch_backend
 from teacher_cache.build import BuildConfig, build_cache
 from teacher_cache.corpus import CorpusConfig, package_sources
 from teacher_cache.errors import CacheError
 from teacher_cache.format import Manifest
 from teacher_cache.reader import TeacherCache, open_cache
+
+
+def build_config(out: Path, targets: str, corpus: CorpusConfig, tokens: int, args) -> BuildConfig:
+    return BuildConfig(out=str(out), teacher=args.teacher, corpus=corpus, max_tokens=tokens,
+                       seq_len=args.seq_len, targets=targets, seed=args.cache_seed, progress=False)
 
 
 def cached(out: Path, targets: str, corpus: CorpusConfig, tokens: int, args) -> TeacherCache:
@@ -51,10 +64,79 @@ def cached(out: Path, targets: str, corpus: CorpusConfig, tokens: int, args) -> 
     except CacheError:
         pass
     print(f"== build {out} ({targets}) ==", flush=True)
-    build_cache(BuildConfig(out=str(out), teacher=args.teacher, corpus=corpus, max_tokens=tokens,
-                            seq_len=args.seq_len, targets=targets, seed=args.cache_seed,
-                            progress=False))
+    build_cache(build_config(out, targets, corpus, tokens, args))
     return open_cache(out)
+
+
+class SharedForward:
+    """One teacher forward per distinct batch of input ids for `users` builders running in
+    threads over the same packed sequences in the same order: the first to ask computes the
+    logits, the others reuse them, and a batch is dropped once every builder has taken it. At most
+    `ahead` batches are held (each [B, L, V] float32), so the leader waits for the others."""
+
+    def __init__(self, users: int, ahead: int = 2):
+        self.users, self.ahead = users, ahead
+        self.held: dict[bytes, list] = {}
+        self.ready = threading.Condition()
+
+    def logits(self, model, input_ids: torch.Tensor) -> torch.Tensor:
+        key = repr(tuple(input_ids.shape)).encode() + input_ids.cpu().numpy().tobytes()
+        with self.ready:
+            while key not in self.held and len(self.held) >= self.ahead:
+                self.ready.wait()
+            if key not in self.held:
+                self.held[key] = [model(input_ids=input_ids, use_cache=False).logits, self.users]
+            entry = self.held[key]
+            entry[1] -= 1
+            if entry[1] == 0:
+                del self.held[key]
+                self.ready.notify_all()
+            return entry[0]
+
+
+def build_together(configs: list[BuildConfig]) -> None:
+    """`build_cache` for each config (fresh caches of the same corpus, seq_len and batch size), in
+    threads sharing one teacher forward per batch."""
+    shared = SharedForward(len(configs))
+    create = torch_backend.create
+
+    loading = threading.Lock()  # transformers' model loading is not thread-safe
+
+    def sharing(config):
+        with loading:
+            backend = create(config)
+        model = backend.model
+        backend.model = lambda **kw: SimpleNamespace(logits=shared.logits(model, kw["input_ids"]))
+        return backend
+
+    errors = []
+
+    def run(config: BuildConfig) -> None:
+        try:
+            build_cache(config)
+        except BaseException as e:  # reported below, after every thread has stopped
+            errors.append(e)
+            with shared.ready:  # a builder that stopped never takes its batches: free the others
+                shared.users -= 1
+                shared.held.clear()
+                shared.ready.notify_all()
+
+    torch_backend.create = sharing
+    try:
+        threads = [threading.Thread(target=run, args=(c,)) for c in configs]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        torch_backend.create = create
+    if errors:
+        raise errors[0]
+
+
+def build_speed(out: Path, targets: str, tokens: int, args) -> float:
+    """Teacher tokens/s of one kind alone, from a small build of its own."""
+    return cached(out, targets, CorpusConfig(), tokens, args).manifest.build["tokens_per_s"]
 
 
 def teacher_ce(cache: TeacherCache, seq_ids: np.ndarray) -> float:
@@ -87,11 +169,12 @@ def scan(cache: TeacherCache) -> tuple[str, dict[str, float]]:
                                 distinct / positions}
 
 
-def kind_stats(cache: TeacherCache, targets: dict[str, float], batch_size: int) -> dict[str, Any]:
+def kind_stats(cache: TeacherCache, targets: dict[str, float], build_tokens_per_s: float,
+               batch_size: int) -> dict[str, Any]:
     manifest: Manifest = cache.manifest
     decode, stream = reader_throughput(str(cache.location.uri), batch_size)
     return {"bytes_per_token": manifest.totals["bytes"] / manifest.totals["tokens"],
-            "build_tokens_per_s": manifest.build.get("tokens_per_s"),
+            "build_tokens_per_s": build_tokens_per_s,
             "build_dtype": manifest.teacher.get("dtype"),
             "decode_tokens_per_s": decode, "stream_tokens_per_s": stream, **targets}
 
@@ -111,6 +194,13 @@ def format_tables(report: dict[str, Any]) -> str:
         lines.append(f"{name:<12}{k['bytes_per_token']:>12.1f}{build:>13,.0f}"
                      f"{k['decode_tokens_per_s']:>14,.0f}{k['stream_tokens_per_s']:>14,.0f}"
                      f"{k['ids_per_position']:>9.2f}{k['teacher_mass']:>7.3f}")
+    if report["shared_build"]:
+        shared = report["shared_build"]
+        tokens = report["args"]["tokens"]
+        lines.append(f"built together with one teacher pass: {', '.join(shared['kinds'])}, "
+                     f"{shared['seconds']:.0f} s ({tokens / shared['seconds']:,.0f} tokens/s per "
+                     f"cache); build tok/s above: each kind alone, "
+                     f"{report['args']['speed_tokens']:,} tokens")
     lines += ["", f"{'run':<18}{'KD on':<12}{'seed':>5}{'tokens':>10}{'val CE':>9}"
                   f"{'held-out CE':>13}{'train tok/s':>13}", "-" * 80]
     for r in report["runs"]:
@@ -126,6 +216,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--targets", nargs="+", default=["topk:64", "sample:8", "sample:4"])
     parser.add_argument("--tokens", type=int, default=1_048_576, help="tokens per cache")
+    parser.add_argument("--speed-tokens", type=int, default=16384,
+                        help="tokens of the separate build that times each kind alone")
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--teacher", help="default: the default teacher (SmolLM2-135M-Instruct)")
     parser.add_argument("--cache-seed", type=int, default=0, help="seed of the sampled draws")
@@ -150,7 +242,17 @@ def main() -> None:
     files = [str(p) for p in package_sources(args.heldout_package)]
     text = cached(out / f"heldout-{args.heldout_package}", "topk:1", CorpusConfig(paths=files),
                   args.heldout_tokens, args)
-    caches = {t: cached(out / f"cache-{t.replace(':', '-')}", t, CorpusConfig(), args.tokens, args)
+    paths = {t: out / f"cache-{t.replace(':', '-')}" for t in args.targets}
+    fresh = [t for t, path in paths.items() if not path.exists()]
+    shared = None
+    if len(fresh) > 1:
+        print(f"== build {', '.join(fresh)} together, one teacher pass ==", flush=True)
+        start = time.perf_counter()
+        build_together([build_config(paths[t], t, CorpusConfig(), args.tokens, args)
+                        for t in fresh])
+        shared = {"kinds": fresh, "seconds": time.perf_counter() - start}
+    caches = {t: cached(paths[t], t, CorpusConfig(), args.tokens, args) for t in args.targets}
+    speeds = {t: build_speed(out / f"speed-{t.replace(':', '-')}", t, args.speed_tokens, args)
               for t in args.targets}
     first = caches[args.targets[0]]
     print(f"corpus: {first.manifest.corpus['description']}, {first.manifest.totals['tokens']:,} "
@@ -169,7 +271,7 @@ def main() -> None:
     assert all(np.array_equal(v, val) for v in vals.values()), "held-out splits differ"
     print(f"packed sequences identical in every cache; held-out split: {len(val)} sequences")
 
-    kinds = {t: kind_stats(c, scans[t][1], args.batch_size) for t, c in caches.items()}
+    kinds = {t: kind_stats(c, scans[t][1], speeds[t], args.batch_size) for t, c in caches.items()}
     all_text = text.read_scores()[0]
     teacher = {"val_ce": teacher_ce(first, val), "heldout_ce": teacher_ce(text, all_text)}
 
@@ -188,6 +290,7 @@ def main() -> None:
               "heldout_text": {"package": args.heldout_package, "files": len(files),
                                "tokens": text.manifest.totals["tokens"]},
               "held_out_split_sequences": len(val), "teacher": teacher, "kinds": kinds,
+              "shared_build": shared,
               "runs": runs, "seconds": time.perf_counter() - started}
     print()
     print(format_tables(report))
