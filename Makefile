@@ -112,9 +112,10 @@ clean:
 bench-miniplm: $(STAMP)
 	$(PY) benchmarks/bench_miniplm.py --cache $(CACHE)
 
-# Sampled vs top-k targets (issue 11): one cache per kind, CE-only and KD students per seed. The
-# script's defaults (1M tokens, 100 steps, topk:64 sample:8 sample:4, seeds 0 1) hold unless
-# TOKENS=, STEPS=, TARGETS= or SEEDS= is given; rerunning reuses finished caches and runs.
+# Sampled vs top-k targets: one cache per kind (built together, one teacher pass), CE-only and KD
+# students per seed; 73 min on a 2-core CPU (BENCHMARKS.md). The script's defaults (1M tokens,
+# 100 steps, topk:64 sample:8 sample:4, seeds 0 1) hold unless TOKENS=, STEPS=, TARGETS= or SEEDS=
+# is given; rerunning reuses finished caches and runs.
 given = $(filter command line environment,$(origin $(1)))
 bench-targets: $(STAMP)
 	$(PY) benchmarks/bench_targets.py $(if $(call given,TOKENS),--tokens $(TOKENS)) \
