@@ -93,6 +93,14 @@ class SharedForward:
                 self.ready.notify_all()
             return entry[0]
 
+    def leave(self) -> None:
+        """A builder stopped and will take no more batches: the held ones are recomputed for the
+        others if they still need them."""
+        with self.ready:
+            self.users -= 1
+            self.held.clear()
+            self.ready.notify_all()
+
 
 def build_together(configs: list[BuildConfig]) -> None:
     """`build_cache` for each config (fresh caches of the same corpus, seq_len and batch size), in
@@ -116,10 +124,7 @@ def build_together(configs: list[BuildConfig]) -> None:
             build_cache(config)
         except BaseException as e:  # reported below, after every thread has stopped
             errors.append(e)
-            with shared.ready:  # a builder that stopped never takes its batches: free the others
-                shared.users -= 1
-                shared.held.clear()
-                shared.ready.notify_all()
+            shared.leave()
 
     torch_backend.create = sharing
     try:

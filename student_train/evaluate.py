@@ -14,7 +14,7 @@ from transformers import LlamaForCausalLM
 from kernels import sparse_kd_loss
 from student_train.data import IGNORE_INDEX, Batch
 
-ARGMAX_CHUNK_ROWS = 1024  # [rows, vocab] float32 logits per chunk: 200 MB at vocab 49152
+LOGIT_CHUNK_ROWS = 1024  # [rows, vocab] float32 logits per chunk: 200 MB at vocab 49152
 
 
 @dataclass
@@ -38,8 +38,8 @@ def _batch_totals(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
     loss = partial(sparse_kd_loss, hidden, weight, labels, topk_ids, topk_logprobs,
                    divergence="fkl", temperature=1.0, ignore_index=IGNORE_INDEX, impl=impl)
     agree = 0
-    for start in range(0, hidden.shape[0], ARGMAX_CHUNK_ROWS):
-        rows = slice(start, start + ARGMAX_CHUNK_ROWS)
+    for start in range(0, hidden.shape[0], LOGIT_CHUNK_ROWS):
+        rows = slice(start, start + LOGIT_CHUNK_ROWS)
         argmax = (hidden[rows] @ weight.T).argmax(dim=-1)
         agree += int(((argmax == topk_ids[rows, 0]) & valid[rows]).sum())
     return torch.tensor([float(loss(ce_weight=1.0, kd_weight=0.0)) * tokens,

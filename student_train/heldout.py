@@ -15,21 +15,16 @@ import torch
 import torch.nn.functional as F
 
 from student_train.config import ConfigError
+from student_train.evaluate import LOGIT_CHUNK_ROWS
 from teacher_cache.corpus import CorpusConfig, open_corpus, package_sources
 from teacher_cache.packing import Packer, tokenize_documents
 from teacher_cache.reader import TeacherCache
-
-LOGIT_CHUNK_ROWS = 1024  # [rows, vocab] float32 logits per chunk: 200 MB at vocab 49152
 
 
 @dataclass
 class HeldoutText:
     description: str  # what the text is, for the report
     input_ids: torch.Tensor  # int64 [sequences, seq_len]
-
-    @property
-    def tokens(self) -> int:
-        return self.input_ids.numel()
 
 
 def load_heldout_text(cache: TeacherCache, package: str, max_tokens: int) -> HeldoutText:
