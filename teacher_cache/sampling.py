@@ -112,9 +112,10 @@ def _distinct_counts(draws: Tensor, k: int) -> tuple[Tensor, Tensor]:
     return ids.to(torch.int32), counts.to(torch.uint8)
 
 
-def _sample_rows(logits: Tensor, seed: int, sequence_ids: Tensor, positions: Tensor, k: int,
-                 temperature: float) -> tuple[Tensor, Tensor, Tensor]:
-    """`sample_targets` plus the float32 logsumexp [N] of the logits at temperature 1."""
+def sample_rows(logits: Tensor, seed: int, sequence_ids: Tensor, positions: Tensor, k: int,
+                temperature: float = 1.0) -> tuple[Tensor, Tensor, Tensor]:
+    """`sample_targets` plus the float32 logsumexp [N] of the logits at temperature 1 (from the
+    sampler's own pass at T = 1), which a backend needs for the true token's logprob."""
     if logits.dim() != 2 or not logits.is_floating_point():
         raise ValueError(f"logits must be a float tensor [N, V]; got {logits.dtype} "
                          f"{tuple(logits.shape)}")
@@ -145,7 +146,7 @@ def sample_targets(logits: Tensor, seed: int, sequence_ids: Tensor, positions: T
     docstring). Returns (ids int32 [N, k], counts uint8 [N, k]) on the logits' device: distinct
     ids sorted by count (desc, ties by id), counts summing to k, unused slots id 0 and count 0.
     """
-    ids, counts, _ = _sample_rows(logits, seed, sequence_ids, positions, k, temperature)
+    ids, counts, _ = sample_rows(logits, seed, sequence_ids, positions, k, temperature)
     return ids, counts
 
 
@@ -159,7 +160,7 @@ def sample_packed(logits: Tensor, seq_ids: np.ndarray | None,
     b, seq_len, vocab = logits.shape
     seqs = torch.as_tensor(np.asarray(seq_ids, dtype=np.int64), device=logits.device)
     positions = torch.arange(seq_len, device=logits.device).repeat(b)
-    ids, counts, logsumexp = _sample_rows(logits.reshape(b * seq_len, vocab), targets.seed,
+    ids, counts, logsumexp = sample_rows(logits.reshape(b * seq_len, vocab), targets.seed,
                                           seqs.repeat_interleave(seq_len), positions, targets.k,
                                           targets.temperature)
     return ids.view(b, seq_len, -1), counts.view(b, seq_len, -1), logsumexp.view(b, seq_len)

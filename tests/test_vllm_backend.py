@@ -189,6 +189,61 @@ def test_one_pass_sampler_matches_log_softmax_then_topk(dtype: str, vocab: int):
     torch.testing.assert_close(result.selected_token_ranks, (full >= target_logprobs).sum(-1))
 
 
+@pytest.mark.parametrize("multiprocessing", ["0", "1"])
+def test_sampled_targets_are_exact_where_the_one_pass_method_runs(tmp_path: Path, monkeypatch,
+                                                                  multiprocessing: str):
+    """In-process engine: drawn from the full logits inside vLLM's runner (K prompt logprobs, the
+    slots of the draws). Engine in another process: from the top-64, with a warning."""
+    import vllm
+
+    from teacher_cache.backends.vllm_prompt_logprobs import SampledTargets
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", multiprocessing)
+    monkeypatch.setattr(vllm, "LLM", lambda **engine_args: engine_args)  # no engine
+    config = BackendConfig(str(tmp_path), targets=Targets("sample", 8, 1.0, 0))
+    if multiprocessing == "0":
+        backend = create_backend("vllm", config)
+        assert isinstance(backend.sampler, SampledTargets) and backend.llm["max_logprobs"] == 8
+    else:
+        with pytest.warns(UserWarning, match="drawn from the teacher's top-64 only"):
+            backend = create_backend("vllm", config)
+        assert backend.sampler is None and backend.llm["max_logprobs"] == 64
+    forced = create_backend("vllm", dataclasses.replace(config, options={"sample_from_top": 32}))
+    assert forced.sampler is None and forced.llm["max_logprobs"] == 32
+
+
+def test_sampled_targets_draw_each_chunk_at_its_own_positions():
+    """The stand-in sampler on one step's chunks: each call's rows are drawn with its request's
+    sequence id and the positions of its chunk; a call that is not the expected chunk is refused."""
+    import torch
+
+    from teacher_cache.backends.vllm_prompt_logprobs import SEQ_ID, PromptChunk, SampledTargets
+    from teacher_cache.sampling import sample_rows
+
+    generator = torch.Generator().manual_seed(0)
+    targets = Targets("sample", 6, 1.0, 17)
+    prompt = torch.randint(0, 300, (40,), generator=generator).tolist()
+    chunks = [PromptChunk({SEQ_ID: 5}, 10, prompt[11:21]), PromptChunk({SEQ_ID: 9}, 0, prompt[1:4])]
+    sampler = SampledTargets(targets).for_step(chunks)
+    for chunk, seq_id in zip(chunks, (5, 9), strict=True):
+        rows = len(chunk.targets)
+        logits = torch.randn(rows, 300, generator=generator) * 3
+        token_ids = torch.tensor(chunk.targets)
+        result = sampler.gather_logprobs(sampler.compute_logprobs(logits), 6, token_ids)
+        positions = torch.arange(chunk.start, chunk.start + rows)
+        ids, counts, _ = sample_rows(logits, 17, torch.full((rows,), seq_id), positions, 6)
+        torch.testing.assert_close(result.logprob_token_ids,
+                                   torch.cat((token_ids[:, None].int(), ids), 1))
+        torch.testing.assert_close(result.logprobs[:, 1:], counts.float())
+        torch.testing.assert_close(result.logprobs[:, 0],
+                                   logits.double().log_softmax(-1)[torch.arange(rows), token_ids]
+                                   .float(), atol=1e-5, rtol=0)
+    assert sampler.rows_drawn == {5: 10, 9: 3}
+    sampler.for_step([PromptChunk({SEQ_ID: 5}, 0, prompt[1:4])])
+    with pytest.raises(RuntimeError, match="does not visit the requests as prompt_chunks expects"):
+        sampler.gather_logprobs(torch.randn(3, 300), 6, torch.tensor(prompt[2:5]))
+
+
 @pytest.mark.slow
 def test_vllm_and_torch_backends_agree(tmp_path: Path, vllm_teacher_dir: Path,
                                        reference_logprobs):
@@ -251,3 +306,29 @@ def test_build_with_vllm_matches_the_torch_build(tmp_path: Path, vllm_teacher_di
         assert_valid_topk(got.topk_ids[:, :-1], got.topk_logprobs[:, :-1].astype(np.float32),
                           full, **FLOAT16)
         np.testing.assert_allclose(got.target_logprobs, ref.target_logprobs, **FLOAT16)
+
+
+@pytest.mark.slow
+def test_vllm_draws_the_sampled_targets_of_the_torch_backend(tmp_path: Path, vllm_teacher_dir: Path,
+                                                             tiny_build_config):
+    """Exact sampling inside vLLM's runner, from the full logits: the same draws as the torch
+    backend from the same teacher, up to float32 rounding at a CDF boundary. Each prefill is
+    split into chunks (24 tokens per step, sequences of 32), so positions continue across them."""
+    settings = {"teacher": str(vllm_teacher_dir), "top_k": None, "targets": "sample:8"}
+    build_cache(tiny_build_config(tmp_path / "torch", **settings))
+    vllm_settings = dataclasses.asdict(tiny_build_config(tmp_path / "vllm", backend="vllm",
+                                                         **settings))
+    chunked = ENGINE_OPTIONS | {"max_num_batched_tokens": 24, "enable_chunked_prefill": True}
+    run_script(BUILD, json.dumps(vllm_settings), json.dumps(chunked))
+
+    torch_cache, vllm_cache = open_cache(tmp_path / "torch"), open_cache(tmp_path / "vllm")
+    assert vllm_cache.manifest.targets == torch_cache.manifest.targets  # no uncovered mass
+    same, positions = 0, 0
+    for torch_info, vllm_info in zip(torch_cache.shards, vllm_cache.shards, strict=True):
+        ref, got = torch_cache.read_shard(torch_info), vllm_cache.read_shard(vllm_info)
+        np.testing.assert_array_equal(got.input_ids, ref.input_ids)
+        np.testing.assert_allclose(got.target_logprobs, ref.target_logprobs, **FLOAT16)
+        equal = ((got.topk_ids == ref.topk_ids) & (got.topk_logprobs == ref.topk_logprobs))
+        same += equal.all(-1)[:, :-1].sum()
+        positions += equal[:, :-1, 0].size
+    assert same >= 0.99 * positions, f"{positions - same} of {positions} positions differ"

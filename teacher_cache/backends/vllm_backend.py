@@ -23,17 +23,20 @@ every prompt position over the whole vocabulary in float32 before taking its top
 in-process engine the backend uses there, it computes them in one pass over the logits instead, the
 method of vLLM's V2 (GPU) runner (`teacher_cache.backends.vllm_prompt_logprobs`).
 
-Sampled targets: vLLM cannot sample at prompt positions, so the backend asks for the top-K'
-prompt logprobs (K' = the `sample_from_top` option, default 64) and draws the K samples from them,
-renormalised, with the same counter-based uniforms as the torch backend. The teacher mass outside
-the top-K' is never drawn; `TeacherOutput.uncovered_mass` reports it per position (the manifest
-its mean). The exact route (vLLM's final hidden states, then our own LM head and sampler) is not
-implemented.
+Sampled targets: vLLM cannot sample at prompt positions. Where the one-pass method applies (and
+the arrays path), the backend draws them itself from the full logits inside vLLM's runner, as the
+torch backend does (`vllm_prompt_logprobs.SampledTargets`): exact. Elsewhere (vLLM's engine in
+another process, as on GPU by default, or the `sample_from_top` option given) it asks for the
+top-K' prompt logprobs (K' = `sample_from_top`, default 64) and draws the K samples from them,
+renormalised, with the same counter-based uniforms. The teacher mass outside the top-K' is then
+never drawn; `TeacherOutput.uncovered_mass` reports it per position (the manifest its mean). On a
+GPU, VLLM_ENABLE_V1_MULTIPROCESSING=0 and VLLM_USE_V2_MODEL_RUNNER=0 select the exact route; the
+other exact route, vLLM's final hidden states then our own LM head and sampler, is not built.
 
 `BackendConfig.options` are passed to `vllm.LLM` as engine arguments (e.g. gpu_memory_utilization,
 max_num_batched_tokens, dtype, enforce_eager), except `logprobs_path`, which forces one of the three
 result paths above, `one_pass_logprobs` (true/false), which forces the logprobs method (the
-benchmark compares them), and `sample_from_top` (K' above).
+benchmark compares them), and `sample_from_top` (K' above; given, it forces the top-K' route).
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -98,9 +102,20 @@ class VllmBackend:
         self.dtype_name = dtype_name(
             resolve_dtype(options.pop("dtype", config.dtype), torch.device(device)))
         self.targets = config.targets
-        sample_from_top = options.pop("sample_from_top", DEFAULT_SAMPLE_FROM_TOP)
-        # The logprobs vLLM returns per position: the targets' top-k, or the top-K' to sample from.
-        self.top_k = sample_from_top if self.targets.kind == "sample" else self.targets.k
+        sample_from_top = options.pop("sample_from_top", None)
+        self.sampler = None  # draws sampled targets from the full logits (the exact route)
+        if self.targets.kind == "sample" and sample_from_top is None:
+            if self.one_pass_logprobs and self.logprobs_path == "arrays":
+                self.sampler = vllm_prompt_logprobs.SampledTargets(self.targets)
+            else:
+                sample_from_top = DEFAULT_SAMPLE_FROM_TOP
+                warnings.warn(f"vLLM: sampled targets are drawn from the teacher's top-"
+                              f"{sample_from_top} only (exact sampling needs the in-process "
+                              f"engine's one-pass logprobs and the arrays path); the manifest "
+                              f"records the mass left out", stacklevel=2)
+        # The logprobs vLLM returns per position: the targets' top-k, the top-K' to sample from,
+        # or (exact route) the k slots of the sampled ids.
+        self.top_k = sample_from_top if sample_from_top is not None else self.targets.k
         engine_args = {
             "gpu_memory_utilization": DEFAULT_MEMORY_FRACTION[device],
             "dtype": self.dtype_name,
@@ -122,13 +137,26 @@ class VllmBackend:
         batch, seq_len = input_ids.shape
         flat = {"flat_logprobs": True} if self.logprobs_path == "flat" else {}
         params = SamplingParams(max_tokens=1, prompt_logprobs=top_k, detokenize=False, **flat)
+        if self.sampler is not None:
+            if seq_ids is None:
+                raise ValueError("sampled targets need the sequence ids of the rows (seq_ids)")
+            self.sampler.rows_drawn.clear()
+            params = [params.clone() for _ in range(batch)]
+            for one, seq_id in zip(params, np.asarray(seq_ids).tolist(), strict=True):
+                one.extra_args = {vllm_prompt_logprobs.SEQ_ID: seq_id}
         prompts = [TokensPrompt(prompt_token_ids=row.tolist()) for row in input_ids]
         with contextlib.ExitStack() as hooks:
             if self.logprobs_path == "arrays":
                 hooks.enter_context(keep_prompt_logprobs_as_arrays())
-            if self.one_pass_logprobs:
+            if self.sampler is not None:
+                hooks.enter_context(vllm_prompt_logprobs.prompt_logprobs_sampler(self.sampler))
+            elif self.one_pass_logprobs:
                 hooks.enter_context(vllm_prompt_logprobs.one_pass_prompt_logprobs())
             results = self.llm.generate(prompts, params, use_tqdm=False)
+        if self.sampler is not None and dict(self.sampler.rows_drawn) != dict.fromkeys(
+                np.asarray(seq_ids).tolist(), seq_len - 1):
+            raise RuntimeError("vLLM computed prompt logprobs without the backend's sampler "
+                               "(another model runner?); pass sample_from_top=64")
 
         topk_ids = np.zeros((batch, seq_len, top_k), dtype=np.int32)
         topk_logprobs = np.zeros((batch, seq_len, top_k), dtype=np.float32)
@@ -141,6 +169,9 @@ class VllmBackend:
             topk_ids[row, :-1] = arrays.token_ids[:, 1:]
             topk_logprobs[row, :-1] = arrays.logprobs[:, 1:]
             target_logprobs[row, :-1] = arrays.logprobs[:, 0]
+        if self.sampler is not None:  # the slots hold the sampled ids and their counts
+            counts = topk_logprobs.astype(np.uint8)
+            return TeacherOutput(topk_ids, counts_to_logprobs(counts, top_k), target_logprobs)
         if self.targets.kind == "sample":
             return self._sample(topk_ids, topk_logprobs, target_logprobs, seq_ids)
         return TeacherOutput(topk_ids, topk_logprobs, target_logprobs)
