@@ -161,6 +161,15 @@ def sample_packed(logits: Tensor, seq_ids: np.ndarray | None,
     seqs = torch.as_tensor(np.asarray(seq_ids, dtype=np.int64), device=logits.device)
     positions = torch.arange(seq_len, device=logits.device).repeat(b)
     ids, counts, logsumexp = sample_rows(logits.reshape(b * seq_len, vocab), targets.seed,
-                                          seqs.repeat_interleave(seq_len), positions, targets.k,
-                                          targets.temperature)
+                                         seqs.repeat_interleave(seq_len), positions, targets.k,
+                                         targets.temperature)
     return ids.view(b, seq_len, -1), counts.view(b, seq_len, -1), logsumexp.view(b, seq_len)
+
+
+def true_token_logprobs(logits: Tensor, input_ids: Tensor, logsumexp: Tensor) -> Tensor:
+    """float32 [B, L]: the logprob of input_ids[:, t + 1] under logits [B, L, V] with their
+    logsumexp [B, L] (`sample_packed`'s); NaN at position L - 1, which has no next token."""
+    target = torch.full_like(logsumexp, float("nan"))
+    target[:, :-1] = (logits[:, :-1].gather(-1, input_ids[:, 1:, None].long())[..., 0].float()
+                      - logsumexp[:, :-1])
+    return target

@@ -203,17 +203,21 @@ def test_bad_arguments_say_which(kwargs: dict, message: str) -> None:
 
 
 @pytest.mark.parametrize("temperature", [1.0, 2.0])
-def test_packed_sampling_returns_the_temperature_one_logsumexp(temperature: float) -> None:
-    """The builder takes the true token's logprob from this logsumexp (at T = 1 it comes from the
-    sampler's own pass): float64 oracle, and the draws are `sample_targets`'."""
+def test_packed_sampling_returns_the_true_tokens_logprob(temperature: float) -> None:
+    """The builder's `target_logprobs`: the true next token's logprob at T = 1 (its logsumexp from
+    the sampler's own pass there) against a float64 oracle, NaN at the last position; the draws
+    are `sample_targets`'."""
     logits, _, _ = random_batch(n=3 * 5, vocab=70)
-    packed = logits.view(3, 5, 70)
+    packed = logits.view(3, 5, 70).to(torch.bfloat16)
+    input_ids = torch.randint(0, 70, (3, 5), generator=torch.Generator().manual_seed(1))
     targets = Targets.parse("sample:6", temperature=temperature, seed=4)
     seq_ids = np.array([8, 2, 5])
-    ids, counts, logsumexp = sampling.sample_packed(packed.to(torch.bfloat16), seq_ids, targets)
-    want = torch.logsumexp(packed.to(torch.bfloat16).double(), -1)
-    torch.testing.assert_close(logsumexp.double(), want, rtol=0, atol=2e-6)
-    flat_ids, flat_counts = sample_targets(packed.to(torch.bfloat16).flatten(0, 1), 4,
+    ids, counts, logsumexp = sampling.sample_packed(packed, seq_ids, targets)
+    target = sampling.true_token_logprobs(packed, input_ids, logsumexp)
+    want = packed.double().log_softmax(-1)[:, :-1].gather(-1, input_ids[:, 1:, None])[..., 0]
+    torch.testing.assert_close(target[:, :-1].double(), want, rtol=0, atol=2e-6)
+    assert target[:, -1].isnan().all()
+    flat_ids, flat_counts = sample_targets(packed.flatten(0, 1), 4,
                                            torch.tensor(seq_ids).repeat_interleave(5),
                                            torch.arange(5).repeat(3), 6, temperature)
     assert torch.equal(ids.flatten(0, 1), flat_ids) and torch.equal(counts.flatten(0, 1),

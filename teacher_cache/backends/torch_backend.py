@@ -17,7 +17,7 @@ import torch
 from teacher_cache.backends.base import BackendConfig, TeacherOutput
 from teacher_cache.backends.dtypes import dtype_name, resolve_dtype
 from teacher_cache.format import counts_to_logprobs
-from teacher_cache.sampling import sample_packed
+from teacher_cache.sampling import sample_packed, true_token_logprobs
 from teacher_cache.teacher import quiet_transformers_bars
 
 
@@ -75,10 +75,7 @@ class TorchBackend:
     def _sample(self, logits: torch.Tensor, ids: torch.Tensor,
                 seq_ids: np.ndarray | None) -> tuple[np.ndarray, ...]:
         sampled_ids, counts, logsumexp = sample_packed(logits, seq_ids, self.targets)
-        b, seq_len, _ = logits.shape
-        target = torch.full((b, seq_len), float("nan"), dtype=torch.float32, device=self.device)
-        target[:, :-1] = (logits[:, :-1].gather(-1, ids[:, 1:, None])[..., 0].float()
-                          - logsumexp[:, :-1])
+        target = true_token_logprobs(logits, ids, logsumexp)
         return (sampled_ids.cpu().numpy(),
                 counts_to_logprobs(counts.cpu().numpy(), self.targets.k), target.cpu().numpy())
 
