@@ -190,26 +190,42 @@ def test_one_pass_sampler_matches_log_softmax_then_topk(dtype: str, vocab: int):
 
 
 @pytest.mark.parametrize("multiprocessing", ["0", "1"])
-def test_sampled_targets_are_exact_where_the_one_pass_method_runs(tmp_path: Path, monkeypatch,
-                                                                  multiprocessing: str):
+def test_the_sampled_targets_route_follows_the_engine(vllm_teacher_dir: Path, monkeypatch,
+                                                      multiprocessing: str):
     """In-process engine: drawn from the full logits inside vLLM's runner (K prompt logprobs, the
-    slots of the draws). Engine in another process: from the top-64, with a warning."""
+    slots of the draws). Engine in another process: from its hidden states, by our output layer.
+    Either way exact; the top-K' route only when asked for."""
     import vllm
 
     from teacher_cache.backends.vllm_prompt_logprobs import SampledTargets
 
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", multiprocessing)
     monkeypatch.setattr(vllm, "LLM", lambda **engine_args: engine_args)  # no engine
-    config = BackendConfig(str(tmp_path), targets=Targets("sample", 8, 1.0, 0))
+    config = BackendConfig(str(vllm_teacher_dir), targets=Targets("sample", 8, 1.0, 0))
+    backend = create_backend("vllm", config)
     if multiprocessing == "0":
-        backend = create_backend("vllm", config)
-        assert isinstance(backend.sampler, SampledTargets) and backend.llm["max_logprobs"] == 8
+        assert isinstance(backend.sampler, SampledTargets) and backend.hidden is None
+        assert backend.llm["max_logprobs"] == 8
     else:
-        with pytest.warns(UserWarning, match="drawn from the teacher's top-64 only"):
-            backend = create_backend("vllm", config)
-        assert backend.sampler is None and backend.llm["max_logprobs"] == 64
-    forced = create_backend("vllm", dataclasses.replace(config, options={"sample_from_top": 32}))
-    assert forced.sampler is None and forced.llm["max_logprobs"] == 32
+        assert backend.sampler is None and backend.llm["runner"] == "pooling"
+        assert backend.hidden.weight.shape[1] == 64  # the tiny teacher's hidden size
+    for options, top_k in (({"sample_from_top": 32}, 32), ({"sample_route": "top"}, 64)):
+        forced = create_backend("vllm", dataclasses.replace(config, options=options))
+        assert forced.sampler is None and forced.hidden is None
+        assert forced.llm["max_logprobs"] == top_k
+
+
+def test_the_hidden_state_route_refuses_a_teacher_it_cannot_reproduce(tmp_path: Path):
+    import torch
+
+    from teacher_cache.backends.vllm_hidden_states import load_output_layer
+
+    (tmp_path / "config.json").write_text(json.dumps({"final_logit_softcapping": 30.0}))
+    with pytest.raises(TeacherError, match="not a plain linear map.*final_logit_softcapping"):
+        load_output_layer(str(tmp_path), torch.float32, "cpu")
+    (tmp_path / "config.json").write_text(json.dumps({"tie_word_embeddings": False}))
+    with pytest.raises(TeacherError, match="no model.safetensors"):
+        load_output_layer(str(tmp_path), torch.float32, "cpu")
 
 
 def test_sampled_targets_draw_each_chunk_at_its_own_positions():
@@ -309,17 +325,21 @@ def test_build_with_vllm_matches_the_torch_build(tmp_path: Path, vllm_teacher_di
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("route", ["runner", "hidden"])
 def test_vllm_draws_the_sampled_targets_of_the_torch_backend(tmp_path: Path, vllm_teacher_dir: Path,
-                                                             tiny_build_config):
-    """Exact sampling inside vLLM's runner, from the full logits: the same draws as the torch
-    backend from the same teacher, up to float32 rounding at a CDF boundary. Each prefill is
-    split into chunks (24 tokens per step, sequences of 32), so positions continue across them."""
+                                                             tiny_build_config, route: str):
+    """Exact sampling, inside vLLM's runner or from its hidden states: the same draws as the
+    torch backend from the same teacher, up to float32 rounding at a CDF boundary. The runner's
+    prefills are split into chunks (24 tokens per step, sequences of 32), so positions continue
+    across them."""
     settings = {"teacher": str(vllm_teacher_dir), "top_k": None, "targets": "sample:8"}
     build_cache(tiny_build_config(tmp_path / "torch", **settings))
     vllm_settings = dataclasses.asdict(tiny_build_config(tmp_path / "vllm", backend="vllm",
                                                          **settings))
-    chunked = ENGINE_OPTIONS | {"max_num_batched_tokens": 24, "enable_chunked_prefill": True}
-    run_script(BUILD, json.dumps(vllm_settings), json.dumps(chunked))
+    options = ENGINE_OPTIONS | {"sample_route": route}
+    if route == "runner":
+        options |= {"max_num_batched_tokens": 24, "enable_chunked_prefill": True}
+    run_script(BUILD, json.dumps(vllm_settings), json.dumps(options))
 
     torch_cache, vllm_cache = open_cache(tmp_path / "torch"), open_cache(tmp_path / "vllm")
     assert vllm_cache.manifest.targets == torch_cache.manifest.targets  # no uncovered mass

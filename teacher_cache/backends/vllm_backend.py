@@ -44,15 +44,15 @@ from __future__ import annotations
 import contextlib
 import inspect
 import os
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
-from teacher_cache.backends import vllm_prompt_logprobs
+from teacher_cache.backends import vllm_hidden_states, vllm_prompt_logprobs
 from teacher_cache.backends.base import BackendConfig, TeacherOutput
 from teacher_cache.backends.dtypes import dtype_name, resolve_dtype
+from teacher_cache.backends.vllm_hidden_states import HiddenStateSampler
 from teacher_cache.errors import TeacherError
 from teacher_cache.format import counts_to_logprobs
 from teacher_cache.sampling import sample_packed
@@ -60,7 +60,8 @@ from teacher_cache.sampling import sample_packed
 # On CPU, vLLM's "GPU memory" is a fraction of RAM; its default (0.9) does not fit beside the
 # process that builds the cache.
 DEFAULT_MEMORY_FRACTION = {"cpu": 0.5, "cuda": 0.9}
-DEFAULT_SAMPLE_FROM_TOP = 64  # K': sampled targets are drawn from the teacher's top-K'
+DEFAULT_SAMPLE_FROM_TOP = 64  # K' of the "top" route: sampled from the teacher's top-K'
+SAMPLE_ROUTES = ("runner", "hidden", "top")
 
 
 @dataclass
@@ -102,31 +103,46 @@ class VllmBackend:
         self.dtype_name = dtype_name(
             resolve_dtype(options.pop("dtype", config.dtype), torch.device(device)))
         self.targets = config.targets
-        sample_from_top = options.pop("sample_from_top", None)
-        self.sampler = None  # draws sampled targets from the full logits (the exact route)
-        if self.targets.kind == "sample" and sample_from_top is None:
-            if self.one_pass_logprobs and self.logprobs_path == "arrays":
-                self.sampler = vllm_prompt_logprobs.SampledTargets(self.targets)
-            else:
-                sample_from_top = DEFAULT_SAMPLE_FROM_TOP
-                warnings.warn(f"vLLM: sampled targets are drawn from the teacher's top-"
-                              f"{sample_from_top} only (exact sampling needs the in-process "
-                              f"engine's one-pass logprobs and the arrays path); the manifest "
-                              f"records the mass left out", stacklevel=2)
+        self.sampler = None  # runner route: draws from the full logits inside vLLM's runner
+        self.hidden = None  # hidden route: our output layer and sampler on vLLM's hidden states
+        route = self._sample_route(options)
+        sample_from_top = options.pop("sample_from_top", DEFAULT_SAMPLE_FROM_TOP)
+        if route == "runner":
+            self.sampler = vllm_prompt_logprobs.SampledTargets(self.targets)
         # The logprobs vLLM returns per position: the targets' top-k, the top-K' to sample from,
-        # or (exact route) the k slots of the sampled ids.
-        self.top_k = sample_from_top if sample_from_top is not None else self.targets.k
+        # or (runner route) the k slots of the sampled ids.
+        self.top_k = sample_from_top if route == "top" else self.targets.k
         engine_args = {
             "gpu_memory_utilization": DEFAULT_MEMORY_FRACTION[device],
             "dtype": self.dtype_name,
             **options,
             "model": config.model_path,
-            "max_logprobs": self.top_k,
-            "logprobs_mode": "raw_logprobs",
             "enable_prefix_caching": False,
-            "skip_tokenizer_init": True,
         }
+        if route == "hidden":
+            self.hidden = HiddenStateSampler(config.model_path, self.targets,
+                                             getattr(torch, self.dtype_name), device)
+            engine_args |= vllm_hidden_states.ENGINE_ARGS  # vLLM's pooling needs the tokenizer
+        else:
+            engine_args |= {"max_logprobs": self.top_k, "logprobs_mode": "raw_logprobs",
+                            "skip_tokenizer_init": True}
         self.llm = LLM(**engine_args)
+
+    def _sample_route(self, options: dict) -> str | None:
+        """How sampled targets are drawn: "runner", "hidden" or "top" (module docstring)."""
+        route = options.pop("sample_route", None)
+        if self.targets.kind != "sample":
+            return None
+        in_runner = self.one_pass_logprobs and self.logprobs_path == "arrays"
+        if route is None:
+            return "top" if "sample_from_top" in options else "runner" if in_runner else "hidden"
+        if route not in SAMPLE_ROUTES:
+            raise TeacherError(f"sample_route {route!r} is not one of {', '.join(SAMPLE_ROUTES)}")
+        if route == "runner" and not in_runner:
+            raise TeacherError("sample_route=runner needs the one-pass logprobs (the in-process "
+                               "engine, VLLM_ENABLE_V1_MULTIPROCESSING=0, and vLLM 0.32's V1 "
+                               "runner) and logprobs_path=arrays; pass sample_route=hidden")
+        return route
 
     def predict(self, input_ids: np.ndarray, seq_ids: np.ndarray | None = None) -> TeacherOutput:
         from vllm import SamplingParams
@@ -135,6 +151,8 @@ class VllmBackend:
         top_k = self.top_k
         input_ids = np.asarray(input_ids)
         batch, seq_len = input_ids.shape
+        if self.hidden is not None:
+            return self._predict_from_hidden_states(input_ids, seq_ids)
         flat = {"flat_logprobs": True} if self.logprobs_path == "flat" else {}
         params = SamplingParams(max_tokens=1, prompt_logprobs=top_k, detokenize=False, **flat)
         if self.sampler is not None:
@@ -175,6 +193,19 @@ class VllmBackend:
         if self.targets.kind == "sample":
             return self._sample(topk_ids, topk_logprobs, target_logprobs, seq_ids)
         return TeacherOutput(topk_ids, topk_logprobs, target_logprobs)
+
+    def _predict_from_hidden_states(self, input_ids: np.ndarray,
+                                    seq_ids: np.ndarray | None) -> TeacherOutput:
+        from vllm import PoolingParams
+        from vllm.inputs import TokensPrompt
+
+        if seq_ids is None:
+            raise ValueError("sampled targets need the sequence ids of the rows (seq_ids)")
+        prompts = [TokensPrompt(prompt_token_ids=row.tolist()) for row in input_ids]
+        outputs = self.llm.encode(prompts, PoolingParams(use_activation=False),
+                                  pooling_task=vllm_hidden_states.POOLING_TASK, use_tqdm=False)
+        return self.hidden.predict([output.outputs.data for output in outputs], input_ids,
+                                   np.asarray(seq_ids))
 
     def _sample(self, top_ids: np.ndarray, top_logprobs: np.ndarray,
                 target_logprobs: np.ndarray, seq_ids: np.ndarray | None) -> TeacherOutput:
