@@ -13,7 +13,9 @@ runs in a second process (a vLLM engine binds threads and patches torch for the 
     dict      vLLM's own logprobs, the backend with vLLM's per-position {token: Logprob} dicts
     sample    sampled targets (sample:--sample-k), drawn exactly from the full logits inside
               vLLM's runner: the backend's default for them on CPU
-    sample-top  sampled targets drawn from vLLM's top---top-k logprobs (its route on GPU)
+    sample-top  sampled targets drawn from vLLM's top---top-k logprobs (biased; on request)
+    sample-hidden  sampled targets from vLLM's final hidden states (a pooling engine, in its own
+              process) and our output layer: the exact route where the runner's is not available
     torch     the plain PyTorch backend (batch of --batch-size sequences)
     torch-sample  the PyTorch backend's sampled targets
 
@@ -56,7 +58,8 @@ from teacher_cache.backends.vllm_prompt_logprobs import (
 
 VLLM_ROWS = ("prefill", "floor", "one-pass", "arrays", "flat", "dict", "sample", "sample-top")
 TORCH_ROWS = ("torch", "torch-sample")
-ROWS = (*VLLM_ROWS, *TORCH_ROWS)
+ENGINE_ROWS = {"vllm": VLLM_ROWS, "vllm-hidden": ("sample-hidden",), "torch": TORCH_ROWS}
+ROWS = tuple(row for rows in ENGINE_ROWS.values() for row in rows)
 WARMUP_SEQUENCES = 2
 
 
@@ -122,8 +125,8 @@ def time_vllm_rows(config: BackendConfig, ids: np.ndarray, rows: list[str], repe
     return {row: min(times) for row, times in seconds.items()}
 
 
-def time_torch_backend(config: BackendConfig, ids: np.ndarray, repeats: int) -> float:
-    backend = create_backend("torch", config)
+def time_backend(name: str, config: BackendConfig, ids: np.ndarray, repeats: int) -> float:
+    backend = create_backend(name, config)
     seq_ids = np.arange(len(ids))
     backend.predict(ids[:WARMUP_SEQUENCES], seq_ids[:WARMUP_SEQUENCES])
     return best_time(lambda: backend.predict(ids, seq_ids), repeats)
@@ -193,9 +196,13 @@ def run_child(engine: str, args: argparse.Namespace) -> dict[str, float]:
     config = BackendConfig(teacher_path(args), targets=Targets(k=args.top_k),
                            batch_size=args.batch_size, dtype=args.dtype, options=options)
     if engine == "torch":
-        return {row: time_torch_backend(sampled(config, args.sample_k) if row == "torch-sample"
-                                        else config, ids, args.repeats)
+        return {row: time_backend("torch", sampled(config, args.sample_k)
+                                  if row == "torch-sample" else config, ids, args.repeats)
                 for row in args.rows if row in TORCH_ROWS}
+    if engine == "vllm-hidden":
+        hidden = dataclasses.replace(sampled(config, args.sample_k),
+                                     options=options | {"sample_route": "hidden"})
+        return {"sample-hidden": time_backend("vllm", hidden, ids, args.repeats)}
     rows = [row for row in args.rows if row in VLLM_ROWS]
     return time_vllm_rows(config, ids, rows, args.repeats, args.sample_k)
 
@@ -208,7 +215,7 @@ def main() -> None:
                         help="vLLM without torch.compile (starts faster)")
     parser.add_argument("--sample-k", type=int, default=8, help="K of the sampled rows")
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=list(ROWS))
-    parser.add_argument("--engine", choices=("vllm", "torch"), help=argparse.SUPPRESS)  # child
+    parser.add_argument("--engine", choices=ENGINE_ROWS, help=argparse.SUPPRESS)  # child
     args = parser.parse_args()
 
     if args.engine:
@@ -222,8 +229,8 @@ def main() -> None:
     child_args += teacher_arguments(args)
     child_args += ["--enforce-eager"] * args.enforce_eager
     seconds = {}
-    for engine in ("vllm", "torch"):
-        if not any((row in TORCH_ROWS) == (engine == "torch") for row in args.rows):
+    for engine, rows in ENGINE_ROWS.items():
+        if not set(rows) & set(args.rows):
             continue
         child = subprocess.run([sys.executable, __file__, *child_args, f"--engine={engine}"],
                                capture_output=True, text=True)

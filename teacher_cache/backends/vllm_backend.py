@@ -23,20 +23,27 @@ every prompt position over the whole vocabulary in float32 before taking its top
 in-process engine the backend uses there, it computes them in one pass over the logits instead, the
 method of vLLM's V2 (GPU) runner (`teacher_cache.backends.vllm_prompt_logprobs`).
 
-Sampled targets: vLLM cannot sample at prompt positions. Where the one-pass method applies (and
-the arrays path), the backend draws them itself from the full logits inside vLLM's runner, as the
-torch backend does (`vllm_prompt_logprobs.SampledTargets`): exact. Elsewhere (vLLM's engine in
-another process, as on GPU by default, or the `sample_from_top` option given) it asks for the
-top-K' prompt logprobs (K' = `sample_from_top`, default 64) and draws the K samples from them,
-renormalised, with the same counter-based uniforms. The teacher mass outside the top-K' is then
-never drawn; `TeacherOutput.uncovered_mass` reports it per position (the manifest its mean). On a
-GPU, VLLM_ENABLE_V1_MULTIPROCESSING=0 and VLLM_USE_V2_MODEL_RUNNER=0 select the exact route; the
-other exact route, vLLM's final hidden states then our own LM head and sampler, is not built.
+Sampled targets: vLLM cannot sample at prompt positions. The backend draws them with the torch
+backend's sampler (`teacher_cache.sampling`) by one of three routes, the `sample_route` option:
+
+    runner  inside vLLM's model runner, from the full logits it computes for every prompt position
+            (`vllm_prompt_logprobs.SampledTargets`); the default where the one-pass method runs
+            (the in-process engine, the default on CPU) with the arrays path
+    hidden  vLLM as a pooling model hands back every position's final hidden state, then our own
+            output layer and sampler (`vllm_hidden_states`); the default elsewhere (vLLM's engine
+            in another process, the default on GPU), for teachers whose logits are a plain
+            linear map of the hidden state
+    top     from vLLM's top-K' prompt logprobs (K' = `sample_from_top`, default 64; giving it
+            selects this route), renormalised: the teacher mass outside the top-K' is never
+            drawn, and `TeacherOutput.uncovered_mass` reports it per position (the manifest its
+            mean)
+
+The first two are exact: the draws equal the torch backend's from the same logits.
 
 `BackendConfig.options` are passed to `vllm.LLM` as engine arguments (e.g. gpu_memory_utilization,
 max_num_batched_tokens, dtype, enforce_eager), except `logprobs_path`, which forces one of the three
 result paths above, `one_pass_logprobs` (true/false), which forces the logprobs method (the
-benchmark compares them), and `sample_from_top` (K' above; given, it forces the top-K' route).
+benchmark compares them), `sample_route` and `sample_from_top` (above).
 """
 
 from __future__ import annotations
