@@ -209,6 +209,10 @@ def test_the_sampled_targets_route_follows_the_engine(vllm_teacher_dir: Path, mo
     else:
         assert backend.sampler is None and backend.llm["runner"] == "pooling"
         assert backend.hidden.weight.shape[1] == 64  # the tiny teacher's hidden size
+        with pytest.raises(TeacherError, match="sample_route=runner needs the one-pass"):
+            create_backend("vllm", dataclasses.replace(config, options={"sample_route": "runner"}))
+    with pytest.raises(TeacherError, match="sample_route 'logits' is not one of runner, hidden"):
+        create_backend("vllm", dataclasses.replace(config, options={"sample_route": "logits"}))
     for options, top_k in (({"sample_from_top": 32}, 32), ({"sample_route": "top"}, 64)):
         forced = create_backend("vllm", dataclasses.replace(config, options=options))
         assert forced.sampler is None and forced.hidden is None

@@ -107,8 +107,8 @@ class VllmBackend:
             raise TeacherError("one_pass_logprobs needs the in-process engine "
                              "(VLLM_ENABLE_V1_MULTIPROCESSING=0) and vLLM's V1 model runner as of "
                                "vLLM 0.32; pass one_pass_logprobs=false")
-        self.dtype_name = dtype_name(
-            resolve_dtype(options.pop("dtype", config.dtype), torch.device(device)))
+        dtype = resolve_dtype(options.pop("dtype", config.dtype), torch.device(device))
+        self.dtype_name = dtype_name(dtype)
         self.targets = config.targets
         self.sampler = None  # runner route: draws from the full logits inside vLLM's runner
         self.hidden = None  # hidden route: our output layer and sampler on vLLM's hidden states
@@ -127,8 +127,7 @@ class VllmBackend:
             "enable_prefix_caching": False,
         }
         if route == "hidden":
-            self.hidden = HiddenStateSampler(config.model_path, self.targets,
-                                             getattr(torch, self.dtype_name), device)
+            self.hidden = HiddenStateSampler(config.model_path, self.targets, dtype, device)
             engine_args |= vllm_hidden_states.ENGINE_ARGS  # vLLM's pooling needs the tokenizer
         else:
             engine_args |= {"max_logprobs": self.top_k, "logprobs_mode": "raw_logprobs",
@@ -158,13 +157,13 @@ class VllmBackend:
         top_k = self.top_k
         input_ids = np.asarray(input_ids)
         batch, seq_len = input_ids.shape
+        if self.targets.kind == "sample" and seq_ids is None:
+            raise ValueError("sampled targets need the sequence ids of the rows (seq_ids)")
         if self.hidden is not None:
             return self._predict_from_hidden_states(input_ids, seq_ids)
         flat = {"flat_logprobs": True} if self.logprobs_path == "flat" else {}
         params = SamplingParams(max_tokens=1, prompt_logprobs=top_k, detokenize=False, **flat)
         if self.sampler is not None:
-            if seq_ids is None:
-                raise ValueError("sampled targets need the sequence ids of the rows (seq_ids)")
             self.sampler.rows_drawn.clear()
             params = [params.clone() for _ in range(batch)]
             for one, seq_id in zip(params, np.asarray(seq_ids).tolist(), strict=True):
@@ -181,7 +180,7 @@ class VllmBackend:
         if self.sampler is not None and dict(self.sampler.rows_drawn) != dict.fromkeys(
                 np.asarray(seq_ids).tolist(), seq_len - 1):
             raise RuntimeError("vLLM computed prompt logprobs without the backend's sampler "
-                               "(another model runner?); pass sample_from_top=64")
+                               "(another model runner?); pass sample_route=hidden")
 
         topk_ids = np.zeros((batch, seq_len, top_k), dtype=np.int32)
         topk_logprobs = np.zeros((batch, seq_len, top_k), dtype=np.float32)
@@ -202,12 +201,10 @@ class VllmBackend:
         return TeacherOutput(topk_ids, topk_logprobs, target_logprobs)
 
     def _predict_from_hidden_states(self, input_ids: np.ndarray,
-                                    seq_ids: np.ndarray | None) -> TeacherOutput:
+                                    seq_ids: np.ndarray) -> TeacherOutput:
         from vllm import PoolingParams
         from vllm.inputs import TokensPrompt
 
-        if seq_ids is None:
-            raise ValueError("sampled targets need the sequence ids of the rows (seq_ids)")
         prompts = [TokensPrompt(prompt_token_ids=row.tolist()) for row in input_ids]
         outputs = self.llm.encode(prompts, PoolingParams(use_activation=False),
                                   pooling_task=vllm_hidden_states.POOLING_TASK, use_tqdm=False)
