@@ -166,10 +166,15 @@ def sample_packed(logits: Tensor, seq_ids: np.ndarray | None,
     return ids.view(b, seq_len, -1), counts.view(b, seq_len, -1), logsumexp.view(b, seq_len)
 
 
+def token_logprobs(logits: Tensor, token_ids: Tensor, logsumexp: Tensor) -> Tensor:
+    """float32 [...]: the logprob of token_ids [...] under logits [..., V] whose logsumexp [...] is
+    given (`sample_rows`'s): the gathered logit minus it, with no log-softmax over V."""
+    return logits.gather(-1, token_ids[..., None].long())[..., 0].float() - logsumexp
+
+
 def true_token_logprobs(logits: Tensor, input_ids: Tensor, logsumexp: Tensor) -> Tensor:
     """float32 [B, L]: the logprob of input_ids[:, t + 1] under logits [B, L, V] with their
     logsumexp [B, L] (`sample_packed`'s); NaN at position L - 1, which has no next token."""
     target = torch.full_like(logsumexp, float("nan"))
-    target[:, :-1] = (logits[:, :-1].gather(-1, input_ids[:, 1:, None].long())[..., 0].float()
-                      - logsumexp[:, :-1])
+    target[:, :-1] = token_logprobs(logits[:, :-1], input_ids[:, 1:], logsumexp[:, :-1])
     return target

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from teacher_cache.format import Targets
-from teacher_cache.sampling import sample_rows
+from teacher_cache.sampling import sample_rows, token_logprobs
 
 # The calls of `_get_prompt_logprobs_dict` the stand-in sampler answers.
 _EXPECTED_CALLS = ("self.sampler.compute_logprobs(logits)", "self.sampler.gather_logprobs(")
@@ -168,7 +168,7 @@ class SampledTargets:
         ids, counts, logsumexp = sample_rows(logits, self.targets.seed,
                                              torch.full_like(positions, seq_id), positions,
                                              self.targets.k, self.targets.temperature)
-        target_logprobs = logits.gather(-1, token_ids[:, None].long()).float() - logsumexp[:, None]
+        target_logprobs = token_logprobs(logits, token_ids, logsumexp)[:, None]
         self.rows_drawn[seq_id] += len(token_ids)
         return LogprobsTensors(torch.cat((token_ids[:, None].int(), ids), dim=1),
                                torch.cat((target_logprobs, counts.float()), dim=1),
