@@ -243,12 +243,12 @@ def test_sampled_targets_draw_each_chunk_at_its_own_positions():
     generator = torch.Generator().manual_seed(0)
     targets = Targets("sample", 6, 1.0, 17)
     prompt = torch.randint(0, 300, (40,), generator=generator).tolist()
-    chunks = [PromptChunk({SEQ_ID: 5}, 10, prompt[11:21]), PromptChunk({SEQ_ID: 9}, 0, prompt[1:4])]
+    chunks = [PromptChunk({SEQ_ID: 5}, prompt, 10, 10), PromptChunk({SEQ_ID: 9}, prompt, 0, 3)]
     sampler = SampledTargets(targets).for_step(chunks)
     for chunk, seq_id in zip(chunks, (5, 9), strict=True):
-        rows = len(chunk.targets)
+        rows = chunk.rows
         logits = torch.randn(rows, 300, generator=generator) * 3
-        token_ids = torch.tensor(chunk.targets)
+        token_ids = torch.tensor(prompt[chunk.start + 1:chunk.start + 1 + rows])
         result = sampler.gather_logprobs(sampler.compute_logprobs(logits), 6, token_ids)
         positions = torch.arange(chunk.start, chunk.start + rows)
         ids, counts, _ = sample_rows(logits, 17, torch.full((rows,), seq_id), positions, 6)
@@ -259,7 +259,7 @@ def test_sampled_targets_draw_each_chunk_at_its_own_positions():
                                    logits.double().log_softmax(-1)[torch.arange(rows), token_ids]
                                    .float(), atol=1e-5, rtol=0)
     assert sampler.rows_drawn == {5: 10, 9: 3}
-    sampler.for_step([PromptChunk({SEQ_ID: 5}, 0, prompt[1:4])])
+    sampler.for_step([PromptChunk({SEQ_ID: 5}, prompt, 0, 3)])
     with pytest.raises(RuntimeError, match="does not visit the requests as prompt_chunks expects"):
         sampler.gather_logprobs(torch.randn(3, 300), 6, torch.tensor(prompt[2:5]))
 

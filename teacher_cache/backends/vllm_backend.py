@@ -112,13 +112,16 @@ class VllmBackend:
         self.targets = config.targets
         self.sampler = None  # runner route: draws from the full logits inside vLLM's runner
         self.hidden = None  # hidden route: our output layer and sampler on vLLM's hidden states
-        route = self._sample_route(options)
-        sample_from_top = options.pop("sample_from_top", DEFAULT_SAMPLE_FROM_TOP)
+        sample_from_top = options.pop("sample_from_top", None)
+        route = self._sample_route(options.pop("sample_route", None), sample_from_top is not None)
         if route == "runner":
             self.sampler = vllm_prompt_logprobs.SampledTargets(self.targets)
         # The logprobs vLLM returns per position: the targets' top-k, the top-K' to sample from,
         # or (runner route) the k slots of the sampled ids.
-        self.top_k = sample_from_top if route == "top" else self.targets.k
+        if route != "top":
+            self.top_k = self.targets.k
+        else:
+            self.top_k = DEFAULT_SAMPLE_FROM_TOP if sample_from_top is None else sample_from_top
         engine_args = {
             "gpu_memory_utilization": DEFAULT_MEMORY_FRACTION[device],
             "dtype": self.dtype_name,
@@ -134,14 +137,14 @@ class VllmBackend:
                             "skip_tokenizer_init": True}
         self.llm = LLM(**engine_args)
 
-    def _sample_route(self, options: dict) -> str | None:
-        """How sampled targets are drawn: "runner", "hidden" or "top" (module docstring)."""
-        route = options.pop("sample_route", None)
+    def _sample_route(self, route: str | None, from_top: bool) -> str | None:
+        """How sampled targets are drawn: "runner", "hidden" or "top" (module docstring); the
+        option `sample_route`, else "top" where `sample_from_top` is given, else the default."""
         if self.targets.kind != "sample":
             return None
         in_runner = self.one_pass_logprobs and self.logprobs_path == "arrays"
         if route is None:
-            return "top" if "sample_from_top" in options else "runner" if in_runner else "hidden"
+            return "top" if from_top else "runner" if in_runner else "hidden"
         if route not in SAMPLE_ROUTES:
             raise TeacherError(f"sample_route {route!r} is not one of {', '.join(SAMPLE_ROUTES)}")
         if route == "runner" and not in_runner:
@@ -164,9 +167,10 @@ class VllmBackend:
         flat = {"flat_logprobs": True} if self.logprobs_path == "flat" else {}
         params = SamplingParams(max_tokens=1, prompt_logprobs=top_k, detokenize=False, **flat)
         if self.sampler is not None:
+            seq_list = np.asarray(seq_ids).tolist()
             self.sampler.rows_drawn.clear()
             params = [params.clone() for _ in range(batch)]
-            for one, seq_id in zip(params, np.asarray(seq_ids).tolist(), strict=True):
+            for one, seq_id in zip(params, seq_list, strict=True):
                 one.extra_args = {vllm_prompt_logprobs.SEQ_ID: seq_id}
         prompts = [TokensPrompt(prompt_token_ids=row.tolist()) for row in input_ids]
         with contextlib.ExitStack() as hooks:
@@ -178,7 +182,7 @@ class VllmBackend:
                 hooks.enter_context(vllm_prompt_logprobs.one_pass_prompt_logprobs())
             results = self.llm.generate(prompts, params, use_tqdm=False)
         if self.sampler is not None and dict(self.sampler.rows_drawn) != dict.fromkeys(
-                np.asarray(seq_ids).tolist(), seq_len - 1):
+                seq_list, seq_len - 1):
             raise RuntimeError("vLLM computed prompt logprobs without the backend's sampler "
                                "(another model runner?); pass sample_route=hidden")
 

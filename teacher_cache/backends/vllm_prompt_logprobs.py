@@ -81,8 +81,13 @@ class PromptChunk:
     logits row i predicts prompt token start + i + 1 (the cache's position start + i)."""
 
     extra_args: dict | None  # the request's SamplingParams.extra_args
+    prompt: list[int]  # the request's prompt token ids
     start: int
-    targets: list[int]  # prompt tokens start + 1 .. start + rows, the call's `token_ids`
+    rows: int
+
+    def targets(self) -> list[int]:
+        """Prompt tokens start + 1 .. start + rows: the call's `token_ids`."""
+        return self.prompt[self.start + 1:self.start + 1 + self.rows]
 
 
 def prompt_chunks(runner, num_scheduled_tokens: dict[str, int]) -> list[PromptChunk]:
@@ -101,8 +106,8 @@ def prompt_chunks(runner, num_scheduled_tokens: dict[str, int]) -> list[PromptCh
         rows = min(scheduled, len(prompt) - start - 1)
         if rows > 0:
             params = request.sampling_params
-            chunks.append(PromptChunk(params.extra_args if params else None, start,
-                                      prompt[start + 1:start + 1 + rows]))
+            chunks.append(PromptChunk(params.extra_args if params else None, prompt, start,
+                                      rows))
     return chunks
 
 
@@ -157,19 +162,19 @@ class SampledTargets:
         from vllm.v1.outputs import LogprobsTensors
 
         chunk = next(self._chunks, None)
-        if chunk is None or token_ids.tolist() != chunk.targets:
+        if chunk is None or token_ids.tolist() != chunk.targets():
             raise RuntimeError("vLLM's prompt logprobs loop does not visit the requests as "
                                "prompt_chunks expects; this vLLM version is not supported")
         if num_logprobs != self.targets.k or SEQ_ID not in (chunk.extra_args or {}):
             raise RuntimeError(f"sampled targets need prompt_logprobs={self.targets.k} and the "
                                f"sequence id in SamplingParams.extra_args[{SEQ_ID!r}]")
         seq_id = chunk.extra_args[SEQ_ID]
-        positions = torch.arange(chunk.start, chunk.start + len(token_ids), device=logits.device)
+        positions = torch.arange(chunk.start, chunk.start + chunk.rows, device=logits.device)
         ids, counts, logsumexp = sample_rows(logits, self.targets.seed,
                                              torch.full_like(positions, seq_id), positions,
                                              self.targets.k, self.targets.temperature)
         target_logprobs = token_logprobs(logits, token_ids, logsumexp)[:, None]
-        self.rows_drawn[seq_id] += len(token_ids)
+        self.rows_drawn[seq_id] += chunk.rows
         return LogprobsTensors(torch.cat((token_ids[:, None].int(), ids), dim=1),
                                torch.cat((target_logprobs, counts.float()), dim=1),
                                torch.zeros_like(positions))
