@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import LlamaForCausalLM
 
     from student_train.heldout import load_heldout_text, text_ce
-    from student_train.train import STUDENT_DIR, train
+    from student_train.train import STUDENT_DIR, resolve_device, train
 
     out = Path(args.out)
     students = args.students.split()
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     base = config_from_args(args, student=students[0], resume=not args.overwrite)
     text = (load_heldout_text(open_cache(base.cache), args.heldout_package, args.heldout_tokens)
             if args.heldout_package else None)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(resolve_device(base.device))
     runs = [(s, False) for s in students] + [(s, True) for s in baselines]
     results, run_dirs = [], {}
     for student, ce_only in runs:

@@ -56,12 +56,18 @@ class Distributed:
         return self.rank == 0
 
 
+def resolve_device(device: str) -> str:
+    """TrainConfig.device: "auto" is cuda where available, else cpu."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def init_distributed(device: str) -> Distributed:
     """Join the process group torchrun (or any launcher setting RANK/WORLD_SIZE) describes."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device)
     target = torch.device(f"cuda:{local_rank}" if device == "cuda" else device)
     if target.type == "cuda":
         torch.cuda.set_device(target)
