@@ -34,9 +34,9 @@ import transformers
 from student_train.config import CHOICES, TrainConfig
 from student_train.data import TrainStream, split_rows
 from student_train.selection import Selection
-from student_train.synthetic import write_synthetic_cache
 from student_train.train import Trainer
 from teacher_cache.reader import open_cache
+from teacher_cache.synth import write_synthetic_cache
 
 
 def describe_machine() -> None:

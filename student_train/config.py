@@ -50,8 +50,19 @@ class TrainConfig:
     select: str = _opt("none", "training rows: none, top:F (highest-score fraction F) or random:F")
     val_fraction: float = _opt(0.05, "fraction of sequences held out for evaluation (chosen by a "
                                "hash of the seq_id)")
-    shuffle_buffer: int = _opt(256, "rows in the shuffle buffer (each holds seq_len * top_k "
-                                "teacher entries in memory)")
+    val_max_rows: int = _opt(512, "at most this many held-out sequences (those with the smallest "
+                             "hashes; the rest of --val-fraction trains), so that an evaluation "
+                             "takes seconds on any cache")
+    shuffle_buffer: str = _opt("256MB", "shuffle window of each data stream: a size of decoded "
+                               "rows (256MB, 1GB) or a number of rows; a process holds about "
+                               "this much per stream it reads")
+    data_parts: int | None = _opt(None, "streams each global micro-batch is cut into, each reading "
+                                  "its own 1/N of the shards (default: the number of ranks; a "
+                                  "resume keeps the checkpoint's and may run on any divisor of it "
+                                  "ranks)")
+    data_slots: int | None = _opt(None, "streams per part, taking turns by micro-batch (default: "
+                                  "--workers, at least 1; a resume keeps the checkpoint's and may "
+                                  "use any divisor of it as --workers)")
     seed: int = _opt(0, "seed of the model init and the data order")
     eval_every: int = _opt(50, "evaluate every N steps (and at the end; 0: only at the end)")
     eval_batch_size: int = _opt(8, "sequences per evaluation forward")
@@ -80,9 +91,15 @@ class TrainConfig:
             if getattr(self, name) not in choices:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: choose one "
                                   f"of {', '.join(choices)}")
-        for name in ("max_steps", "batch_size", "grad_accum", "eval_batch_size", "shuffle_buffer"):
-            if getattr(self, name) < 1:
+        for name in ("max_steps", "batch_size", "grad_accum", "eval_batch_size", "data_parts",
+                     "data_slots"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.val_max_rows < 0:
+            raise ConfigError("--val-max-rows must be at least 0")
+        from student_train.data import window_rows  # data imports ConfigError from here
+
+        window_rows(self.shuffle_buffer, 1)
         if not 0 <= self.val_fraction < 1:
             raise ConfigError("--val-fraction must be in [0, 1)")
         if self.ce_weight < 0 or self.kd_weight < 0 or self.ce_weight + self.kd_weight == 0:
@@ -124,7 +141,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
 # What a resumed run may change without changing the result of the steps already taken.
 RESUMABLE_CHANGES = frozenset({
     "out", "cache", "max_steps", "eval_every", "checkpoint_every", "log_every", "resume",
-    "overwrite", "device", "workers", "eval_batch_size", "compile", "compile_backend"})
+    "overwrite", "device", "workers", "eval_batch_size", "compile", "compile_backend",
+    "data_parts", "data_slots"})  # these two: checked against the checkpoint's stream layout
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, str]:
@@ -154,7 +172,7 @@ def add_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -
         else:
             choices = CHOICES.get(f.name)
             kind = str if choices else {"int": int, "float": float, "float | None": float,
-                                        "str": str}[f.type]
+                                        "int | None": int, "str": str}[f.type]
             parser.add_argument(flag, dest=f.name, type=kind, required=required,
                                 default=None if required else f.default,
                                 choices=choices, help=help_text)

@@ -1,24 +1,25 @@
-"""From cache shards to training batches: held-out split, shuffled stream, rank/worker sharding.
+"""From cache shards to training batches: held-out split, sharded and shuffled streams, resume.
 
-The training data is one endless stream of rows, epoch after epoch. Epoch `e` visits the shards in
-an order drawn from `(seed, e)` and passes their rows through a shuffle buffer driven by the same
-generator. The order depends only on row ids, never on data, so it is computed up front: global
-position `g` of the stream is row `g % N` of epoch `g // N`'s order (N training rows).
+The training rows are read as `parts x slots` streams (docs/data-stream.md). Epoch `e`
+orders the shards by a permutation drawn from `(seed, e)` and lays their training rows end to end;
+stream `s = p * slots + q` takes the `s`-th of `parts * slots` equal spans of that sequence, so it
+reads only the shards of its span (about `1 / (parts * slots)` of the cache), and shuffles its
+span within a window of rows (each row moves ahead by a uniform offset in `[0, window)`), so its
+reader holds at most `window` rows plus one shard at a time.
 
-Global micro-batch `b` is positions `[b * G, (b + 1) * G)`. Rank `r` of `W` takes every `W`-th of
-them (`G / W` rows), so the union over ranks is the single-process batch for any `W`; data loader
-worker `w` of `n` builds the micro-batches `b` with `(b - start) % n == w`, which the DataLoader
-yields round-robin, so the rank's sequence of batches is independent of `n`. The whole stream state
-is the number of micro-batches consumed, which checkpoints store.
-
-Each consumer reads the shards of an epoch in that epoch's order, keeps only the rows it will emit
-(the rows waiting in its share of the shuffle buffer) and reads each shard at most once per epoch.
+Global micro-batch `b` is `parts` pieces of `G / parts` rows; piece `p` is the next rows of stream
+`(p, b % slots)`. Rank `r` of `W` (W divides `parts`) builds the pieces `[r, r + 1) * parts / W`,
+so the ranks' union is the single-process batch for any such `W`; DataLoader worker `w` of `n`
+(n divides `slots`) builds the micro-batches `b` with `(b - start) % n == w`, which the DataLoader
+yields round-robin, and reads only the streams of those slots. The order is a function of (seed,
+parts, slots, shuffle window) alone, each stream passes every row of its span once per epoch, and
+the whole stream state is the number of micro-batches consumed, which checkpoints store.
 """
 
 from __future__ import annotations
 
-import hashlib
-from collections.abc import Iterator
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -27,19 +28,34 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from student_train.config import ConfigError
 from student_train.selection import Selection
-from teacher_cache.format import CacheBatch, CacheError, ShardInfo
+from teacher_cache.format import CacheBatch, CacheError, Manifest, ShardInfo
 from teacher_cache.reader import TeacherCache, open_cache
 
 IGNORE_INDEX = -100
+# Changes whenever a checkpoint's stream position would mean other rows: 2 = sharded streams.
+DATA_ORDER = 2
+
+_SPLITMIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
 
 
-def is_held_out(seq_ids: np.ndarray, fraction: float) -> np.ndarray:
-    """True for the sequences of the held-out split: a hash of the seq_id below `fraction`."""
-    threshold = int(fraction * 2**64)
-    return np.array([
-        int.from_bytes(hashlib.blake2b(int(i).to_bytes(8, "little"), digest_size=8).digest(),
-                       "little") < threshold
-        for i in seq_ids], dtype=bool)
+def seq_id_hash(seq_ids: np.ndarray) -> np.ndarray:
+    """uint64 splitmix64 of each seq_id: a fixed, well-mixed hash, vectorised."""
+    x = np.asarray(seq_ids, dtype=np.int64).astype(np.uint64) + np.uint64(_SPLITMIX[0])
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(_SPLITMIX[1])
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(_SPLITMIX[2])
+    return x ^ (x >> np.uint64(31))
+
+
+def is_held_out(seq_ids: np.ndarray, fraction: float, max_rows: int | None = None) -> np.ndarray:
+    """True for the sequences of the held-out split: a hash of the seq_id below `fraction`, and of
+    those at most `max_rows`, the ones with the smallest hashes."""
+    hashes = seq_id_hash(seq_ids)
+    held = hashes < np.uint64(min(int(fraction * 2**64), 2**64 - 1))
+    if max_rows is not None and held.sum() > max_rows:
+        if max_rows == 0:
+            return np.zeros(len(hashes), dtype=bool)
+        held &= hashes <= np.partition(hashes[held], max_rows - 1)[max_rows - 1]
+    return held
 
 
 @dataclass(frozen=True)
@@ -48,16 +64,16 @@ class RowSplit:
     val: np.ndarray  # sorted held-out seq_ids, never trained on
 
 
-def split_rows(cache: TeacherCache, val_fraction: float, selection: Selection,
-               seed: int) -> RowSplit:
-    """Reads (seq_id, score) of every row once; this also verifies every shard's checksum."""
-    seq_ids, scores = cache.read_scores()
-    held_out = is_held_out(seq_ids, val_fraction)
-    train = selection.apply(seq_ids[~held_out], scores[~held_out], seed)
+def split_rows(cache: TeacherCache, val_fraction: float, selection: Selection, seed: int,
+               val_max_rows: int | None = None) -> RowSplit:
+    """From the cache's row index (seq_id and score of every row): no shard is read."""
+    index = cache.read_index()
+    held_out = is_held_out(index.seq_ids, val_fraction, val_max_rows)
+    train = selection.apply(index.seq_ids[~held_out], index.scores[~held_out], seed)
     if len(train) == 0:
-        raise ConfigError(f"{cache.location.uri}: no training rows left ({len(seq_ids)} rows, "
+        raise ConfigError(f"{cache.location.uri}: no training rows left ({len(index)} rows, "
                           f"{int(held_out.sum())} held out, selection {selection})")
-    return RowSplit(train=train, val=np.sort(seq_ids[held_out]))
+    return RowSplit(train=train, val=np.sort(index.seq_ids[held_out]))
 
 
 @dataclass
@@ -65,7 +81,7 @@ class Batch:
     seq_ids: torch.Tensor  # int64 [B]
     input_ids: torch.Tensor  # int64 [B, L]
     labels: torch.Tensor  # int64 [B, L]: the next token; IGNORE_INDEX at L - 1
-    topk_ids: torch.Tensor  # int64 [B, L, k]: teacher top-k for the next token
+    topk_ids: torch.Tensor  # int64 [B, L, k]: the teacher's targets for the next token
     topk_logprobs: torch.Tensor  # float32 [B, L, k]
 
     @property
@@ -106,127 +122,248 @@ def shard_of(shards: list[ShardInfo], seq_ids: np.ndarray) -> np.ndarray:
     return where
 
 
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(KB|MB|GB)?\s*$", re.IGNORECASE)
+_UNITS = {"KB": 2**10, "MB": 2**20, "GB": 2**30}
+
+
+def decoded_row_bytes(manifest: Manifest) -> int:
+    """Memory of one decoded row (CacheBatch: int64 ids, float32 logprobs)."""
+    return manifest.seq_len * (8 + manifest.top_k * 12 + 4) + 8
+
+
+def window_rows(spec: str, row_bytes: int) -> int:
+    """The shuffle window of `--shuffle-buffer`: a size (`256MB`: that many bytes of decoded rows)
+    or a number of rows (`1000`); at least 1."""
+    match = _SIZE.match(str(spec))
+    if match is None:
+        raise ConfigError(f"--shuffle-buffer {spec!r}: expected a size such as 256MB or 2GB, or "
+                          f"a number of rows")
+    value, unit = float(match.group(1)), match.group(2)
+    if not unit:
+        if value < 1:
+            raise ConfigError(f"--shuffle-buffer {spec!r}: at least 1 row")
+        return int(value)
+    rows = value * _UNITS[unit.upper()] / row_bytes
+    if rows < 1:
+        raise ConfigError(f"--shuffle-buffer {spec!r} holds less than one row of "
+                          f"{row_bytes:,} bytes; give at least {row_bytes // 2**10 + 1}KB")
+    return int(rows)
+
+
 @dataclass(frozen=True)
-class EpochPlan:
-    shard_order: np.ndarray  # indices into the manifest's shards, in reading order
-    rows: np.ndarray  # seq_ids in the order the shuffle buffer emits them
+class StreamLayout:
+    """How the training rows are cut into streams (the module docstring)."""
+
+    parts: int  # pieces of every global micro-batch, one stream each
+    slots: int  # streams per piece, taking turns by micro-batch
+    global_batch: int
+
+    def __post_init__(self) -> None:
+        if self.global_batch % self.parts:
+            raise ConfigError(f"--batch-size {self.global_batch} is not divisible by the "
+                              f"{self.parts} data parts (--data-parts, default the number of "
+                              f"ranks)")
+
+    @property
+    def streams(self) -> int:
+        return self.parts * self.slots
+
+    @property
+    def piece(self) -> int:
+        return self.global_batch // self.parts
+
+    def check_consumers(self, world_size: int, workers: int) -> None:
+        if self.parts % world_size:
+            raise ConfigError(f"{world_size} ranks do not divide the {self.parts} data parts of "
+                              f"this run (--data-parts); use a divisor of {self.parts} ranks")
+        if self.slots % max(workers, 1):
+            raise ConfigError(f"--workers {workers} does not divide the {self.slots} data slots "
+                              f"of this run (--data-slots); use a divisor of {self.slots}")
+
+    def span(self, stream: int, rows: int) -> tuple[int, int]:
+        """The rows `[start, end)` of an epoch's sequence that `stream` reads."""
+        return stream * rows // self.streams, (stream + 1) * rows // self.streams
+
+    def rows_before(self, slot: int, batch: int) -> int:
+        """Rows a stream of `slot` has handed out before global micro-batch `batch`."""
+        return max(0, -(-(batch - slot) // self.slots)) * self.piece
 
 
-def plan_epoch(train_ids: np.ndarray, shard_index: np.ndarray, num_shards: int, seed: int,
-               epoch: int, buffer_size: int) -> EpochPlan:
-    """Shuffle the shard order, then stream rows through a shuffle buffer of `buffer_size`."""
-    rng = np.random.default_rng([seed, epoch])
-    shard_order = rng.permutation(num_shards)
-    position = np.empty(num_shards, dtype=np.int64)
-    position[shard_order] = np.arange(num_shards)
-    incoming = train_ids[np.lexsort((train_ids, position[shard_index]))]
-    draws = rng.integers(0, buffer_size, size=max(len(incoming) - buffer_size, 0))
-    buffer = list(incoming[:buffer_size])
-    emitted = []
-    for slot, seq_id in zip(draws, incoming[buffer_size:], strict=True):
-        emitted.append(buffer[slot])
-        buffer[slot] = seq_id
-    emitted.extend(rng.permutation(np.array(buffer, dtype=np.int64)))
-    return EpochPlan(shard_order=shard_order, rows=np.array(emitted, dtype=np.int64))
+class EpochRows:
+    """The training rows in shard order: which rows an epoch's span holds, in O(shards + span)."""
+
+    def __init__(self, shards: list[ShardInfo], train_ids: np.ndarray):
+        self.train_ids = np.sort(train_ids)
+        position = shard_of(shards, self.train_ids)
+        self.num_shards = len(shards)
+        self.starts = np.searchsorted(position, np.arange(self.num_shards + 1))
+
+    def __len__(self) -> int:
+        return len(self.train_ids)
+
+    def shard_order(self, seed: int, epoch: int) -> np.ndarray:
+        return np.random.default_rng([seed, epoch]).permutation(self.num_shards)
+
+    def span(self, order: np.ndarray, start: int, end: int) -> np.ndarray:
+        """seq_ids at positions `[start, end)` of the rows laid out in shard `order`."""
+        counts = np.diff(self.starts)[order]
+        ends = np.cumsum(counts)
+        first, last = np.searchsorted(ends, [start, end], side="right")
+        pieces, offset = [], 0 if first == 0 else int(ends[first - 1])
+        for shard in order[first:min(last + 1, len(order))].tolist():
+            rows = self.train_ids[self.starts[shard]:self.starts[shard + 1]]
+            lo, hi = max(start - offset, 0), min(end - offset, len(rows))
+            if lo < hi:
+                pieces.append(rows[lo:hi])
+            offset += len(rows)
+        return np.concatenate(pieces) if pieces else np.zeros(0, np.int64)
+
+
+def window_shuffle(rows: np.ndarray, window: int, rng: np.random.Generator) -> np.ndarray:
+    """Each row moves ahead by a uniform offset in `[0, window)` positions: row `i` is emitted
+    after every row `j < i - window`, so a reader in input order holds at most `window` rows it
+    has read but not emitted (mosaic streaming's py1e shuffle, within one stream)."""
+    keys = np.arange(len(rows)) + rng.uniform(0, window, len(rows))
+    return rows[np.argsort(keys, kind="stable")]
+
+
+def stream_plan(rows: EpochRows, layout: StreamLayout, stream: int, seed: int, epoch: int,
+                window: int) -> np.ndarray:
+    """The seq_ids stream `stream` hands out in `epoch`, in order."""
+    start, end = layout.span(stream, len(rows))
+    span = rows.span(rows.shard_order(seed, epoch), start, end)
+    return window_shuffle(span, window, np.random.default_rng([seed, epoch, stream]))
 
 
 class ShardRows:
-    """Hands out the rows `wanted` (one-row CacheBatches), reading shards in `shard_order`, each
-    at most once."""
+    """Hands out the rows `wanted` (in that order), reading each shard once, when its first row is
+    due, and letting it go after its last: at most the rows between those two stay in memory."""
 
-    def __init__(self, cache: TeacherCache, shard_order: np.ndarray, wanted: np.ndarray):
+    def __init__(self, cache: TeacherCache, wanted: np.ndarray):
         self.cache = cache
-        self.wanted = set(wanted.tolist())
-        holding = set(shard_of(cache.shards, wanted).tolist())
-        self.pending = [int(s) for s in shard_order if s in holding]
-        self.stash: dict[int, CacheBatch] = {}
+        self.position = shard_of(cache.shards, wanted)
+        self.left = np.bincount(self.position, minlength=len(cache.shards))
+        self.open: dict[int, CacheBatch] = {}
 
-    def take(self, seq_id: int) -> CacheBatch:
-        while seq_id not in self.stash:
-            if not self.pending:
-                raise CacheError(f"{self.cache.location.uri}: seq_id {seq_id} is missing from "
-                                 f"the shard the manifest puts it in")
-            self._read(self.pending.pop(0))
-        return self.stash.pop(seq_id)
+    def take(self, at: int, seq_id: int) -> CacheBatch:
+        """Row `seq_id`, the `at`-th of `wanted`."""
+        shard = int(self.position[at])
+        if shard not in self.open:
+            self.open[shard] = self.cache.read_shard(shard)
+        rows = self.open[shard]
+        row = seq_id - self.cache.shards[shard].first_seq_id
+        if not 0 <= row < len(rows) or rows.seq_ids[row] != seq_id:
+            raise CacheError(f"{self.cache.location.uri}: seq_id {seq_id} is missing from the "
+                             f"shard the manifest puts it in")
+        self.left[shard] -= 1
+        if not self.left[shard]:
+            del self.open[shard]
+        return rows.take(slice(row, row + 1))
 
-    def _read(self, shard: int) -> None:
-        rows = self.cache.read_shard(shard)
-        for i, seq_id in enumerate(rows.seq_ids.tolist()):
-            if seq_id in self.wanted:
-                self.stash[seq_id] = rows.take([i])  # a copy: the shard's arrays can go
+    def skip(self, count: int) -> None:
+        """The first `count` wanted rows were handed out before (a resume): never read them."""
+        np.subtract.at(self.left, self.position[:count], 1)
+
+
+class _Stream:
+    """One stream's endless sequence of rows (`plan(epoch)`, each `length` rows), epoch after
+    epoch, from its `consumed`-th row."""
+
+    def __init__(self, cache: TeacherCache, plan: Callable[[int], np.ndarray], length: int,
+                 consumed: int):
+        self.cache, self.plan, self.length = cache, plan, length
+        self.epoch, self.offset = divmod(consumed, length)
+        self._open_epoch()
+
+    def _open_epoch(self) -> None:
+        self.order = self.plan(self.epoch)
+        self.source = ShardRows(self.cache, self.order)
+        self.source.skip(self.offset)
+
+    def take(self, count: int) -> list[CacheBatch]:
+        out = []
+        for _ in range(count):
+            if self.offset == self.length:
+                self.epoch, self.offset = self.epoch + 1, 0
+                self._open_epoch()
+            out.append(self.source.take(self.offset, int(self.order[self.offset])))
+            self.offset += 1
+        return out
 
 
 class TrainStream(IterableDataset):
     """Rank `rank`'s micro-batches of the endless training stream, from micro-batch `start_batch`.
 
-    Use with `DataLoader(stream, batch_size=None, num_workers=n)`.
+    Use with `DataLoader(stream, batch_size=None, num_workers=n)`, n dividing `slots`.
     """
 
     def __init__(self, cache_path: str, train_ids: np.ndarray, *, global_batch: int, rank: int,
-                 world_size: int, seed: int, shuffle_buffer: int, start_batch: int = 0):
-        if global_batch % world_size:
-            raise ConfigError(f"--batch-size {global_batch} is not divisible by the "
-                              f"{world_size} ranks")
+                 world_size: int, seed: int, shuffle_buffer: str | int, start_batch: int = 0,
+                 parts: int | None = None, slots: int = 1):
+        self.layout = StreamLayout(parts or world_size, slots, global_batch)
+        self.layout.check_consumers(world_size, 0)
         self.cache_path = cache_path
         self.train_ids = np.sort(train_ids)
-        self.global_batch = global_batch
         self.rank = rank
         self.world_size = world_size
         self.seed = seed
         self.shuffle_buffer = shuffle_buffer
         self.start_batch = start_batch
 
-    def positions(self, batch: int) -> np.ndarray:
-        """Global stream positions of this rank's rows in micro-batch `batch`."""
-        return batch * self.global_batch + self.rank + self.world_size * np.arange(
-            self.global_batch // self.world_size)
+    def parts_of_rank(self) -> range:
+        per_rank = self.layout.parts // self.world_size
+        return range(self.rank * per_rank, (self.rank + 1) * per_rank)
 
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        cache = open_cache(self.cache_path)
-        shard_index = shard_of(cache.shards, self.train_ids)
-        sources: dict[int, tuple[EpochPlan, ShardRows]] = {}
-        n = len(self.train_ids)
+        return self.batches(*((info.id, info.num_workers) if info is not None else (0, 1)))
 
-        def open_epoch(epoch: int) -> tuple[EpochPlan, ShardRows]:
-            plan = plan_epoch(self.train_ids, shard_index, len(cache.shards), self.seed, epoch,
-                              self.shuffle_buffer)
-            g = epoch * n + np.arange(n)
-            batch = g // self.global_batch
-            mine = ((g % self.world_size == self.rank) & (batch >= self.start_batch)
-                    & ((batch - self.start_batch) % workers == worker))
-            return plan, ShardRows(cache, plan.shard_order, plan.rows[mine])
+    def batches(self, worker: int, workers: int) -> Iterator[Batch]:
+        """The micro-batches DataLoader worker `worker` of `workers` builds."""
+        layout = self.layout
+        layout.check_consumers(self.world_size, workers)
+        cache = open_cache(self.cache_path)
+        rows = EpochRows(cache.shards, self.train_ids)
+        window = window_rows(self.shuffle_buffer, decoded_row_bytes(cache.manifest))
+        streams: dict[int, _Stream] = {}
+
+        def stream(part: int, slot: int) -> _Stream:
+            s = part * layout.slots + slot
+            if s not in streams:
+                start, end = layout.span(s, len(rows))
+                if start == end:
+                    raise ConfigError(f"{cache.location.uri}: fewer training rows ({len(rows)}) "
+                                      f"than the {layout.streams} data streams; use fewer "
+                                      f"--data-parts, --data-slots or ranks")
+                streams[s] = _Stream(
+                    cache, lambda epoch: stream_plan(rows, layout, s, self.seed, epoch, window),
+                    end - start, layout.rows_before(slot, batch))
+            return streams[s]
 
         batch = self.start_batch + worker
         while True:
-            positions = self.positions(batch)
-            epochs = positions // n
-            for stale in [e for e in sources if e < epochs[0]]:
-                del sources[stale]
-            rows = []
-            for epoch, offset in zip(epochs.tolist(), (positions % n).tolist(), strict=True):
-                if epoch not in sources:
-                    sources[epoch] = open_epoch(epoch)
-                plan, source = sources[epoch]
-                rows.append(source.take(int(plan.rows[offset])))
-            yield make_batch(rows)
+            slot = batch % layout.slots
+            yield make_batch([row for part in self.parts_of_rank()
+                              for row in stream(part, slot).take(layout.piece)])
             batch += workers
 
 
-def stream_position(micro_batches: int, global_batch: int, num_rows: int) -> dict[str, int]:
-    """Where the stream stands after `micro_batches`, as stored in checkpoints."""
+def stream_position(micro_batches: int, global_batch: int, num_rows: int,
+                    layout: StreamLayout) -> dict[str, int]:
+    """Where the stream stands after `micro_batches`, as stored in checkpoints (`epoch` counts the
+    rows handed out over all streams; each stream keeps its own epochs)."""
     consumed = micro_batches * global_batch
     return {"micro_batches": micro_batches, "rows_consumed": consumed,
-            "epoch": consumed // num_rows, "epoch_offset": consumed % num_rows}
+            "epoch": consumed // num_rows, "epoch_offset": consumed % num_rows,
+            "order": DATA_ORDER, "parts": layout.parts, "slots": layout.slots}
 
 
 def eval_batches(cache: TeacherCache, val_ids: np.ndarray, batch_size: int, rank: int = 0,
                  world_size: int = 1) -> Iterator[Batch]:
-    """This rank's share of the held-out rows, in seq_id order."""
+    """This rank's share of the held-out rows, in seq_id order; each shard holding one is read
+    once."""
     mine = np.sort(val_ids)[rank::world_size]
-    if len(mine) == 0:
-        return
-    source = ShardRows(cache, np.arange(len(cache.shards)), mine)
+    source = ShardRows(cache, mine)
     for start in range(0, len(mine), batch_size):
-        yield make_batch([source.take(int(i)) for i in mine[start:start + batch_size]])
+        yield make_batch([source.take(i, int(mine[i]))
+                          for i in range(start, min(start + batch_size, len(mine)))])

@@ -86,14 +86,18 @@ def format_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(rows)
 
 
-def teacher_val_ce(cache: str, val_fraction: float) -> float | None:
+def teacher_val_ce(cache: str, val_fraction: float, val_max_rows: int | None) -> float | None:
     """The teacher's CE on the rows the students are evaluated on (the same held-out split and
     positions 0..L-2): the mean of the cached -target_logprobs; None without held-out rows."""
-    from student_train.data import is_held_out
+    from student_train.data import ShardRows, is_held_out
 
+    reader = open_cache(cache)
+    seq_ids = reader.read_index().seq_ids
+    val = np.sort(seq_ids[is_held_out(seq_ids, val_fraction, val_max_rows)])
+    source = ShardRows(reader, val)
     total, count = 0.0, 0
-    for rows in open_cache(cache).iter_batches():
-        held_out = rows.target_logprobs[is_held_out(rows.seq_ids, val_fraction), :-1]
+    for i, seq_id in enumerate(val.tolist()):
+        held_out = source.take(i, seq_id).target_logprobs[:, :-1]
         total -= float(held_out.astype(np.float64).sum())
         count += held_out.size
     return total / count if count else None
@@ -257,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(result)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / RESULTS_FILE, results)
-    teacher_ce = teacher_val_ce(base.cache, base.val_fraction)
+    teacher_ce = teacher_val_ce(base.cache, base.val_fraction, base.val_max_rows)
     print()
     print(format_table(results))
     print()

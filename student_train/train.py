@@ -27,7 +27,14 @@ from student_train.checkpoint import (
     set_rng_state,
 )
 from student_train.config import RESUMABLE_CHANGES, ConfigError, TrainConfig
-from student_train.data import TrainStream, eval_batches, split_rows, stream_position
+from student_train.data import (
+    DATA_ORDER,
+    StreamLayout,
+    TrainStream,
+    eval_batches,
+    split_rows,
+    stream_position,
+)
 from student_train.evaluate import evaluate
 from student_train.model import (
     DistillationObjective,
@@ -156,6 +163,26 @@ def check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
                           f"use the checkpoint's settings, --overwrite or a new --out")
 
 
+def stream_layout(config: TrainConfig, world_size: int,
+                  checkpoint: dict[str, Any] | None) -> StreamLayout:
+    """The data streams of this run: a new run's from the flags (default: one part per rank, one
+    slot per worker), a resumed run's from its checkpoint, which ranks and workers must divide."""
+    saved = (checkpoint or {}).get("data", {})
+    if checkpoint is not None and saved.get("order") != DATA_ORDER:
+        raise ConfigError(f"{config.out}: the checkpoint was written by an earlier version of "
+                          f"the data stream, which orders the rows otherwise; resume it with "
+                          f"that version, or start over (--overwrite or a new --out)")
+    layout = {"parts": config.data_parts or saved.get("parts") or world_size,
+              "slots": config.data_slots or saved.get("slots") or max(config.workers, 1)}
+    for name, value in layout.items():
+        if checkpoint is not None and value != saved[name]:
+            raise ConfigError(f"{config.out}: --data-{name} {value} differs from the "
+                              f"checkpoint's {saved[name]}; --resume keeps the run's data order")
+    result = StreamLayout(layout["parts"], layout["slots"], config.batch_size)
+    result.check_consumers(world_size, config.workers)
+    return result
+
+
 def prepare_run_dir(config: TrainConfig, is_main: bool) -> None:
     """A new run never silently replaces an earlier one: OUT holding a checkpoint or a student
     needs --resume (continue it) or --overwrite (whose run files go before the first step)."""
@@ -198,7 +225,10 @@ class Trainer:
         checkpoint = load_checkpoint(self.out) if config.resume else None
         if checkpoint is not None:
             check_resumable(checkpoint["config"], config)
-        self.split = split_rows(self.cache, config.val_fraction, selection, config.seed)
+        self.layout = stream_layout(config, env.world_size, checkpoint)
+        self.split = split_rows(self.cache, config.val_fraction, selection, config.seed,
+                                config.val_max_rows)
+        self._val_batches: list | None = None
 
         self.student = build_student(model_config, config.seed).to(env.device)
         self.parameters = count_parameters(self.student)
@@ -232,7 +262,8 @@ class Trainer:
         stream = TrainStream(config.cache, self.split.train, global_batch=config.batch_size,
                              rank=env.rank, world_size=env.world_size, seed=config.seed,
                              shuffle_buffer=config.shuffle_buffer,
-                             start_batch=self.step * config.grad_accum)
+                             start_batch=self.step * config.grad_accum,
+                             parts=self.layout.parts, slots=self.layout.slots)
         self.batches = iter(DataLoader(stream, batch_size=None, num_workers=config.workers,
                                        pin_memory=env.device.type == "cuda"))
         self.tokens_per_step = config.rows_per_step * self.manifest.seq_len
@@ -265,11 +296,14 @@ class Trainer:
 
     def evaluate(self) -> dict[str, Any]:
         env = self.env
-        batches = eval_batches(self.cache, self.split.val, self.config.eval_batch_size, env.rank,
-                               env.world_size)
+        if self._val_batches is None:  # the held-out rows are few (--val-max-rows): read once
+            self._val_batches = list(eval_batches(self.cache, self.split.val,
+                                                  self.config.eval_batch_size, env.rank,
+                                                  env.world_size))
         # Eager: a no-grad graph and the last, smaller batch would each cost another compile.
         with torch.compiler.set_stance("force_eager"):
-            result = evaluate(self.student, batches, env.device, impl=self.config.loss_impl)
+            result = evaluate(self.student, iter(self._val_batches), env.device,
+                              impl=self.config.loss_impl)
         record = {"step": self.step, "tokens": self.step * self.tokens_per_step,
                   **result.as_record()}
         self.log(record)
@@ -284,7 +318,8 @@ class Trainer:
                 "train_seconds": self.train_seconds, "timed_steps": self.timed_steps,
                 "config": asdict(self.config),
                 "data": stream_position(self.step * self.config.grad_accum,
-                                        self.config.batch_size, len(self.split.train)),
+                                        self.config.batch_size, len(self.split.train),
+                                        self.layout),
             })
         if self.env.world_size > 1:
             dist.barrier()
@@ -298,6 +333,31 @@ class Trainer:
     def log(self, record: dict[str, Any]) -> None:
         if self.metrics is not None:
             self.metrics.write(record)
+
+    def _step(self, progress: tqdm, compile_step: int | None) -> dict[str, Any] | None:
+        """One optimizer step with its logging, evaluation and checkpoint; the evaluation's record
+        if it evaluated."""
+        config = self.config
+        started = time.perf_counter()
+        loss, grad_norm = self.train_step()
+        self.last_step_seconds = time.perf_counter() - started
+        if self.step != compile_step:
+            self.train_seconds += self.last_step_seconds
+            self.timed_steps += 1
+        tokens_per_s = self.tokens_per_s()
+        progress.update(1)
+        step, record = self.step, None
+        if step % config.log_every == 0 or step == config.max_steps:
+            progress.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{tokens_per_s or 0:,.0f}")
+            self.log({"step": step, "tokens": step * self.tokens_per_step,
+                      "loss": loss.item(), "lr": self.scheduler.get_last_lr()[0],
+                      "grad_norm": None if grad_norm is None else grad_norm.item(),
+                      "tokens_per_s": tokens_per_s})
+        if config.eval_every > 0 and step % config.eval_every == 0 and step < config.max_steps:
+            record = self.evaluate()
+        if config.checkpoint_every > 0 and step % config.checkpoint_every == 0:
+            self.save_checkpoint()
+        return record
 
     def run(self) -> dict[str, Any]:
         """Train to `max_steps`; returns (and writes to OUT/summary.json) the run's summary."""
@@ -319,30 +379,13 @@ class Trainer:
         compile_seconds, compile_step = None, self.step + 1 if self.compiled else None
         progress = tqdm(total=config.max_steps, initial=self.step, unit="step",
                         disable=not env.is_main, dynamic_ncols=True)
-        while self.step < config.max_steps:
-            started = time.perf_counter()
-            loss, grad_norm = self.train_step()
-            elapsed = time.perf_counter() - started
-            if self.step == compile_step:
-                compile_seconds = elapsed
-            else:
-                self.train_seconds += elapsed
-                self.timed_steps += 1
-            tokens_per_s = self.tokens_per_s()
-            progress.update(1)
-            step = self.step
-            if step % config.log_every == 0 or step == config.max_steps:
-                progress.set_postfix(loss=f"{loss.item():.4f}",
-                                     tok_s=f"{tokens_per_s or 0:,.0f}")
-                self.log({"step": step, "tokens": step * self.tokens_per_step,
-                          "loss": loss.item(), "lr": self.scheduler.get_last_lr()[0],
-                          "grad_norm": None if grad_norm is None else grad_norm.item(),
-                          "tokens_per_s": tokens_per_s})
-            if config.eval_every > 0 and step % config.eval_every == 0 and step < config.max_steps:
-                last_eval = self.evaluate()
-            if config.checkpoint_every > 0 and step % config.checkpoint_every == 0:
-                self.save_checkpoint()
-        progress.close()
+        try:
+            while self.step < config.max_steps:
+                last_eval = self._step(progress, compile_step) or last_eval
+                if self.step == compile_step:
+                    compile_seconds = self.last_step_seconds
+        finally:  # so that an error's one line starts a line of its own
+            progress.close()
 
         if last_eval is None or last_eval["step"] != self.step:
             last_eval = self.evaluate()

@@ -1,9 +1,12 @@
-"""Finalize a cache: check that every expected shard is there and intact, then write the manifest.
+"""Finalize a cache: check that every expected shard is there, then write the index and manifest.
 
 Each worker leaves `workers/worker-W-of-N.json` (a WorkerReport) when it has gone through the whole
 corpus; the reports give the number of sequences, hence the expected shards `0 .. ceil(S / R) - 1`.
 Every shard must carry the id of the build in `build.json`: a shard another build wrote into the
 same directory (two builds started together, say) is refused, never mixed into the manifest.
+Finalize trusts the size and sha256 each shard's marker recorded as it was written (the trainer
+checks them as it reads a shard, `verify` checks all): it reads no shard, except the score column
+of shards that hold scores, so its cost does not grow with the cache's bytes.
 """
 
 from __future__ import annotations
@@ -15,22 +18,24 @@ import numpy as np
 
 from teacher_cache.format import (
     BUILD_FILE,
-    MANIFEST_FILE,
+    SHARD_DIR,
     CacheError,
     Manifest,
     ShardInfo,
     WorkerReport,
     build_id,
-    read_shard,
     read_shard_info,
     read_worker_reports,
     score_stats,
+    shard_info_name,
 )
+from teacher_cache.index import is_rescored, publish_manifest, read_score_column
 from teacher_cache.storage import Location, resolve
 
 
 def finalize_cache(out: str) -> Manifest:
-    """Validate all shards (presence, size, sha256, rows) and write `manifest.json`."""
+    """Check that all shards are there (markers, rows, build) and write the index and
+    `manifest.json`."""
     location = resolve(out)
     if not location.exists(BUILD_FILE):
         raise CacheError(f"{location.uri}: no {BUILD_FILE}; nothing was built here yet "
@@ -42,14 +47,21 @@ def finalize_cache(out: str) -> Manifest:
     infos = _finished_shards(location, sequences, manifest.rows_per_shard, reports[0].num_workers)
     _check_same_build(location, infos, build_id(record["identity"]))
 
+    scored_build = bool(record.get("reference"))
     scores = []
     for info in infos:
         expected_rows = min(manifest.rows_per_shard, sequences - info.first_seq_id)
         if info.rows != expected_rows:
             raise CacheError(f"{location.uri}/{info.path}: {info.rows} rows, expected "
                              f"{expected_rows}; delete it and its .json and rerun the build")
-        table = read_shard(location, info)  # verifies size and sha256
-        scores.append(table.column("score").to_numpy(zero_copy_only=False))
+        if not location.exists(info.path):
+            raise CacheError(f"{location.uri}/{info.path}: its marker is there but the shard is "
+                             f"not; delete {SHARD_DIR}/{shard_info_name(info.index)} and rerun "
+                             f"the build")
+        holds_scores = scored_build or is_rescored(info)
+        scores.append(read_score_column(location, info) if holds_scores
+                      else np.full(info.rows, np.nan, np.float32))
+    scores = np.concatenate(scores) if scores else np.zeros(0, np.float32)
 
     dtypes = sorted({r.dtype for r in reports if r.dtype})
     manifest.teacher["dtype"] = ",".join(dtypes) or manifest.teacher["dtype"]
@@ -69,11 +81,10 @@ def finalize_cache(out: str) -> Manifest:
     manifest.build = {"backend": manifest.teacher["backend"], "workers": reports[0].num_workers,
                       "tokens_computed": computed, "compute_s": round(compute_s, 3),
                       "tokens_per_s": round(computed / compute_s, 1) if compute_s else None}
-    if record.get("reference"):
-        manifest.score = {"reference": record["reference"],
-                          "stats": score_stats(np.concatenate(scores).astype(np.float32))}
+    if scored_build:
+        manifest.score = {"reference": record["reference"], "stats": score_stats(scores)}
     manifest.complete = True
-    location.write_bytes_atomic(manifest.to_json().encode(), MANIFEST_FILE)
+    publish_manifest(location, manifest, scores)
     return manifest
 
 

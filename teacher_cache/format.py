@@ -3,6 +3,7 @@
 Human-readable description: docs/cache-format.md. Summary:
 
     CACHE/manifest.json                   Manifest (below); `complete` once every shard is final
+    CACHE/index-SHA.arrow                 seq_id, shard and score of every row (index.py)
     CACHE/build.json                      the build identity, written before the first shard
     CACHE/shards/shard-NNNNNN.arrow       Arrow IPC file (zstd), one row per packed sequence
     CACHE/shards/shard-NNNNNN.json        ShardInfo, written after the .arrow: marks the shard done
@@ -97,8 +98,9 @@ class Targets:
                       if name in entry})
 
 FORMAT_NAME = "distill.teacher-cache"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)  # 1: top-k only, before the manifest named its targets
+FORMAT_VERSION = 3
+# 1: top-k only, before the manifest named its targets; 2: no row index (teacher_cache/index.py)
+READABLE_VERSIONS = (1, 2, 3)
 COMPRESSION = "zstd"
 RECORD_BATCH_ROWS = 16
 
@@ -329,6 +331,7 @@ class Manifest:
     score: dict[str, Any] | None = None  # reference identity and score statistics
     build: dict[str, Any] = field(default_factory=dict)  # backend, wall time, tokens/s, workers
     complete: bool = False
+    index: dict[str, Any] | None = None  # the row index file (teacher_cache/index.py)
     format: str = FORMAT_NAME
     version: int = FORMAT_VERSION
     compression: str = COMPRESSION

@@ -19,6 +19,7 @@ from teacher_cache.format import (
     decode_batch,
     read_shard,
 )
+from teacher_cache.index import IndexMissing, RowIndex, manifest_rows, read_index
 from teacher_cache.storage import Location, resolve
 
 
@@ -28,7 +29,7 @@ class TeacherCache:
     `score` never changes a file a manifest lists: it writes new shard files, switches the
     manifest, then deletes the old files. A shard deleted under this reader is read from the
     current manifest instead, when that one holds the same sequences (the teacher columns are then
-    the same bytes; only `score` may differ, and `read_scores` returns one version's).
+    the same bytes; only `score` may differ, and `read_index` returns one version's).
     """
 
     def __init__(self, location: Location, manifest: Manifest, verify: bool = True,
@@ -37,6 +38,7 @@ class TeacherCache:
         self.manifest = manifest
         self.verify = verify
         self.batch_size = batch_size
+        self._position_of: tuple[Manifest | None, dict[int, int]] = (None, {})
 
     @property
     def shards(self) -> list[ShardInfo]:
@@ -47,9 +49,9 @@ class TeacherCache:
         return sum(s.rows for s in self.shards)
 
     def read_shard(self, shard: int | ShardInfo) -> CacheBatch:
-        """All rows of one shard, decoded (checksum verified unless `verify=False`)."""
-        position = shard if isinstance(shard, int) else next(
-            i for i, s in enumerate(self.shards) if s.index == shard.index)
+        """All rows of one shard (its position in `shards`, or its ShardInfo), decoded (checksum
+        verified unless `verify=False`)."""
+        position = shard if isinstance(shard, int) else self._positions()[shard.index]
         table = self._read_table(position)
         m = self.manifest
         self._check_shapes(table, shard)
@@ -61,21 +63,39 @@ class TeacherCache:
                              f"belong to these shards, rebuild the cache")
         return batch
 
-    def read_scores(self) -> tuple[np.ndarray, np.ndarray]:
-        """(seq_ids, scores) of every row, all from one version of the cache. Reads whole shards:
-        their checksum covers the whole file, so this also verifies every shard (unless
-        `verify=False`)."""
+    def _positions(self) -> dict[int, int]:
+        """Shard index -> position in `shards`, for the current manifest."""
+        if self._position_of[0] is not self.manifest:
+            self._position_of = (self.manifest,
+                                 {s.index: i for i, s in enumerate(self.manifest.shards)})
+        return self._position_of[1]
+
+    def read_index(self) -> RowIndex:
+        """seq_id, shard and score of every row, all from one version of the cache: the row
+        index the manifest names, which reads no shard. A cache of format 2 has none: its shards
+        are read whole instead (and so verified, unless `verify=False`)."""
         while True:
             version = self.manifest
-            tables = [self._read_table(i) for i in range(len(self.shards))]
+            try:
+                if version.index is not None:
+                    return read_index(self.location, version)
+                tables = [self._read_table(i) for i in range(len(self.shards))]
+            except IndexMissing:
+                if not self._follow_new_manifest():
+                    raise
+                continue
             if self.manifest is version:
                 break  # else `score` switched the manifest meanwhile: read the new version
-        if not tables:
-            return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        seq_ids = [t.column("seq_id").to_numpy() for t in tables]
+        seq_ids, shard = manifest_rows(version)
         scores = [t.column("score").to_numpy(zero_copy_only=False).astype(np.float32)
                   for t in tables]
-        return np.concatenate(seq_ids), np.concatenate(scores)
+        return RowIndex(seq_ids, shard, np.concatenate(scores) if scores
+                        else np.zeros(0, np.float32))
+
+    def read_scores(self) -> tuple[np.ndarray, np.ndarray]:
+        """(seq_ids, scores) of every row, all from one version of the cache (`read_index`)."""
+        index = self.read_index()
+        return index.seq_ids, index.scores
 
     def _read_table(self, position: int) -> pa.Table:
         try:

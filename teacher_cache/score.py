@@ -25,7 +25,6 @@ from teacher_cache.backends import BackendConfig, Targets, TeacherBackend, creat
 from teacher_cache.format import (
     BUILD_FILE,
     JOURNAL_FILE,
-    MANIFEST_FILE,
     RESCORE_DIR,
     SCORE_REFERENCE_KEY,
     SHARD_DIR,
@@ -40,6 +39,7 @@ from teacher_cache.format import (
     serialize_shard,
     shard_info_name,
 )
+from teacher_cache.index import publish_manifest, read_score_column
 from teacher_cache.reader import read_manifest
 from teacher_cache.storage import Location, resolve
 from teacher_cache.teacher import Teacher, resolve_teacher
@@ -164,17 +164,22 @@ def rescore_cache(cache: str, reference_spec: str, batch_size: int = 8, dtype: s
 
     scorer: ReferenceScorer | None = None
     new_infos: list[ShardInfo] = []
+    scores: list[np.ndarray] = []
     try:
         for info in tqdm(manifest.shards, desc="rescore", unit="shard", disable=not progress):
             marker = shard_info_name(info.index)
-            if location.exists(journal, marker):
+            if location.exists(journal, marker):  # rescored by an earlier, interrupted run
                 new_infos.append(ShardInfo.from_json(location.read_bytes(journal, marker)))
+                scores.append(read_score_column(location, new_infos[-1]))
                 continue
             table = read_shard(location, info)
             scorer = scorer or ReferenceScorer(reference, manifest.tokenizer["sha256"],
                                                batch_size=batch_size, dtype=dtype)
-            new_infos.append(_rescore_shard(location, manifest, info, table, scorer, reference))
-            location.write_bytes_atomic(new_infos[-1].to_json().encode(), journal, marker)
+            new_info, shard_scores = _rescore_shard(location, manifest, info, table, scorer,
+                                                    reference)
+            location.write_bytes_atomic(new_info.to_json().encode(), journal, marker)
+            new_infos.append(new_info)
+            scores.append(shard_scores)
     finally:
         if scorer is not None:
             scorer.close()
@@ -182,9 +187,9 @@ def rescore_cache(cache: str, reference_spec: str, batch_size: int = 8, dtype: s
     manifest.shards = new_infos
     manifest.totals["bytes"] = sum(s.bytes for s in new_infos)
     manifest.build.pop("rescoring", None)  # left by versions that rescored in place
-    manifest.score = {"reference": reference_entry(reference),
-                      "stats": score_stats(_all_scores(location, new_infos))}
-    location.write_bytes_atomic(manifest.to_json().encode(), MANIFEST_FILE)  # the switch
+    all_scores = np.concatenate(scores) if scores else np.zeros(0, np.float32)
+    manifest.score = {"reference": reference_entry(reference), "stats": score_stats(all_scores)}
+    publish_manifest(location, manifest, all_scores)  # the switch
     _clean_up_after_switch(location, manifest)
     return manifest
 
@@ -248,8 +253,9 @@ def _build_reference(location: Location) -> str | None:
 
 
 def _rescore_shard(location: Location, manifest: Manifest, info: ShardInfo, table: pa.Table,
-                   scorer: ReferenceScorer, reference: Teacher) -> ShardInfo:
-    """Write the shard with new scores to a new file (named by its content); its ShardInfo."""
+                   scorer: ReferenceScorer, reference: Teacher) -> tuple[ShardInfo, np.ndarray]:
+    """Write the shard with new scores to a new file (named by its content); its ShardInfo and
+    the scores."""
     seq_len = manifest.seq_len
     input_ids = table.column("input_ids").combine_chunks().flatten().to_numpy()
     teacher_target = table.column("target_logprobs").combine_chunks().flatten().to_numpy()
@@ -263,10 +269,4 @@ def _rescore_shard(location: Location, manifest: Manifest, info: ShardInfo, tabl
     sha256 = hashlib.sha256(data).hexdigest()
     name = rescored_shard_name(info.index, sha256)
     location.write_bytes_atomic(data, SHARD_DIR, name)
-    return replace(info, path=f"{SHARD_DIR}/{name}", sha256=sha256, bytes=len(data))
-
-
-def _all_scores(location: Location, infos: list[ShardInfo]) -> np.ndarray:
-    parts = [read_shard(location, info).column("score").to_numpy(zero_copy_only=False)
-             for info in infos]
-    return np.concatenate(parts).astype(np.float32) if parts else np.zeros(0, np.float32)
+    return replace(info, path=f"{SHARD_DIR}/{name}", sha256=sha256, bytes=len(data)), scores

@@ -19,7 +19,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from student_train.synthetic import write_synthetic_cache
+from teacher_cache.synth import write_synthetic_cache
 
 TINY_SEQ_LEN = 32
 TINY_TOP_K = 8

@@ -17,8 +17,8 @@ from torch import Tensor
 from kernels.divergences import TAIL_EPS, KDSpec, KDTargets
 from student_train.config import TrainConfig
 from student_train.data import IGNORE_INDEX, Batch
-from student_train.synthetic import write_synthetic_cache
 from teacher_cache.reader import TeacherCache, open_cache
+from teacher_cache.synth import write_synthetic_cache
 
 # --- kernels: float64 oracle and tolerances ---
 
@@ -190,7 +190,7 @@ TINY_ARGS = [arg for key, value in TINY.items() for arg in ("--set", f"{key}={va
 def tiny_config(cache_dir, out, **changes) -> TrainConfig:
     values = dict(cache=cache_dir, out=str(out), student="xs", overrides=dict(TINY), max_steps=8,
                   batch_size=4, lr=1e-2, warmup=2, eval_every=4, checkpoint_every=4, log_every=1,
-                  val_fraction=0.2, shuffle_buffer=8, eval_batch_size=4)
+                  val_fraction=0.2, shuffle_buffer="8", eval_batch_size=4)
     return TrainConfig(**(values | changes))
 
 

@@ -70,7 +70,7 @@ def test_default_build_samples_8_and_the_manifest_names_the_targets(sampled_cach
     default = tiny_build_config("unused", top_k=None)
     assert default.target_spec() == Targets("sample", 8, 1.0, 0)
     manifest = open_cache(sampled_cache).manifest
-    assert manifest.version == FORMAT_VERSION == 2
+    assert manifest.version == FORMAT_VERSION == 3
     assert manifest.targets == {"kind": "sample", "k": K, "temperature": 1.0, "seed": 0}
     assert manifest.top_k == K and manifest.target_kind == "sample"
     assert "sample_counts" in manifest.columns and "topk_logprobs" not in manifest.columns
@@ -196,7 +196,7 @@ def test_cli_targets_options(tmp_path: Path, tiny_teacher_dir: Path, tiny_corpus
 def train_config(cache: Path, out: Path, **changes) -> TrainConfig:
     values = dict(cache=str(cache), out=str(out), student="xs", overrides=dict(TINY),
                   max_steps=2, batch_size=2, lr=1e-2, warmup=1, eval_every=2,
-                  checkpoint_every=2, log_every=1, val_fraction=0.2, shuffle_buffer=4,
+                  checkpoint_every=2, log_every=1, val_fraction=0.2, shuffle_buffer="4",
                   eval_batch_size=2)
     return TrainConfig(**(values | changes))
 

@@ -16,13 +16,13 @@ import torch
 
 from student_train.presets import PRESETS, describe_presets, llama_config, parameter_count
 from student_train.pretrain import ce_axis_limits, draw_curves, teacher_val_ce
-from student_train.synthetic import write_synthetic_cache
 from teacher_cache import open_cache
 from teacher_cache.backends.torch_backend import resolve_dtype
 from teacher_cache.cli import build_parser
 from teacher_cache.errors import TeacherError
 from teacher_cache.format import score_stats
 from teacher_cache.score import describe_score_stats
+from teacher_cache.synth import write_synthetic_cache
 from teacher_cache.teacher import choose_dtype, resolve_teacher
 
 # --- --dtype auto ---------------------------------------------------------------------------
@@ -186,18 +186,20 @@ def test_the_plot_draws_the_teacher_line_and_notes_the_start(teacher_ce: float):
         plt.close(fig)
 
 
-def test_teacher_ce_is_over_the_evaluators_held_out_rows(tmp_path: Path):
+@pytest.mark.parametrize("max_rows", [None, 3])
+def test_teacher_ce_is_over_the_evaluators_held_out_rows(tmp_path: Path, max_rows):
     from student_train.data import split_rows
     from student_train.selection import Selection
 
     write_synthetic_cache(tmp_path / "cache", sequences=40, seq_len=8, top_k=2, vocab_size=64,
                           rows_per_shard=8)
     cache = open_cache(tmp_path / "cache")
-    val = split_rows(cache, 0.3, Selection.parse("none"), seed=0).val
+    val = split_rows(cache, 0.3, Selection.parse("none"), seed=0, val_max_rows=max_rows).val
     held_out = np.concatenate([b.target_logprobs[np.isin(b.seq_ids, val), :-1]
                                for b in cache.iter_batches()])
-    assert 0 < len(val) < 40
-    assert teacher_val_ce(str(tmp_path / "cache"), 0.3) == pytest.approx(-held_out.mean())
+    assert 0 < len(val) < 40 and (max_rows is None or len(val) == max_rows)
+    assert teacher_val_ce(str(tmp_path / "cache"), 0.3, max_rows) == pytest.approx(
+        -held_out.mean())
 
 
 # --- the score summary ----------------------------------------------------------------------

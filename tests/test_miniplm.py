@@ -98,8 +98,16 @@ def test_rescoring_changes_only_scores_checksums_and_score_stats(
     assert after["totals"] == before["totals"] | {"bytes": after["totals"]["bytes"]}
     for old, new in zip(before["shards"], after["shards"], strict=True):
         assert new == old | {"path": new["path"], "sha256": new["sha256"], "bytes": new["bytes"]}
-    unchanged = set(before) - {"score", "totals", "shards"}
+    unchanged = set(before) - {"score", "totals", "shards", "index"}
     assert {k: after[k] for k in unchanged} == {k: before[k] for k in unchanged}
+    # The row index names the new scores, and only the current index file is left.
+    assert after["index"]["path"] != before["index"]["path"]
+    assert sorted(p.name for p in cache.glob("index-*")) == [after["index"]["path"]]
+    reader = open_cache(cache)
+    index = reader.read_index()
+    from_shards = np.concatenate([b.score for b in reader.iter_batches()])
+    np.testing.assert_array_equal(index.scores, from_shards)
+    assert not np.isnan(index.scores).any()
 
 
 def test_top_rows_are_the_same_on_every_rank_and_after_resume(tmp_path: Path):
@@ -110,7 +118,7 @@ def test_top_rows_are_the_same_on_every_rank_and_after_resume(tmp_path: Path):
     def seen(rank: int, world_size: int, start_batch: int, count: int) -> list[list[int]]:
         stream = TrainStream(str(tmp_path), split.train, global_batch=4, rank=rank,
                              world_size=world_size, seed=0, shuffle_buffer=8,
-                             start_batch=start_batch)
+                             start_batch=start_batch, parts=2)
         batches = itertools.islice(DataLoader(stream, batch_size=None), count)
         return [b.seq_ids.tolist() for b in batches]
 

@@ -10,7 +10,7 @@ from helpers import TINY_ARGS
 
 from student_train.__main__ import build_parser, main
 from student_train.config import ConfigError, TrainConfig
-from student_train.synthetic import write_synthetic_cache
+from teacher_cache.synth import write_synthetic_cache
 
 
 def run(cache, out, *extra) -> int:

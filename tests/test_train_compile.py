@@ -56,9 +56,9 @@ def test_compiled_decoder_gives_the_eager_loss_and_gradients(cache_dir, tmp_path
 
 
 def test_one_graph_without_breaks_compiled_once(cache_dir, tmp_path):
-    # eval_batch_size 3 over the held-out rows leaves a smaller last batch (checked below).
+    # eval_batch_size 4 over the held-out rows leaves a smaller last batch (checked below).
     trainer = Trainer(tiny_config(cache_dir, tmp_path, max_steps=4, grad_accum=2,
-                                  eval_batch_size=3, **COMPILED))
+                                  eval_batch_size=4, **COMPILED))
     assert len(trainer.split.val) % trainer.config.eval_batch_size
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
@@ -114,7 +114,8 @@ def test_inductor_without_a_cpp_compiler_is_one_clear_error(cache_dir, tmp_path,
 
 @pytest.mark.slow
 def test_ddp_wraps_the_compiled_decoder(cache_dir, tmp_path):
-    train(tiny_config(cache_dir, tmp_path / "single", max_steps=4, eval_every=2))
+    # One process reading the two data parts that two ranks read.
+    train(tiny_config(cache_dir, tmp_path / "single", max_steps=4, eval_every=2, data_parts=2))
     flags = ["--cache", cache_dir, "--out", str(tmp_path / "ddp"), "--max-steps", "4",
              "--batch-size", "4", "--lr", "1e-2", "--warmup", "2", "--eval-every", "2",
              "--checkpoint-every", "4", "--log-every", "1", "--val-fraction", "0.2",

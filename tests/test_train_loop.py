@@ -93,7 +93,8 @@ def test_student_of_a_real_cache_ships_the_teachers_tokenizer(tiny_cache, tmp_pa
 
 @pytest.mark.slow
 def test_ddp_on_two_processes_matches_one_process(cache_dir, tmp_path):
-    single = tiny_config(cache_dir, tmp_path / "single", max_steps=4, eval_every=2)
+    # One process reading the two data parts that two ranks read (the default: a part per rank).
+    single = tiny_config(cache_dir, tmp_path / "single", max_steps=4, eval_every=2, data_parts=2)
     train(single)
     flags = ["--cache", cache_dir, "--out", str(tmp_path / "ddp"), "--max-steps", "4",
              "--batch-size", "4", "--lr", "1e-2", "--warmup", "2", "--eval-every", "2",

@@ -11,9 +11,9 @@ from transformers import LlamaForCausalLM
 from student_train.heldout import load_heldout_text, text_ce
 from student_train.presets import LEARNING_RATES
 from student_train.pretrain import comparisons, format_comparison, main
-from student_train.synthetic import write_synthetic_cache
 from student_train.train import STUDENT_DIR
 from teacher_cache import open_cache
+from teacher_cache.synth import write_synthetic_cache
 
 TINY = ["--set", "hidden_size=32", "--set", "num_hidden_layers=1", "--set",
         "num_attention_heads=2", "--set", "num_key_value_heads=2", "--set", "intermediate_size=64"]
