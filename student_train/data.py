@@ -193,7 +193,7 @@ class EpochRows:
     """The training rows in shard order: which rows an epoch's span holds, in O(shards + span)."""
 
     def __init__(self, shards: list[ShardInfo], train_ids: np.ndarray):
-        self.train_ids = np.sort(train_ids)
+        self.train_ids = np.sort(train_ids, kind="stable")
         position = shard_of(shards, self.train_ids)
         self.num_shards = len(shards)
         self.starts = np.searchsorted(position, np.arange(self.num_shards + 1))
@@ -303,7 +303,7 @@ class TrainStream(IterableDataset):
         self.layout = StreamLayout(parts or world_size, slots, global_batch)
         self.layout.check_consumers(world_size, 0)
         self.cache_path = cache_path
-        self.train_ids = np.sort(train_ids)
+        self.train_ids = np.sort(train_ids, kind="stable")
         self.rank = rank
         self.world_size = world_size
         self.seed = seed

@@ -40,7 +40,7 @@ class Selection:
     def apply(self, seq_ids: np.ndarray, scores: np.ndarray, seed: int) -> np.ndarray:
         """The kept seq_ids, sorted. `scores` are NaN where the cache holds none."""
         if self.mode == "none":
-            return np.sort(seq_ids)
+            return np.sort(seq_ids, kind="stable")  # O(N) on ids that are already in order
         keep = int(round(self.fraction * len(seq_ids)))
         if self.mode == "top":
             unscored = int(np.isnan(scores).sum())

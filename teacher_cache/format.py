@@ -245,15 +245,14 @@ class ShardInfo:
 
     @classmethod
     def from_dict(cls, raw: object, source: str) -> ShardInfo:
-        names = [f.name for f in fields(cls)]
-        required = [f.name for f in fields(cls) if f.default is MISSING]
-        if not isinstance(raw, dict) or not set(required) <= set(raw) <= set(names):
+        # A manifest lists up to ~10^5 shards: the field checks are precomputed (_SHARD_FIELDS).
+        names, required, types = _SHARD_FIELDS
+        if not isinstance(raw, dict) or not required <= raw.keys() <= names:
             raise CacheError(f"{source}: a shard entry has the fields {', '.join(names)} (all "
                              f"but build and uncovered_mass required); got {str(raw)[:120]}; the "
                              f"cache is damaged, rebuild it")
         for name, value in raw.items():
-            expected = {"path": (str,), "sha256": (str,), "build": (str, type(None)),
-                        "uncovered_mass": (float, type(None))}.get(name, (int,))
+            expected = types.get(name, (int,))
             if type(value) not in expected:
                 raise CacheError(f"{source}: shard field {name} = {value!r} is not of type "
                                  f"{expected[0].__name__}; the cache is damaged, rebuild it")
@@ -261,6 +260,13 @@ class ShardInfo:
             return cls(**raw)
         except CacheError as e:
             raise CacheError(f"{source}: shard {raw['index']} path {e}") from None
+
+
+_SHARD_FIELDS = (
+    {f.name: None for f in fields(ShardInfo)}.keys(),  # ordered, for the message
+    {f.name for f in fields(ShardInfo) if f.default is MISSING},
+    {"path": (str,), "sha256": (str,), "build": (str, type(None)),
+     "uncovered_mass": (float, type(None))})
 
 
 @dataclass

@@ -53,8 +53,9 @@ def manifest_rows(manifest: Manifest) -> tuple[np.ndarray, np.ndarray]:
     firsts = np.array([s.first_seq_id for s in manifest.shards], dtype=np.int64)
     rows = np.array([s.rows for s in manifest.shards], dtype=np.int64)
     shard = np.repeat(np.arange(len(rows), dtype=np.int32), rows)
-    starts = np.cumsum(rows) - rows
-    return firsts[shard] + np.arange(int(rows.sum()), dtype=np.int64) - starts[shard], shard
+    seq_ids = np.arange(int(rows.sum()), dtype=np.int64)
+    seq_ids += np.repeat(firsts - (np.cumsum(rows) - rows), rows)
+    return seq_ids, shard
 
 
 def index_name(sha256: str) -> str:
