@@ -28,6 +28,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from student_train.config import ConfigError
 from student_train.selection import Selection
+from teacher_cache.errors import UserError, one_line
 from teacher_cache.format import CacheBatch, CacheError, Manifest, ShardInfo
 from teacher_cache.reader import TeacherCache, open_cache
 
@@ -314,9 +315,15 @@ class TrainStream(IterableDataset):
         per_rank = self.layout.parts // self.world_size
         return range(self.rank * per_rank, (self.rank + 1) * per_rank)
 
-    def __iter__(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[Batch | WorkerFailure]:
         info = get_worker_info()
-        return self.batches(*((info.id, info.num_workers) if info is not None else (0, 1)))
+        if info is None:
+            yield from self.batches(0, 1)
+            return
+        try:
+            yield from self.batches(info.id, info.num_workers)
+        except UserError as e:  # its one line, as data: the DataLoader would re-raise a traceback
+            yield WorkerFailure(one_line(e))
 
     def batches(self, worker: int, workers: int) -> Iterator[Batch]:
         """The micro-batches DataLoader worker `worker` of `workers` builds."""
@@ -346,6 +353,22 @@ class TrainStream(IterableDataset):
             yield make_batch([row for part in self.parts_of_rank()
                               for row in stream(part, slot).take(layout.piece)])
             batch += workers
+
+
+@dataclass(frozen=True)
+class WorkerFailure:
+    """A user error in a DataLoader worker (a corrupt shard, say), sent as a batch would be."""
+
+    message: str
+
+
+def raise_worker_failures(batches: Iterator[Batch | WorkerFailure]) -> Iterator[Batch]:
+    """The batches of a DataLoader over a TrainStream; a worker's user error is raised here, in
+    the main process, as the one-line CacheError it was."""
+    for batch in batches:
+        if isinstance(batch, WorkerFailure):
+            raise CacheError(batch.message)
+        yield batch
 
 
 def stream_position(micro_batches: int, global_batch: int, num_rows: int,

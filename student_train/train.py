@@ -32,6 +32,7 @@ from student_train.data import (
     StreamLayout,
     TrainStream,
     eval_batches,
+    raise_worker_failures,
     split_rows,
     stream_position,
 )
@@ -264,8 +265,9 @@ class Trainer:
                              shuffle_buffer=config.shuffle_buffer,
                              start_batch=self.step * config.grad_accum,
                              parts=self.layout.parts, slots=self.layout.slots)
-        self.batches = iter(DataLoader(stream, batch_size=None, num_workers=config.workers,
-                                       pin_memory=env.device.type == "cuda"))
+        self.batches = raise_worker_failures(iter(DataLoader(
+            stream, batch_size=None, num_workers=config.workers,
+            pin_memory=env.device.type == "cuda")))
         self.tokens_per_step = config.rows_per_step * self.manifest.seq_len
         self.bf16 = use_bf16(config.precision, env.device)
         self.metrics = MetricsLog(self.out / METRICS_FILE, self.step) if env.is_main else None

@@ -42,6 +42,8 @@ from teacher_cache.errors import CacheError
 from teacher_cache.storage import Location, confined
 
 MAX_K = 255  # the most draws per position of a sampled cache: counts are stored as uint8
+# 64x the largest vocabularies in use (262k): a larger one is a damaged manifest, not a model.
+MAX_VOCAB = 2**24
 
 TargetKind = Literal["top_k", "sample"]
 # The spelling of each kind on the command line: "topk:64", "sample:8".
@@ -376,6 +378,7 @@ class Manifest:
         _check_manifest_fields(raw, source)
         raw["shards"] = [ShardInfo.from_dict(s, f"{source}: shards[{i}]")
                          for i, s in enumerate(raw.get("shards", []))]
+        _check_shard_order(raw["shards"], source)
         return cls(**raw)
 
     def build_identity(self) -> dict[str, Any]:
@@ -401,6 +404,8 @@ def _check_manifest_fields(raw: dict[str, Any], source: str) -> None:
                 if f.default is MISSING and f.default_factory is MISSING]
     problems = [f"unknown field {name!r}" for name in raw if name not in known]
     problems += [f"missing field {name!r}" for name in required if name not in raw]
+    if type(raw.get("vocab_size")) is int and raw["vocab_size"] > MAX_VOCAB:
+        problems.append(f"vocab_size {raw['vocab_size']:,} is more than {MAX_VOCAB:,}")
     problems += [f"{name} = {raw[name]!r} is not a positive integer"
                  for name in ("seq_len", "top_k", "vocab_size", "rows_per_shard")
                  if name in raw and (type(raw[name]) is not int or raw[name] < 1)]
@@ -409,6 +414,17 @@ def _check_manifest_fields(raw: dict[str, Any], source: str) -> None:
     if problems:
         raise CacheError(f"{source}: {'; '.join(problems)}; the cache is damaged or from another "
                          f"tool, rebuild it")
+
+
+def _check_shard_order(shards: list[ShardInfo], source: str) -> None:
+    """Shards in increasing index order over disjoint, increasing seq_id ranges: a shard listed
+    twice would train on its rows twice."""
+    for i in range(1, len(shards)):
+        before, shard = shards[i - 1], shards[i]
+        if shard.index <= before.index or shard.first_seq_id < before.first_seq_id + before.rows:
+            raise CacheError(f"{source}: shards[{i}] (shard {shard.index}, seq_ids from "
+                             f"{shard.first_seq_id}) repeats or overlaps shards[{i - 1}] (shard "
+                             f"{before.index}); the cache is damaged, rebuild it")
 
 
 @dataclass

@@ -151,6 +151,9 @@ def test_verify_repair_drops_a_corrupt_shard_and_the_build_rebuilds_only_it(
     (lambda m: m | {"seq_len": "4"}, "seq_len = '4' is not a positive integer"),
     (lambda m: m | {"shards": [m["shards"][0] | {"extra": 1}]}, "shards\\[0\\]: a shard entry"),
     (lambda m: m | {"shards": {}}, "shards is not a list"),
+    (lambda m: m | {"vocab_size": 10**12}, "vocab_size 1,000,000,000,000 is more than"),
+    (lambda m: m | {"shards": [m["shards"][0], m["shards"][0], *m["shards"][1:]]},
+     "shards\\[1\\] \\(shard 0, seq_ids from 0\\) repeats or overlaps shards\\[0\\]"),
 ])
 def test_a_manifest_of_the_wrong_structure_is_one_line(tmp_path: Path, edit, message, capsys):
     synthetic_cache(tmp_path)
@@ -195,3 +198,19 @@ def test_score_with_a_smaller_vocabulary_is_refused_before_touching_the_cache(
     assert len(err) == 1 and "vocabulary" in err[0] and str(small) in err[0]
     assert (out / "manifest.json").read_bytes() == manifest
     assert not (out / "rescore").exists()
+
+
+def test_a_rerun_of_finalize_on_a_rescored_cache_keeps_its_score(
+        tmp_path: Path, tiny_cache: Path, tiny_reference_dir: Path):
+    from teacher_cache.finalize import finalize_cache
+
+    out = tmp_path / "cache"
+    shutil.copytree(tiny_cache, out)
+    rescore(out, tiny_reference_dir)
+    scored = open_cache(out)
+    finalize_cache(str(out))
+    again = open_cache(out)
+    assert again.manifest.score == scored.manifest.score
+    assert again.manifest.shards == scored.manifest.shards
+    np.testing.assert_array_equal(again.read_index().scores, scored.read_index().scores)
+    assert not np.isnan(again.read_index().scores).any()

@@ -105,3 +105,17 @@ def test_resume_of_a_finished_run_changes_nothing(cli_cache_dir, tmp_path):
     weights = Path(tmp_path / "student" / "model.safetensors").read_bytes()
     assert run(cli_cache_dir, tmp_path, "--resume") == 0
     assert Path(tmp_path / "student" / "model.safetensors").read_bytes() == weights
+
+
+def test_a_corrupt_shard_read_by_a_dataloader_worker_is_one_line(tmp_path, capsys):
+    write_synthetic_cache(tmp_path / "cache", sequences=40, seq_len=8, top_k=2, vocab_size=64,
+                          rows_per_shard=4)
+    shard = tmp_path / "cache" / "shards" / "shard-000003.arrow"
+    shard.write_bytes(shard.read_bytes()[:-8] + bytes(8))
+    code = run(tmp_path / "cache", tmp_path / "out", "--workers", "2", "--max-steps", "30",
+               "--eval-every", "0")
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "DataLoader worker" not in err
+    assert err.strip().splitlines()[-1].startswith("error: ")
+    assert "shard-000003.arrow: checksum mismatch" in err and "verify" in err
