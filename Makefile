@@ -45,6 +45,7 @@ COMPILE ?=
 export DISTILL_HOME
 
 .PHONY: install cache pretrain test mutate bench bench-kernel bench-vllm bench-miniplm bench-targets \
+	bench-gpu bench-scale \
 	lint clean
 
 install: $(STAMP)
@@ -121,3 +122,18 @@ bench-targets: $(STAMP)
 	$(PY) benchmarks/bench_targets.py $(if $(call given,TOKENS),--tokens $(TOKENS)) \
 		$(if $(call given,STEPS),--steps $(STEPS)) $(if $(call given,TARGETS),--targets $(TARGETS)) \
 		$(if $(SEEDS),--seeds $(SEEDS))
+
+# How start-up, each consumer's reads, mixing and the builder grow with the cache: synthetic
+# caches of 1M-64M tokens (2.4 GB under runs/bench_scale, made once), ~10 min on 2 cores
+# (BENCHMARKS.md). SIZES="1 4 16 64 256" for more.
+bench-scale: $(STAMP)
+	$(PY) benchmarks/bench_scale.py $(if $(SIZES),--sizes $(SIZES))
+
+# The GPU report (BENCHMARKS.md): every GPU figure in one run of at most ~6.5 min on one
+# H100/H200, sections and budgets in benchmarks/bench_gpu.py; SECTIONS="kernel student" runs some
+# of them; DRY=1: every section at tiny shapes on the CPU (what the tests run). Not behind
+# $(STAMP): a GPU machine may have torch, triton, transformers and pyarrow and no package
+# registry; the .venv's Python runs it where there is one.
+bench-gpu:
+	$(if $(wildcard $(PY)),$(PY),$(PYTHON)) benchmarks/bench_gpu.py $(if $(filter 1,$(DRY)),--dry) \
+		$(if $(SECTIONS),--sections $(SECTIONS))

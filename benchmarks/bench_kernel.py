@@ -72,11 +72,12 @@ class Problem:
     topk_logprobs: torch.Tensor
 
 
-def make_problem(shape: Shape, seed: int = 0) -> Problem:
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    kw = dict(device="cuda", generator=gen)
-    hidden = torch.randn(shape.n, shape.h, dtype=torch.bfloat16, **kw).requires_grad_()
-    weight = (torch.randn(shape.v, shape.h, **kw) / shape.h**0.5).bfloat16().requires_grad_()
+def make_problem(shape: Shape, seed: int = 0, device: str = "cuda",
+                 dtype: torch.dtype = torch.bfloat16) -> Problem:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    kw = dict(device=device, generator=gen)
+    hidden = torch.randn(shape.n, shape.h, **kw).to(dtype).requires_grad_()
+    weight = (torch.randn(shape.v, shape.h, **kw) / shape.h**0.5).to(dtype).requires_grad_()
     labels = torch.randint(0, shape.v, (shape.n,), **kw)
     labels[::16] = -100
     topk_ids = torch.randint(0, shape.v, (shape.n, shape.k), **kw)
@@ -153,7 +154,7 @@ def profile_step(shape: Shape, divergence: str, rows: int = 15) -> None:
 def floor_step(problem: Problem) -> Callable[[], None]:
     """The LM head's three GEMMs: logits = h W^T, grad_h = dZ W, grad_W = dZ^T h."""
     h, w = problem.hidden.detach(), problem.weight.detach()
-    logits = torch.empty(h.shape[0], w.shape[0], dtype=h.dtype, device="cuda")
+    logits = torch.empty(h.shape[0], w.shape[0], dtype=h.dtype, device=h.device)
     grad_h, grad_w = torch.empty_like(h), torch.empty_like(w)
 
     def step() -> None:

@@ -39,6 +39,12 @@ from teacher_cache.reader import open_cache
 from teacher_cache.synth import write_synthetic_cache
 
 
+def synchronize() -> None:
+    """Wait for the GPU, so that a clock read after a step times the step, not its launch."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def describe_machine() -> None:
     print(f"machine: {platform.machine()} {os.cpu_count()} CPUs, torch threads "
           f"{torch.get_num_threads()}, CUDA {torch.cuda.is_available()}, load average "
@@ -133,13 +139,16 @@ def main() -> None:
                     # Warm-up, timed: first-call allocations, thread start, and the compile.
                     started = time.perf_counter()
                     trainer.train_step()
+                    synchronize()
                     first_step[mode] = time.perf_counter() - started
                 wall = {mode: [] for mode in trainers}
                 cpu = {mode: [] for mode in trainers}
                 for _ in range(args.steps):
                     for mode, trainer in trainers.items():
+                        synchronize()
                         started, started_cpu = time.perf_counter(), time.process_time()
                         trainer.train_step()
+                        synchronize()
                         wall[mode].append(time.perf_counter() - started)
                         cpu[mode].append(time.process_time() - started_cpu)
                 eager_rate = None
