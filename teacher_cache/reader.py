@@ -10,6 +10,7 @@ import pyarrow as pa
 
 from teacher_cache.format import (
     MANIFEST_FILE,
+    SHARD_DIR,
     CacheBatch,
     CacheError,
     Manifest,
@@ -20,7 +21,7 @@ from teacher_cache.format import (
     read_shard,
 )
 from teacher_cache.index import IndexMissing, RowIndex, manifest_rows, read_index
-from teacher_cache.storage import Location, resolve
+from teacher_cache.storage import Location, refuse_writable_by_others, resolve
 
 
 class TeacherCache:
@@ -169,10 +170,14 @@ def open_cache(path: str | os.PathLike, *, verify: bool = True, batch_size: int 
     """Open a finished cache at a local path or fsspec URL.
 
     Raises CacheError if the manifest is missing, of an unknown format version, or marks the cache
-    incomplete (a build still running or interrupted: rerun it to finish).
+    incomplete (a build still running or interrupted: rerun it to finish), or if the directory,
+    its manifest, index or shard folder can be written by every user.
     """
     location = resolve(path)
+    refuse_writable_by_others(location, MANIFEST_FILE, SHARD_DIR)
     manifest = read_manifest(location)
+    if isinstance(manifest.index, dict) and isinstance(manifest.index.get("path"), str):
+        refuse_writable_by_others(location, manifest.index["path"])
     if not manifest.complete and not allow_incomplete:
         raise CacheError(f"{location.uri}: the cache is incomplete (its build was interrupted or "
                          f"is still running); rerun the same build command to finish it")

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import secrets
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -172,6 +173,23 @@ def fsync_directory(path: str | os.PathLike) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def refuse_writable_by_others(location: Location, *names: str) -> None:
+    """CacheError if the local directory or one of `names` in it (those that exist) can be written
+    by users other than its owner and group: any of them could replace a manifest and its
+    checksums along with the shards (docs/reliability.md, "Sharing a cache")."""
+    if not location.is_local:
+        return
+    for path in [location.root, *(location.path(n) for n in names)]:
+        try:
+            mode = os.stat(path).st_mode
+        except FileNotFoundError:
+            continue
+        if mode & stat.S_IWOTH:
+            raise CacheError(f"{path} is writable by every user (mode {stat.filemode(mode)}): "
+                             f"anyone could replace the cache's files and their checksums; "
+                             f"`chmod -R o-w {location.root}` to read it")
 
 
 def resolve(uri: str | os.PathLike) -> Location:

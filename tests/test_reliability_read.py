@@ -214,3 +214,16 @@ def test_a_rerun_of_finalize_on_a_rescored_cache_keeps_its_score(
     assert again.manifest.shards == scored.manifest.shards
     np.testing.assert_array_equal(again.read_index().scores, scored.read_index().scores)
     assert not np.isnan(again.read_index().scores).any()
+
+
+@pytest.mark.parametrize("target", [".", "manifest.json", "shards", "index"])
+def test_a_cache_every_user_can_write_is_refused_in_one_line(tmp_path: Path, target, capsys):
+    cache = tmp_path / "cache"
+    synthetic_cache(cache)
+    path = next(cache.glob("index-*")) if target == "index" else cache / target
+    path.chmod(path.stat().st_mode | 0o002)
+    with pytest.raises(CacheError, match="writable by every user") as error:
+        open_cache(cache)
+    assert str(path) in str(error.value) and "chmod -R o-w" in str(error.value)
+    path.chmod(path.stat().st_mode & ~0o002)
+    assert open_cache(cache).num_sequences > 0
