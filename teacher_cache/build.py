@@ -1,10 +1,12 @@
 """Build a cache: pack the corpus, run the teacher shard by shard, write shards, finalize.
 
-Shard `i` holds sequences `[i * R, (i + 1) * R)` and belongs to worker `i % num_workers`. Every
-worker packs the whole corpus (cheap next to the teacher) and runs the teacher only on its own
-shards that are not finished yet, so a rerun after a kill resumes, losing at most the shards in
-flight: the one the teacher is computing and the one a background thread is encoding and writing
-(so the teacher never waits on compression or storage).
+Shard `i` holds sequences `[i * R, (i + 1) * R)` of the packed corpus and belongs to worker
+`i % num_workers`. Each worker first tokenizes its share of the corpus's fixed partitions into the
+cache directory (pack.py: the corpus is tokenized once, split across workers), then runs the
+teacher only on its own shards that are not finished yet, reading their tokens from the packed
+partitions. A rerun after a kill resumes, losing at most the partition or the shards in flight:
+the one the teacher is computing and the one a background thread is encoding and writing (so the
+teacher never waits on compression or storage).
 
 `build.json`, written before any shard once every input is validated, holds the build identity
 (settings, teacher and corpus content fingerprints) and the manifest fields known up front. It is
@@ -20,7 +22,6 @@ import os
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from itertools import islice
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -33,6 +34,7 @@ from teacher_cache.format import (
     BUILD_ID_METADATA,
     FORMAT_NAME,
     MANIFEST_FILE,
+    PACKED_DIR,
     RESCORE_DIR,
     SHARD_DIR,
     WORKER_DIR,
@@ -44,17 +46,24 @@ from teacher_cache.format import (
     encode_batch,
     read_shard_info,
     read_worker_report,
+    read_worker_reports,
     unscored,
     write_shard,
     write_worker_report,
 )
-from teacher_cache.packing import PackedSequence, Packer, tokenize_documents
-from teacher_cache.reader import read_manifest
+from teacher_cache.pack import PackedCorpus, StreamTotals
+from teacher_cache.packing import PackedSequence
+from teacher_cache.reader import read_manifest_if_any
 from teacher_cache.score import ReferenceScorer, reference_entry
 from teacher_cache.storage import Location, resolve
 from teacher_cache.teacher import Teacher, context_length, resolve_teacher
 
 DEFAULT_TARGETS = "sample:8"
+# Tokens per shard by default (--shard-rows: SHARD_TOKENS // seq_len rows). A 10B-token cache then
+# has 76k shards and a ~25 MB manifest that parses in about a second (BENCHMARKS.md, "Scale"); a
+# kill loses at most two shards of teacher work, ~5 s of a 1B teacher on one GPU; and each of 256
+# training consumers (64 ranks x 4 workers) still streams ~300 shards per epoch.
+SHARD_TOKENS = 131072
 
 
 @dataclass
@@ -73,28 +82,37 @@ class BuildConfig:
     backend_options: dict = field(default_factory=dict)  # passed to the backend (vLLM: engine args)
     batch_size: int = 8
     dtype: str = "auto"
-    shard_rows: int = 64
+    shard_rows: int | None = None  # None: SHARD_TOKENS // seq_len (`rows_per_shard`)
     num_workers: int = 1
     worker_index: int = 0
     overwrite: bool = False
     reference: str | None = None  # a model sharing the teacher's tokenizer, to fill `score`
+    partition_bytes: int | None = None  # corpus bytes per pack partition; None: automatic
+    pack_only: bool = False  # pack this worker's partitions, run no teacher
     progress: bool = True
 
     def validate(self) -> None:
         checks = [
             (self.seq_len >= 2, f"--seq-len must be at least 2, got {self.seq_len}"),
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
-            (self.shard_rows >= 1, f"--shard-rows must be at least 1, got {self.shard_rows}"),
+            (self.shard_rows is None or self.shard_rows >= 1,
+             f"--shard-rows must be at least 1, got {self.shard_rows}"),
             (self.num_workers >= 1, f"--num-workers must be at least 1, got {self.num_workers}"),
             (0 <= self.worker_index < self.num_workers,
              f"--worker-index must be in [0, {self.num_workers}), got {self.worker_index}"),
             (self.max_tokens is None or self.max_tokens >= self.seq_len,
              f"--max-tokens {self.max_tokens} is less than one sequence of {self.seq_len}"),
+            (self.partition_bytes is None or self.partition_bytes >= 1,
+             f"--partition-bytes must be at least 1, got {self.partition_bytes}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise CacheError(message)
         self.target_spec().validate()
+
+    @property
+    def rows_per_shard(self) -> int:
+        return self.shard_rows or max(1, SHARD_TOKENS // self.seq_len)
 
     def target_spec(self) -> Targets:
         """The targets to compute: `targets`, or its alias `top_k`, or DEFAULT_TARGETS."""
@@ -115,7 +133,7 @@ class BuildConfig:
 class BuildSummary:
     worker_index: int
     num_workers: int
-    sequences: int  # in the whole packed corpus
+    sequences: int | None  # in the whole packed corpus; None after a pack-only run
     shards_built: int
     shards_skipped: int  # already finished by an earlier run
     tokens_computed: int
@@ -124,15 +142,24 @@ class BuildSummary:
     compute_s: float
     wall_s: float
     manifest: Manifest | None  # set once the cache is finalized
+    tokens_tokenized: int = 0  # corpus tokens this run tokenized itself (the rest it read packed)
+    partitions_tokenized: int = 0
+    partitions: int = 0  # of the corpus
 
     def describe(self) -> str:
+        packing = (f"packing: tokenized {self.tokens_tokenized:,} tokens here "
+                   f"({self.partitions_tokenized} of {self.partitions} partitions)")
+        if self.sequences is None:
+            return (f"worker {self.worker_index}/{self.num_workers}: {packing}, the teacher did "
+                    f"not run (pack only), wall time {self.wall_s:.1f} s")
         rate = self.tokens_computed / self.compute_s if self.compute_s else 0.0
         lines = [f"worker {self.worker_index}/{self.num_workers}: built {self.shards_built} shards "
                  f"({self.tokens_computed:,} tokens at {rate:,.0f} tokens/s), skipped "
                  f"{self.shards_skipped} finished shards, wall time {self.wall_s:.1f} s",
                  f"corpus: {self.sequences:,} sequences; " + (
                      "packing stopped at --max-tokens" if self.capped else
-                     f"the final partial sequence ({self.dropped_tokens:,} tokens) was dropped")]
+                     f"the final partial sequence ({self.dropped_tokens:,} tokens) was dropped"),
+                 packing]
         if self.manifest is not None:
             m = self.manifest
             lines.append(f"cache complete: {m.totals['sequences']:,} sequences, "
@@ -155,43 +182,72 @@ def build_cache(config: BuildConfig) -> BuildSummary:
     tokenizer = _load_tokenizer(teacher)
     model_config = _load_model_config(teacher)
     validate_against_teacher(config, teacher, model_config)
+    partitions = corpus.partitions(config.partition_bytes)
     record = _build_record(config, teacher, reference, tokenizer, corpus, model_config)
     # Only now that every input is valid: nothing is deleted or claimed for a build that fails.
     if config.overwrite:
         clear_cache(location)
     claim_build(location, record)
-    previous = _previous_manifest(location)
+
+    reports = read_worker_reports(location)
+    packed = PackedCorpus(location, corpus, partitions, tokenizer, _pack_source(record, corpus),
+                          config.seq_len, config.max_tokens,
+                          known=_reported_totals(reports[0]) if reports else None)
+    if packed.known is None:  # else an earlier run went through the corpus: all is packed
+        packed.pack(config.worker_index, config.num_workers, config.progress)
+    if config.pack_only:
+        return BuildSummary(
+            worker_index=config.worker_index, num_workers=config.num_workers, sequences=None,
+            shards_built=0, shards_skipped=0, tokens_computed=0, dropped_tokens=0, capped=False,
+            compute_s=0.0, wall_s=time.perf_counter() - started, manifest=None,
+            **_packing_counts(packed))
 
     run = _WorkerRun(config, location, teacher, reference, build_id(record["identity"]))
-    packer = Packer(tokenize_documents(tokenizer, corpus.documents(), tokenizer.eos_token_id),
-                    config.seq_len, config.max_tokens)
     try:
-        sequences = run.process(packer)
+        run.process(packed)
         run.writer.wait()  # every shard on storage before the report and the manifest
     finally:
         run.close()
-    if sequences == 0:
+    totals = packed.totals()
+    if totals.sequences == 0:
         raise CacheError(f"corpus {corpus.description}: fewer tokens than one sequence of "
                          f"{config.seq_len}; nothing to cache")
     # A resumed worker reports the teacher work of all its runs, not only of the last one.
     earlier = read_worker_report(location, config.worker_index, config.num_workers)
     report = WorkerReport(
-        worker_index=config.worker_index, num_workers=config.num_workers, sequences=sequences,
-        documents=packer.documents_packed, skipped_files=corpus.skipped,
-        dropped_tokens=packer.dropped_tokens, capped=packer.capped,
+        worker_index=config.worker_index, num_workers=config.num_workers,
+        sequences=totals.sequences, documents=totals.documents, skipped_files=totals.skipped,
+        dropped_tokens=totals.dropped_tokens, capped=totals.capped,
         tokens_computed=run.tokens_computed + (earlier.tokens_computed if earlier else 0),
         compute_s=run.compute_s + (earlier.compute_s if earlier else 0.0),
         dtype=run.dtype or (earlier.dtype if earlier else None))
     write_worker_report(location, report)
     manifest = finalize_cache(config.out) if config.num_workers == 1 else None
-    if manifest is not None and previous is not None:
-        _keep_scores(location, previous, manifest)
     return BuildSummary(
-        worker_index=config.worker_index, num_workers=config.num_workers, sequences=sequences,
-        shards_built=run.shards_built, shards_skipped=run.shards_skipped,
-        tokens_computed=run.tokens_computed, dropped_tokens=packer.dropped_tokens,
-        capped=packer.capped, compute_s=run.compute_s, wall_s=time.perf_counter() - started,
-        manifest=manifest)
+        worker_index=config.worker_index, num_workers=config.num_workers,
+        sequences=totals.sequences, shards_built=run.shards_built,
+        shards_skipped=run.shards_skipped, tokens_computed=run.tokens_computed,
+        dropped_tokens=totals.dropped_tokens, capped=totals.capped, compute_s=run.compute_s,
+        wall_s=time.perf_counter() - started, manifest=manifest, **_packing_counts(packed))
+
+
+def _pack_source(record: dict, corpus: Corpus) -> dict:
+    """What the packed tokens depend on besides the partition bounds."""
+    identity = record["identity"]
+    return {"corpus": identity["corpus"], "fingerprint": identity["corpus.fingerprint"],
+            "tokenizer": identity["tokenizer.sha256"],
+            "eos_token_id": record["manifest"].tokenizer["eos_token_id"],
+            "streaming": corpus.config.streaming}
+
+
+def _packing_counts(packed: PackedCorpus) -> dict:
+    return {"tokens_tokenized": packed.tokens_tokenized, "partitions": len(packed.partitions),
+            "partitions_tokenized": packed.partitions_tokenized}
+
+
+def _reported_totals(report: WorkerReport) -> StreamTotals:
+    return StreamTotals(report.sequences, report.documents, report.dropped_tokens, report.capped,
+                        report.skipped_files)
 
 
 class _WorkerRun:
@@ -207,29 +263,24 @@ class _WorkerRun:
         self.backend: TeacherBackend | None = None
         self.scorer: ReferenceScorer | None = None
         self.dtype: str | None = None
-        self.writer = _ShardWriter(location, config.shard_rows, build)
+        self.writer = _ShardWriter(location, config.rows_per_shard, build)
         self.shards_built = self.shards_skipped = self.tokens_computed = 0
         self.compute_s = 0.0
         self.bar = tqdm(total=self._expected_tokens(), unit="tok", unit_scale=True,
                         desc=f"teacher (worker {config.worker_index}/{config.num_workers})",
                         disable=not config.progress, dynamic_ncols=True)
 
-    def process(self, packer: Packer) -> int:
-        """Run every shard of this worker; the number of sequences in the whole corpus."""
-        sequences = iter(packer)
-        index = total = 0
-        while shard := list(islice(sequences, self.config.shard_rows)):
-            total += len(shard)
-            if index % self.config.num_workers == self.config.worker_index:
-                if read_shard_info(self.location, index) is None:
-                    self._build_shard(index, shard)
-                else:
-                    self.shards_skipped += 1
-                    skipped_tokens = len(shard) * self.config.seq_len
-                    self.bar.total = max((self.bar.total or 0) - skipped_tokens, 0)
-                    self.bar.refresh()
-            index += 1
-        return total
+    def process(self, packed: PackedCorpus) -> None:
+        """Run every shard of this worker that is not finished yet."""
+        rows, index = self.config.rows_per_shard, self.config.worker_index
+        while (count := packed.sequences_upto((index + 1) * rows) - index * rows) > 0:
+            if read_shard_info(self.location, index) is None:
+                self._build_shard(index, packed.sequences(index * rows, count))
+            else:
+                self.shards_skipped += 1
+                self.bar.total = max((self.bar.total or 0) - count * self.config.seq_len, 0)
+                self.bar.refresh()
+            index += self.config.num_workers
 
     def _build_shard(self, index: int, shard: list[PackedSequence]) -> None:
         self._load_models()  # not counted: teacher throughput excludes start-up (wall time has it)
@@ -275,7 +326,7 @@ class _WorkerRun:
     def _expected_tokens(self) -> int | None:
         if self.config.max_tokens is None:
             return None
-        rows, n = self.config.shard_rows, self.config.num_workers
+        rows, n = self.config.rows_per_shard, self.config.num_workers
         sequences = self.config.max_tokens // self.config.seq_len
         mine = sum(min(rows, sequences - start)
                    for start in range(self.config.worker_index * rows, sequences, rows * n))
@@ -375,28 +426,13 @@ def _build_record(config: BuildConfig, teacher: Teacher, reference: Teacher | No
         tokenizer={"sha256": teacher.tokenizer_sha256, "eos_token_id": tokenizer.eos_token_id,
                    "bos_token_id": tokenizer.bos_token_id},
         corpus={"description": corpus.description, "max_tokens": config.max_tokens},
-        rows_per_shard=config.shard_rows, targets=targets.manifest_entry())
+        rows_per_shard=config.rows_per_shard, targets=targets.manifest_entry())
     identity = skeleton.build_identity() | {
         "corpus.fingerprint": corpus.fingerprint(),
         "max_tokens": config.max_tokens, "backend": config.backend, "dtype": config.dtype,
         "reference.weights_sha256": reference.weights_sha256 if reference else None}
     return {"identity": identity, "manifest": skeleton,
             "reference": reference_entry(reference) if reference else None}
-
-
-def _previous_manifest(location: Location) -> Manifest | None:
-    try:
-        return read_manifest(location) if location.exists(MANIFEST_FILE) else None
-    except CacheError:  # damaged: finalize writes a new one
-        return None
-
-
-def _keep_scores(location: Location, previous: Manifest, manifest: Manifest) -> None:
-    """A rerun of a finished build keeps the scores `score` wrote since: the shards, their score
-    column included, are byte for byte those of the previous manifest."""
-    if previous.score and previous.shards == manifest.shards and manifest.score != previous.score:
-        manifest.score = previous.score
-        location.write_bytes_atomic(manifest.to_json().encode(), MANIFEST_FILE)
 
 
 def claim_build(location: Location, record: dict) -> None:
@@ -440,13 +476,13 @@ def owns_cache(location: Location) -> bool:
             return True
         except CacheError:
             return False
-    return _previous_manifest(location) is not None
+    return read_manifest_if_any(location) is not None
 
 
 def clear_cache(location: Location) -> None:
     """Remove everything a build writes (and nothing else) so that it starts over; only from a
     directory that holds a cache of this tool, or none of a cache's names."""
-    names = [n for n in (MANIFEST_FILE, BUILD_FILE, SHARD_DIR, WORKER_DIR, RESCORE_DIR)
+    names = [n for n in (MANIFEST_FILE, BUILD_FILE, SHARD_DIR, WORKER_DIR, RESCORE_DIR, PACKED_DIR)
              if location.exists(n)]
     if not names:
         return
@@ -456,6 +492,6 @@ def clear_cache(location: Location) -> None:
                          f"not create it; pick another --out, or delete them yourself")
     for name in (MANIFEST_FILE, BUILD_FILE):
         location.delete(name)
-    for directory in (SHARD_DIR, WORKER_DIR, RESCORE_DIR):
+    for directory in (SHARD_DIR, WORKER_DIR, RESCORE_DIR, PACKED_DIR):
         if location.exists(directory):
             location.fs.delete_dir(location.path(directory))

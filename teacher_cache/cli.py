@@ -1,5 +1,5 @@
-"""`python -m teacher_cache {build,finalize,score,verify}`: the command line of build.py,
-finalize.py, score.py and verify.py."""
+"""`python -m teacher_cache {build,finalize,score,synth,verify}`: the command line of build.py,
+finalize.py, score.py, synth.py and verify.py."""
 
 from __future__ import annotations
 
@@ -8,12 +8,15 @@ import json
 from collections.abc import Sequence
 
 from teacher_cache.backends import BACKENDS
-from teacher_cache.build import DEFAULT_TARGETS, BuildConfig, build_cache
+from teacher_cache.build import DEFAULT_TARGETS, SHARD_TOKENS, BuildConfig, build_cache
 from teacher_cache.corpus import CorpusConfig
-from teacher_cache.errors import CorpusError, reports_user_errors
+from teacher_cache.errors import CacheError, CorpusError, reports_user_errors
 from teacher_cache.finalize import finalize_cache
-from teacher_cache.format import MAX_K
+from teacher_cache.format import MANIFEST_FILE, MAX_K
 from teacher_cache.score import describe_score_stats, rescore_cache
+from teacher_cache.storage import resolve
+from teacher_cache.synth import write_synthetic_cache
+from teacher_cache.teacher import DEFAULT_VOCAB_SIZE
 from teacher_cache.verify import verify_cache
 
 DEFAULTS = BuildConfig(out="")
@@ -82,11 +85,19 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--dtype", default=DEFAULTS.dtype,
                        help=f"teacher {DTYPE_HELP}; the manifest records the choice and why")
     build.add_argument("--shard-rows", type=int, default=DEFAULTS.shard_rows,
-                       help="sequences per shard")
+                       help=f"sequences per shard (default: {SHARD_TOKENS:,} tokens' worth, "
+                            f"{SHARD_TOKENS // 512} at --seq-len 512)")
     build.add_argument("--num-workers", type=int, default=1,
                        help="total workers sharing this build (then run `finalize`)")
     build.add_argument("--worker-index", type=int, default=0,
                        help="this worker: builds the shards i with i %% num-workers == index")
+    build.add_argument("--partition-bytes", type=int, metavar="N",
+                       help="corpus bytes per pack partition, the unit of tokenizing that workers "
+                            "share (default: 1 MiB, or the corpus / 4096 when more); smaller "
+                            "balances many workers on a small corpus better")
+    build.add_argument("--pack-only", action="store_true",
+                       help="tokenize this worker's share of the corpus into --out and stop, "
+                            "without the teacher (e.g. on CPU machines before the GPU workers)")
     build.add_argument("--overwrite", action="store_true",
                        help="delete an existing cache in --out and start over (with several "
                             "workers: only on the first one, before the others start)")
@@ -109,6 +120,21 @@ def build_parser() -> argparse.ArgumentParser:
     score.add_argument("--dtype", default=DEFAULTS.dtype, help=DTYPE_HELP)
     score.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    synth = commands.add_parser(
+        "synth", formatter_class=DefaultsFormatter,
+        help="write a synthetic cache of the real format with no teacher (a Markov chain's "
+             "targets), to size storage, start-up and the data loader before paying for one")
+    synth.add_argument("--out", required=True, help="cache directory (must not hold a cache)")
+    synth.add_argument("--tokens", type=int, required=True, help="tokens in the cache")
+    synth.add_argument("--targets", default=DEFAULT_TARGETS, help="sample:K or topk:K")
+    synth.add_argument("--seq-len", type=int, default=DEFAULTS.seq_len, help="tokens per sequence")
+    synth.add_argument("--shard-rows", type=int,
+                       help=f"sequences per shard (default: {SHARD_TOKENS:,} tokens' worth)")
+    synth.add_argument("--vocab-size", type=int, default=DEFAULT_VOCAB_SIZE,
+                       help="vocabulary of the synthetic teacher")
+    synth.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
+    synth.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     verify = commands.add_parser(
         "verify", help="check every shard of a cache (size, sha256, rows); exit 1 if one is bad")
     verify.add_argument("--cache", required=True, help="cache directory")
@@ -130,6 +156,11 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{len(manifest.shards)} shards")
     elif args.command == "verify":
         return _verify(args.cache, args.repair)
+    elif args.command == "synth":
+        manifest = synthesize(args)
+        print(f"{args.out}: {manifest.totals['sequences']:,} sequences, "
+              f"{manifest.totals['tokens']:,} tokens in {len(manifest.shards)} shards, "
+              f"{manifest.totals['bytes'] / manifest.totals['tokens']:.1f} bytes/token")
     else:
         manifest = rescore_cache(args.cache, args.reference, batch_size=args.batch_size,
                                  dtype=args.dtype, progress=not args.no_progress)
@@ -154,6 +185,20 @@ def _verify(cache: str, repair: bool) -> int:
     return 0
 
 
+def synthesize(args: argparse.Namespace):
+    config = BuildConfig(out=args.out, targets=args.targets, seq_len=args.seq_len,
+                         shard_rows=args.shard_rows, max_tokens=args.tokens)
+    config.validate()
+    targets = config.target_spec()
+    if resolve(args.out).exists(MANIFEST_FILE):
+        raise CacheError(f"--out {args.out} already holds a cache; pick another directory")
+    return write_synthetic_cache(args.out, sequences=args.tokens // args.seq_len,
+                                 seq_len=args.seq_len, top_k=targets.k,
+                                 vocab_size=args.vocab_size, rows_per_shard=config.rows_per_shard,
+                                 seed=args.seed, kind=targets.kind,
+                                 progress=not args.no_progress)
+
+
 def backend_option(text: str) -> tuple[str, object]:
     key, sep, value = text.partition("=")
     if not sep or not key:
@@ -176,4 +221,5 @@ def _build_config(args: argparse.Namespace) -> BuildConfig:
         backend_options=dict(args.backend_option), batch_size=args.batch_size, dtype=args.dtype,
         shard_rows=args.shard_rows,
         num_workers=args.num_workers, worker_index=args.worker_index, overwrite=args.overwrite,
-        reference=args.reference, progress=not args.no_progress)
+        reference=args.reference, partition_bytes=args.partition_bytes, pack_only=args.pack_only,
+        progress=not args.no_progress)

@@ -18,7 +18,6 @@ import numpy as np
 
 from teacher_cache.format import (
     BUILD_FILE,
-    MANIFEST_FILE,
     SHARD_DIR,
     CacheError,
     Manifest,
@@ -31,7 +30,8 @@ from teacher_cache.format import (
     shard_info_name,
 )
 from teacher_cache.index import is_rescored, publish_manifest, read_score_column
-from teacher_cache.reader import read_manifest
+from teacher_cache.pack import drop_packed_tokens
+from teacher_cache.reader import read_manifest_if_any
 from teacher_cache.storage import Location, resolve
 
 
@@ -83,22 +83,15 @@ def finalize_cache(out: str) -> Manifest:
     manifest.build = {"backend": manifest.teacher["backend"], "workers": reports[0].num_workers,
                       "tokens_computed": computed, "compute_s": round(compute_s, 3),
                       "tokens_per_s": round(computed / compute_s, 1) if compute_s else None}
-    previous = _previous_manifest(location)
+    previous = read_manifest_if_any(location)
     if scored_build:
         manifest.score = {"reference": record["reference"], "stats": score_stats(scores)}
     elif previous is not None and previous.score and previous.shards == infos:
         manifest.score = previous.score  # `score` rescored these very files since the build
     manifest.complete = True
     publish_manifest(location, manifest, scores)
+    drop_packed_tokens(location)  # the shards hold every packed token now
     return manifest
-
-
-def _previous_manifest(location: Location) -> Manifest | None:
-    """The manifest a finalize would replace, if there is a readable one."""
-    try:
-        return read_manifest(location) if location.exists(MANIFEST_FILE) else None
-    except CacheError:  # damaged: this finalize writes a new one
-        return None
 
 
 def _worker_reports(location: Location) -> list[WorkerReport]:

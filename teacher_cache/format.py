@@ -11,6 +11,8 @@ Human-readable description: docs/cache-format.md. Summary:
     CACHE/shards/shard-NNNNNN.SHA.arrow   the shard as `score` rewrote it (SHA: its sha256 prefix)
     CACHE/rescore/REFERENCE/shard-NNNNNN.json  ShardInfo of a rescored shard, while `score` runs
     CACHE/rescore/REFERENCE/started.json  the reference and the shard checksums it started from
+    CACHE/packed/PLAN/part-PPPPP.arrow    the pack stage's tokens of corpus partition P (pack.py),
+                                          deleted once the manifest is complete; .json: its marker
 
 Shard `i` holds the sequences with ids `[i * rows_per_shard, (i + 1) * rows_per_shard)` of the
 packed corpus, so shard identity does not depend on how many workers built the cache.
@@ -112,6 +114,7 @@ BUILD_FILE = "build.json"
 SHARD_DIR = "shards"
 WORKER_DIR = "workers"
 RESCORE_DIR = "rescore"
+PACKED_DIR = "packed"  # the pack stage's tokens, until the manifest is complete (pack.py)
 JOURNAL_FILE = "started.json"  # in a rescore dir: the reference and the shards it started from
 # A model saved by student_train carries how it was trained in this file of its directory.
 TRAINING_FILE = "training.json"
@@ -144,6 +147,15 @@ def rescored_shard_name(index: int, sha256: str) -> str:
 # Arrow schema metadata of a shard `score` wrote: the reference weights that made its scores (a
 # shard without it was scored by the build's reference, if any).
 SCORE_REFERENCE_KEY = b"distill.score_reference"
+
+
+def partition_name(index: int) -> str:
+    """Under PACKED_DIR/PLAN: the pack stage's tokens of corpus partition `index` (pack.py)."""
+    return f"part-{index:05d}.arrow"
+
+
+def partition_info_name(index: int) -> str:
+    return f"part-{index:05d}.json"
 
 
 def worker_report_name(worker_index: int, num_workers: int) -> str:

@@ -165,6 +165,14 @@ def read_manifest(location: Location) -> Manifest:
     return Manifest.from_json(text, source=f"{location.uri.rstrip('/')}/{MANIFEST_FILE}")
 
 
+def read_manifest_if_any(location: Location) -> Manifest | None:
+    """The manifest a build or finalize would replace, if there is a readable one."""
+    try:
+        return read_manifest(location) if location.exists(MANIFEST_FILE) else None
+    except CacheError:  # damaged: the caller writes a new one
+        return None
+
+
 def open_cache(path: str | os.PathLike, *, verify: bool = True, batch_size: int = 8,
                allow_incomplete: bool = False) -> TeacherCache:
     """Open a finished cache at a local path or fsspec URL.

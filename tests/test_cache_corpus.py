@@ -124,3 +124,89 @@ def test_datasets_local_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         "row 0", "row 1", "row 2"]
     with pytest.raises(CacheError, match="row 0: no field 'body'; fields here: text"):
         read_all(CorpusConfig(dataset=str(data), text_field="body"))
+
+
+def documents_by_partition(config: CorpusConfig, target_bytes: int | None) -> list[list[str]]:
+    corpus = open_corpus(config)
+    return [list(corpus.partition_documents(p, corpus.skipped))
+            for p in corpus.partitions(target_bytes)]
+
+
+@pytest.fixture
+def big_records(tmp_path: Path) -> Path:
+    """A .jsonl of 300 records (blank lines and CRLF among them) and a .parquet of 30 row groups,
+    beside a text file: the two that a small partition size splits."""
+    lines = [json.dumps({"text": f"record {i} " + "x" * (i % 37)}) for i in range(300)]
+    (tmp_path / "a.jsonl").write_text("".join(
+        line + ("\r\n" if i % 11 == 0 else "\n\n" if i % 7 == 0 else "\n")
+        for i, line in enumerate(lines)), encoding="utf-8")
+    (tmp_path / "b.txt").write_text("between", encoding="utf-8")
+    pq.write_table(pa.table({"text": [None if i % 9 == 0 else f"row {i}" for i in range(600)]}),
+                   tmp_path / "c.parquet", row_group_size=20)
+    return tmp_path
+
+
+@pytest.mark.parametrize("target_bytes", [1, 100, 700, 4096, None])
+def test_partitions_in_order_are_the_corpus(big_records: Path, target_bytes: int | None):
+    config = CorpusConfig(paths=[str(big_records)])
+    parts = documents_by_partition(config, target_bytes)
+    assert [d for part in parts for d in part] == read_all(config)
+    if target_bytes == 100:  # the big files were split: many partitions, each with documents
+        assert len(parts) > 50 and sum(1 for part in parts if part) > 50
+
+
+def test_partitions_are_balanced_by_size(big_records: Path):
+    corpus = open_corpus(CorpusConfig(paths=[str(big_records)]))
+    sizes = [p.size for p in corpus.partitions(700)]
+    total = sum(f.stat().st_size for f in corpus.files)
+    assert total / 1400 < len(sizes) <= -(-total // 700)
+    assert max(sizes) < 1400
+
+
+def test_an_error_in_a_split_jsonl_names_its_line_in_the_file(tmp_path: Path):
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps({"text": f"row {i}"}) + "\n" for i in range(40))
+                    + "{broken\n", encoding="utf-8")
+    config = CorpusConfig(paths=[str(path)])
+    with pytest.raises(CacheError, match=r"data\.jsonl:41: malformed JSON line"):
+        documents_by_partition(config, 64)
+
+
+def test_a_non_utf8_piece_of_a_split_jsonl_is_skipped_alone(tmp_path: Path):
+    path = tmp_path / "data.jsonl"
+    rows = [f"row {i}" for i in range(40)]
+    lines = [json.dumps({"text": row}).encode() + b"\n" for row in rows]
+    path.write_bytes(b"".join(lines[:20]) + b'{"text": "caf\xe9"}\n' + b"".join(lines[20:]))
+    corpus = open_corpus(CorpusConfig(paths=[str(path)]))
+    partitions = corpus.partitions(64)
+    with pytest.warns(UserWarning, match=r"data\.jsonl bytes \d+-\d+: not UTF-8"):
+        documents = [d for p in partitions for d in corpus.partition_documents(p, corpus.skipped)]
+    assert len(corpus.skipped) == 1 and corpus.skipped[0].startswith(f"{path} bytes ")
+    # Missing: one run of lines around the bad one (between rows 19 and 20), those of its piece.
+    missing = [i for i, row in enumerate(rows) if row not in documents]
+    assert documents == [row for row in rows if row in documents]
+    assert missing == list(range(missing[0], missing[-1] + 1))
+    assert missing[0] <= 20 <= missing[-1] + 1 and len(missing) < 20
+
+
+def test_dataset_partitions_are_its_shards_in_order(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch):
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "hf_cache")
+    data = tmp_path / "data"
+    data.mkdir()
+    for shard in range(3):
+        (data / f"train-{shard}.jsonl").write_text("".join(
+            json.dumps({"text": f"file {shard} row {i}"}) + "\n" for i in range(5)),
+            encoding="utf-8")
+    streamed = CorpusConfig(dataset=str(data), streaming=True)
+    parts = documents_by_partition(streamed, None)
+    assert parts == [[f"file {s} row {i}" for i in range(5)] for s in range(3)]
+    mapped = CorpusConfig(dataset=str(data))
+    parts = documents_by_partition(mapped, 40)
+    assert len(parts) > 3 and [d for part in parts for d in part] == read_all(mapped)
+    corpus = open_corpus(CorpusConfig(dataset=str(data), text_field="body"))
+    third = corpus.partitions(40)[2]
+    with pytest.raises(CacheError, match=rf"row {len(parts[0]) + len(parts[1])}: no field 'body'"):
+        list(corpus.partition_documents(third, []))

@@ -3,9 +3,54 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from teacher_cache.packing import Packer, tokenize_documents
+from teacher_cache.packing import (
+    PackedSequence,
+    Packer,
+    max_sequences,
+    stream_cut,
+    tokenize_documents,
+)
 
 EOS = 0
+
+
+class OldPacker:
+    """The oracle: the packer before it was made linear (its buffer was re-sliced per sequence,
+    quadratic in a document's length); benchmarks/bench_scale_build.py times it too."""
+
+    def __init__(self, documents, seq_len: int, max_tokens: int | None = None):
+        self.documents, self.seq_len = documents, seq_len
+        self.max_sequences = None if max_tokens is None else max_tokens // seq_len
+        self.dropped_tokens, self.capped, self.documents_packed = 0, False, 0
+
+    def __iter__(self):
+        buffer, starts, seq_id = [], [], 0
+        for doc in self.documents:
+            starts.append(len(buffer))
+            buffer.extend(doc)
+            while len(buffer) >= self.seq_len:
+                doc_starts = [s for s in starts if s < self.seq_len]
+                self.documents_packed += len(doc_starts)
+                yield PackedSequence(seq_id, np.asarray(buffer[:self.seq_len], dtype=np.int32),
+                                     doc_starts)
+                seq_id += 1
+                if seq_id == self.max_sequences:
+                    self.capped = True
+                    return
+                buffer = buffer[self.seq_len:]
+                starts = [s - self.seq_len for s in starts if s >= self.seq_len]
+        self.dropped_tokens = len(buffer)
+
+
+def assert_packs_as_before(documents: list[list[int]], seq_len: int,
+                           max_tokens: int | None = None) -> None:
+    new, old = Packer(documents, seq_len, max_tokens), OldPacker(documents, seq_len, max_tokens)
+    got = [(s.seq_id, s.input_ids.tolist(), s.doc_starts) for s in new]
+    assert got == [(s.seq_id, s.input_ids.tolist(), s.doc_starts) for s in old]
+    assert (new.dropped_tokens, new.capped, new.documents_packed) == (
+        old.dropped_tokens, old.capped, old.documents_packed)
+    assert stream_cut(sum(map(len, documents)), seq_len, max_sequences(seq_len, max_tokens)) == (
+        len(got), old.dropped_tokens, old.capped)
 
 
 def docs(*lengths: int, start: int = 1) -> list[list[int]]:
@@ -66,3 +111,27 @@ def test_tokenize_documents_appends_eos_to_each(smollm2_tokenizer):
     for text, ids in zip(texts, tokenized, strict=True):
         assert ids[-1] == eos
         assert smollm2_tokenizer.decode(ids[:-1]) == text
+
+
+def test_a_long_document_packs_as_before():
+    assert_packs_as_before(docs(3, 20_000, 5), seq_len=16)
+    assert_packs_as_before(docs(20_000), seq_len=7, max_tokens=10_000)
+
+
+def test_many_short_documents_pack_as_before():
+    assert_packs_as_before(docs(*[1 + i % 5 for i in range(3_000)]), seq_len=16)
+    assert_packs_as_before(docs(*[1 + i % 5 for i in range(3_000)]), seq_len=16, max_tokens=480)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_random_documents_and_caps_pack_as_before(seed: int):
+    rng = np.random.default_rng(seed)
+    lengths = rng.choice([1, 2, 3, 8, 31, 64, 500], size=int(rng.integers(1, 60))).tolist()
+    seq_len = int(rng.integers(2, 70))
+    total = sum(lengths)
+    for max_tokens in (None, seq_len, total - total % seq_len or seq_len, total + seq_len):
+        assert_packs_as_before(docs(*lengths), seq_len, max_tokens)
+
+
+def test_empty_documents_pack_as_before():
+    assert_packs_as_before([[], [1, 2, 3], [], [], [4, 5, 6, 7, 8], []], seq_len=4)

@@ -106,7 +106,8 @@ def test_build_help_shows_each_default_once_and_only_real_ones():
     assert "default: all (default" not in text and "default: all" in text
     out_help = text.split("--out OUT")[1].split("--corpus")[0]
     assert "default" not in out_help  # required
-    for shown in ("(default: 512)", "(default: 64)", "(default: auto)", "(default: torch)",
+    for shown in ("(default: 512)", "(default: 131,072 tokens' worth, 256 at --seq-len 512)",
+                  "(default: auto)", "(default: torch)",
                   "(default: 0)"):  # --worker-index 0 is a real default, not an empty one
         assert shown in " ".join(text.split())
 
