@@ -63,7 +63,8 @@ from teacher_cache.synth import write_synthetic_cache  # noqa: E402
 
 SEQ_LEN, K, VOCAB = 512, 8, 49152
 SHARD_ROWS = 131072 // SEQ_LEN
-GLOBAL_BATCH = 64
+GLOBAL_BATCH = 64  # of the mixing section
+RANK_BATCH = 8  # rows per rank and micro-batch in the reads section, whatever the ranks
 TEN_BILLION, RANKS = 10**10, 64
 
 
@@ -203,12 +204,13 @@ def consumer_reads(path: Path, world: int, workers: int) -> dict:
     """Bytes each consumer reads over one epoch of its streams, and its useful tokens/s."""
     cache = open_cache(path)
     split = split_rows(cache, 0.05, Selection(), seed=0, val_max_rows=512)
+    global_batch = RANK_BATCH * world
     # Micro-batches of one consumer within the first epoch of its streams.
-    per_epoch = len(split.train) // (GLOBAL_BATCH * workers)
+    per_epoch = len(split.train) // (global_batch * workers)
     sizes = count_reads()
     fractions, rates = [], []
     for rank in range(world):
-        stream = TrainStream(str(path), split.train, global_batch=GLOBAL_BATCH, rank=rank,
+        stream = TrainStream(str(path), split.train, global_batch=global_batch, rank=rank,
                              world_size=world, seed=0, shuffle_buffer="256MB", parts=world,
                              slots=workers)
         for worker in range(workers):
@@ -227,8 +229,8 @@ def consumer_reads(path: Path, world: int, workers: int) -> dict:
 
 def reads_section(out: Path, millions: int) -> list[str]:
     path = cache_path(out, millions)
-    lines = [f"On the {millions}M-token cache ({len(open_cache(path).shards)} shards), global "
-             f"batch {GLOBAL_BATCH}, one epoch per consumer:", "",
+    lines = [f"On the {millions}M-token cache ({len(open_cache(path).shards)} shards), "
+             f"{RANK_BATCH} rows per rank and micro-batch, one epoch per consumer:", "",
              "| ranks W | workers | read per consumer, max (mean) | ideal 1/(W x workers) | "
              "bound 1.1/(W x workers) + a shard at each end | useful tokens/s per consumer |",
              "|---|---|---|---|---|---|"]
