@@ -16,6 +16,7 @@ class ConfigError(UserError):
 
 Precision = Literal["auto", "fp32", "bf16"]
 CompileMode = Literal["auto", "on", "off"]
+InitMode = Literal["auto", "random", "pretrained"]
 # aot_eager traces and differentiates like inductor but runs the ops eagerly: no C++ compiler
 # needed, so it checks the compiled path anywhere (tests), without inductor's speed.
 CompileBackend = Literal["inductor", "aot_eager"]
@@ -29,7 +30,14 @@ def _opt(default: Any, help: str, **extra: Any) -> Any:
 class TrainConfig:
     cache: str = _opt(MISSING, "teacher cache directory or fsspec URL")
     out: str = _opt(MISSING, "run directory: checkpoint, metrics.jsonl, summary.json, student/")
-    student: str = _opt("xs", "student preset (xs, s, m, l)")
+    student: str = _opt("xs", "the student: a preset (xs, s, m, l), a Hugging Face model "
+                        "directory or config.json (any causal LM with a plain linear head), or "
+                        "prune:KEY=VALUE,... for the cache's teacher pruned to layers=, hidden=, "
+                        "intermediate=, heads=, kv_heads= or a size params= (e.g. 30M), with "
+                        "depth=block|loss and rows= calibration rows (student_train/prune.py)")
+    init: InitMode = _opt("auto", "start from weights (pretrained; a prune: student is cut from "
+                          "the teacher's) or from random init; auto: weights where the student "
+                          "has them")
     overrides: dict[str, str] = _opt(
         None, "override a preset field, e.g. --set hidden_size=256 (repeatable)", flag="--set",
         metavar="KEY=VALUE")
@@ -37,8 +45,9 @@ class TrainConfig:
     batch_size: int = _opt(8, "sequences per micro-step summed over all ranks (the global batch "
                            "is batch_size * grad_accum)")
     grad_accum: int = _opt(1, "micro-steps accumulated per optimizer step")
-    lr: float | None = _opt(None, "peak learning rate (default: the student preset's, "
-                            "LEARNING_RATES in student_train/presets.py)")
+    lr: float | None = _opt(None, "peak learning rate (default: the preset's, LEARNING_RATES "
+                            "in student_train/presets.py; for other students the rate of their "
+                            "init in student_train/students.py)")
     min_lr_ratio: float = _opt(0.1, "final learning rate of the cosine decay, as a fraction of lr")
     warmup: int = _opt(20, "linear warmup steps")
     weight_decay: float = _opt(0.1, "AdamW weight decay (matrices only)")
@@ -71,6 +80,9 @@ class TrainConfig:
     resume: bool = _opt(False, "continue from OUT/checkpoint.pt if it exists")
     overwrite: bool = _opt(False, "replace the run in OUT (its checkpoint, student and summary) "
                            "with a new one")
+    chat_template: bool = _opt(False, "keep the teacher's chat template in the saved student's "
+                               "tokenizer (by default a student trained on raw text is saved as "
+                               "a base model, without one)")
     precision: Precision = _opt("auto", "auto: bf16 autocast on GPUs that support it, fp32 on "
                                 "CPU")
     device: str = _opt("auto", "auto, cpu, cuda")
@@ -84,9 +96,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.overrides = dict(self.overrides or {})
         if self.lr is None:
-            from student_train.presets import LEARNING_RATES  # presets imports ConfigError
+            from student_train.students import default_learning_rate  # imports ConfigError
 
-            self.lr = LEARNING_RATES.get(self.student)  # an unknown preset fails where it is built
+            self.lr = default_learning_rate(self.student, self.init)  # None fails where built
         for name, choices in CHOICES.items():
             if getattr(self, name) not in choices:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: choose one "
@@ -142,6 +154,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 RESUMABLE_CHANGES = frozenset({
     "out", "cache", "max_steps", "eval_every", "checkpoint_every", "log_every", "resume",
     "overwrite", "device", "workers", "eval_batch_size", "compile", "compile_backend",
+    "chat_template",  # what the saved student's tokenizer carries, not what it learned
     "data_parts", "data_slots"})  # these two: checked against the checkpoint's stream layout
 
 

@@ -9,10 +9,11 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
-from transformers import LlamaForCausalLM
+from transformers import PreTrainedModel
 
 from kernels import sparse_kd_loss
 from student_train.data import IGNORE_INDEX, Batch
+from student_train.model import final_hidden, output_weight
 
 LOGIT_CHUNK_ROWS = 1024  # [rows, vocab] float32 logits per chunk: 200 MB at vocab 49152
 
@@ -48,16 +49,16 @@ def _batch_totals(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
 
 
 @torch.no_grad()
-def evaluate(student: LlamaForCausalLM, batches: Iterable[Batch], device: torch.device,
+def evaluate(student: PreTrainedModel, batches: Iterable[Batch], device: torch.device,
              impl: str = "auto") -> EvalMetrics:
     """Token-weighted metrics over `batches`, summed over ranks when running distributed."""
     was_training = student.training
     student.eval()
-    weight = student.lm_head.weight
+    weight = output_weight(student)
     totals = torch.zeros(4, dtype=torch.float64)  # CE sum, KL sum, agreements, tokens
     for batch in batches:
         batch = batch.to(device)
-        hidden = student.model(input_ids=batch.input_ids, use_cache=False).last_hidden_state
+        hidden = final_hidden(student, batch.input_ids)
         totals += _batch_totals(hidden.flatten(0, 1), weight,
                                 batch.labels.flatten(), batch.topk_ids.flatten(0, 1),
                                 batch.topk_logprobs.flatten(0, 1), impl)

@@ -1,4 +1,5 @@
-"""The student: a Llama from transformers, its distillation objective, and its saved form."""
+"""The student's distillation objective, how the fused loss reaches any causal LM's decoder and
+output layer, and the student's saved form."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from kernels import sparse_kd_loss
 from student_train.data import IGNORE_INDEX
+from student_train.model_card import write_model_card
 from teacher_cache.format import TRAINING_FILE, Manifest
 from teacher_cache.storage import write_json
 from teacher_cache.teacher import quiet_transformers_bars
@@ -20,9 +22,10 @@ from teacher_cache.teacher import quiet_transformers_bars
 log = logging.getLogger(__name__)
 
 
-def build_student(config: LlamaConfig, seed: int) -> LlamaForCausalLM:
+def build_student(config: PretrainedConfig, seed: int) -> PreTrainedModel:
+    """A model of `config`'s architecture at random init: the same weights for the same seed."""
     torch.manual_seed(seed)
-    return LlamaForCausalLM(config)
+    return AutoModelForCausalLM.from_config(config)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -30,12 +33,28 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
+def decoder_of(student: PreTrainedModel) -> nn.Module:
+    """The module that maps input ids to the final hidden states (final norm included): what the
+    fused loss takes in place of the logits."""
+    return student.get_decoder()
+
+
+def output_weight(student: PreTrainedModel) -> torch.Tensor:
+    """The [vocab, hidden] weight of the student's output layer (students.check_fused_head made
+    sure the logits are the final hidden states times it, nothing else)."""
+    return student.get_output_embeddings().weight
+
+
+def final_hidden(student: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
+    return decoder_of(student)(input_ids=input_ids, use_cache=False).last_hidden_state
+
+
 class DistillationObjective(nn.Module):
     """CE on the true next token plus a divergence to the teacher's cached top-k, as one module so
     DistributedDataParallel wraps the whole step. The full [tokens, vocab] logits never exist: the
-    loss kernel takes the final hidden states and the LM head weight."""
+    loss kernel takes the final hidden states and the output layer's weight."""
 
-    def __init__(self, student: LlamaForCausalLM, *, divergence: str, temperature: float,
+    def __init__(self, student: PreTrainedModel, *, divergence: str, temperature: float,
                  ce_weight: float, kd_weight: float, impl: str = "auto"):
         super().__init__()
         self.student = student
@@ -45,27 +64,58 @@ class DistillationObjective(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, topk_ids: torch.Tensor,
                 topk_logprobs: torch.Tensor) -> torch.Tensor:
-        hidden = self.student.model(input_ids=input_ids, use_cache=False).last_hidden_state
+        hidden = final_hidden(self.student, input_ids)
         # The loss is the LM head and applies autocast to it, as a Linear would.
-        return sparse_kd_loss(hidden.flatten(0, 1), self.student.lm_head.weight, labels.flatten(),
+        return sparse_kd_loss(hidden.flatten(0, 1), output_weight(self.student), labels.flatten(),
                               topk_ids.flatten(0, 1), topk_logprobs.flatten(0, 1),
                               **self.loss_options)
 
 
-def save_student(student: LlamaForCausalLM, out_dir: str | os.PathLike, manifest: Manifest,
-                 training: dict[str, Any] | None = None) -> Path:
-    """A Hugging Face model directory (config, safetensors, and the teacher's tokenizer when its
-    path in the manifest exists on this machine) that `AutoModelForCausalLM` loads, plus the
-    run's `training` summary in TRAINING_FILE, which the cache's `score` records for a reference."""
+def special_token_ids(manifest: Manifest) -> dict[str, int | None]:
+    """bos/eos/pad of the cache's tokenizer. A manifest without a pad id pads with EOS, as the
+    default teacher's tokenizer does."""
+    tokenizer = manifest.tokenizer
+    eos = tokenizer.get("eos_token_id")
+    return {"bos_token_id": tokenizer.get("bos_token_id"), "eos_token_id": eos,
+            "pad_token_id": tokenizer.get("pad_token_id", eos)}
+
+
+def set_special_tokens(student: PreTrainedModel, manifest: Manifest) -> None:
+    """The cache tokenizer's special ids in the config and the generation config, so that the
+    saved student stops at the teacher's EOS, not at the ids of LlamaConfig's defaults."""
+    for name, value in special_token_ids(manifest).items():
+        setattr(student.config, name, value)
+        if student.generation_config is not None:
+            setattr(student.generation_config, name, value)
+
+
+def save_student(student: PreTrainedModel, out_dir: str | os.PathLike, manifest: Manifest,
+                 training: dict[str, Any] | None = None, chat_template: bool = False) -> Path:
+    """A Hugging Face model directory that `AutoModelForCausalLM` loads and generates with (KV
+    cache on), the teacher's tokenizer when its path in the manifest exists on this machine
+    (without its chat template unless `chat_template`: a student trained on raw text is a base
+    model), the run's `training` summary in TRAINING_FILE (which the cache's `score` records for a
+    reference) and a model card."""
     out = Path(out_dir)
-    with quiet_transformers_bars():
-        student.save_pretrained(out, safe_serialization=True)
+    training_cache = student.config.use_cache
+    student.config.use_cache = True  # off while training, where nothing is generated
+    if student.generation_config is not None:
+        student.generation_config.use_cache = True
+    try:
+        with quiet_transformers_bars():
+            student.save_pretrained(out, safe_serialization=True)
+    finally:
+        student.config.use_cache = training_cache
     if training is not None:
         write_json(out / TRAINING_FILE, training)
+        write_model_card(out, manifest, training)
     teacher_path = manifest.teacher.get("path")  # the teacher's local Hugging Face directory
     if teacher_path and os.path.isdir(teacher_path):
         try:
-            AutoTokenizer.from_pretrained(teacher_path).save_pretrained(out)
+            tokenizer = AutoTokenizer.from_pretrained(teacher_path)
+            if not chat_template:
+                tokenizer.chat_template = None
+            tokenizer.save_pretrained(out)
         except (OSError, ValueError) as e:
             log.warning("teacher tokenizer at %s not copied: %s", teacher_path, e)
     return out

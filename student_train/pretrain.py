@@ -1,15 +1,19 @@
 """`make pretrain`: train several students on one cache, then compare them in a table and a plot.
 
-    python -m student_train.pretrain --cache DIR --students "xs s" --out DIR --max-steps N
-        [--baseline [PRESETS]] [--heldout-package NAME] [any flag of python -m student_train]
+    python -m student_train.pretrain --cache DIR --students "xs s prune:layers=8" --out DIR
+        --max-steps N [--baseline [STUDENTS]] [--random-init [STUDENTS]]
+        [--heldout-package NAME] [any flag of python -m student_train]
 
-Each student trains in OUT/<preset> (OUT/<preset>-ce for the CE-only baseline of --baseline) and
-resumes from its checkpoint when the command is rerun (a finished run is kept as it is; --overwrite
-retrains every run from scratch). Results: OUT/results.json and OUT/val_ce.png (validation CE
-against training tokens, with the teacher's CE on the same held-out rows as a reference line). At
-the end, the held-out comparison: each larger student against the next smaller one, and each
-student with KD against its CE-only baseline, on the cache's validation rows and on text outside
-the corpus (--heldout-package).
+A student is anything --student takes: a preset, prune:..., a Hugging Face model directory. Each
+trains in OUT/<name> (the preset's name, prune-layers8 for prune:layers=8, the directory's name;
+OUT/<name>-ce for the CE-only baseline of --baseline, OUT/<name>-random for the same shape from
+random init of --random-init) and resumes from its checkpoint when the command is rerun (a
+finished run is kept as it is; --overwrite retrains every run from scratch). Results:
+OUT/results.json and OUT/val_ce.png (validation CE against training tokens, with the teacher's CE
+on the same held-out rows as a reference line). At the end, the held-out comparison: each larger
+random-init student against the next smaller one, each pruned or pretrained student against the
+same shape from random init, and each student with KD against its CE-only baseline, on the
+cache's validation rows and on text outside the corpus (--heldout-package).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import argparse
 import itertools
 import json
 import math
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -26,6 +31,8 @@ import numpy as np
 
 from student_train.config import ConfigError, add_arguments, config_from_args
 from student_train.presets import PRESETS, describe_presets
+from student_train.prune import PruneSpec
+from student_train.students import PresetStudent, parse_student
 from teacher_cache import open_cache
 from teacher_cache.errors import reports_user_errors
 from teacher_cache.storage import write_json
@@ -43,11 +50,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m student_train.pretrain",
                                      description=__doc__.splitlines()[0])
     parser.add_argument("--students", default="xs s",
-                        help=f"presets to train, space separated, from {describe_presets()} "
-                             f"(default: xs s)")
-    parser.add_argument("--baseline", nargs="?", const=ALL_STUDENTS, default="", metavar="PRESETS",
+                        help=f"students to train, space separated: presets ({describe_presets()}), "
+                             f"prune:KEY=VALUE,... students cut from the cache's teacher, Hugging "
+                             f"Face model directories (default: xs s)")
+    parser.add_argument("--baseline", nargs="?", const=ALL_STUDENTS, default="", metavar="STUDENTS",
                         help="also train these students (space separated; alone: every one) "
                              "CE-only (kd_weight=0) for comparison")
+    parser.add_argument("--random-init", nargs="?", const=ALL_STUDENTS, default="",
+                        metavar="STUDENTS",
+                        help="also train the shape of these pruned or pretrained students from "
+                             "random init (space separated; alone: every one), for the "
+                             "comparison 'pruned from the teacher vs the same shape from random "
+                             "init'")
     parser.add_argument("--heldout-package", default="", metavar="NAME",
                         help="also report each student's CE on this installed package's .py "
                              "sources, text outside the cache's corpus (e.g. numpy for the stdlib "
@@ -57,13 +71,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True,
                         help="directory holding one run directory per student, the results and "
                              "the plot")
-    add_arguments(parser, skip=("student", "resume", "out"))
+    add_arguments(parser, skip=("student", "init", "resume", "out"))
     parser.set_defaults(**DRIVER_DEFAULTS)
     return parser
 
 
-def run_name(student: str, ce_only: bool) -> str:
-    return f"{student}-ce" if ce_only else student
+CE_ONLY, RANDOM_INIT = "ce", "random"  # the variants of a student's run
+
+
+def student_name(student: str) -> str:
+    """A --students entry as a directory name: the preset's name, prune-layers8-hidden256 for
+    prune:layers=8,hidden=256, a model directory's (or its config.json's directory's) name."""
+    if student.startswith(PruneSpec.PREFIX):
+        body = student.removeprefix(PruneSpec.PREFIX)
+        return "prune-" + re.sub(r"[^A-Za-z0-9.]+", "-", body.replace("=", ""))
+    path = Path(student)
+    return path.parent.name if path.suffix == ".json" else path.name
+
+
+def run_name(student: str, variant: str = "") -> str:
+    return f"{student_name(student)}-{variant}" if variant else student_name(student)
 
 
 def eval_curve(run_dir: Path) -> tuple[list[int], list[float]]:
@@ -74,12 +101,15 @@ def eval_curve(run_dir: Path) -> tuple[list[int], list[float]]:
 
 def format_table(results: list[dict[str, Any]]) -> str:
     text = any("heldout_ce" in r for r in results)
-    header = (f"{'run':<10}{'params':>9}{'tokens':>10}{'val CE':>9}{'val PPL':>10}"
-              f"{'val KL':>9}{'top-1':>8}{'tokens/s':>10}" + (f"{'text CE':>9}" if text else ""))
+    width = max([10] + [len(r["run"]) + 2 for r in results])
+    header = (f"{'run':<{width}}{'init':<11}{'params':>9}{'tokens':>10}{'val CE':>9}"
+              f"{'val PPL':>10}{'val KL':>9}{'top-1':>8}{'tokens/s':>10}"
+              + (f"{'text CE':>9}" if text else ""))
     rows = [header, "-" * len(header)]
     for r in results:
         tokens_per_s = "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}"
-        rows.append(f"{r['run']:<10}{r['parameters'] / 1e6:>8.2f}M{r['tokens_seen']:>10,}"
+        rows.append(f"{r['run']:<{width}}{r.get('init', 'random'):<11}"
+                    f"{r['parameters'] / 1e6:>8.2f}M{r['tokens_seen']:>10,}"
                     f"{r['val_ce']:>9.3f}{r['val_ppl']:>10.1f}{r['val_kl']:>9.3f}"
                     f"{r['val_top1']:>8.3f}{tokens_per_s:>10}"
                     + (f"{r['heldout_ce']:>9.3f}" if text else ""))
@@ -177,25 +207,50 @@ def plot_curves(out: Path, run_dirs: dict[str, Path], teacher_ce: float | None =
     return path
 
 
-def baseline_students(students: list[str], baseline: str) -> list[str]:
-    if baseline == ALL_STUDENTS:
+def chosen_students(students: list[str], chosen: str, flag: str) -> list[str]:
+    """The students a --baseline or --random-init value names (ALL_STUDENTS: every one)."""
+    if chosen == ALL_STUDENTS:
         return students
-    chosen = baseline.split()
-    if stray := [b for b in chosen if b not in students]:
-        raise ConfigError(f"--baseline {baseline!r}: {stray[0]} is not among --students "
+    names = chosen.split()
+    if stray := [b for b in names if b not in students]:
+        raise ConfigError(f"{flag} {chosen!r}: {stray[0]} is not among --students "
                           f"{' '.join(students)}")
-    return [s for s in students if s in chosen]
+    return [s for s in students if s in names]
+
+
+def random_init_students(students: list[str], chosen: str) -> list[str]:
+    """The students of --random-init: those that do not start from random init anyway."""
+    if not chosen:
+        return []
+    from_weights = [s for s in students if not isinstance(parse_student(s), PresetStudent)
+                    and parse_student(s).init("auto") != "random"]
+    if chosen == ALL_STUDENTS:
+        return from_weights
+    picked = chosen_students(students, chosen, "--random-init")
+    if stray := [s for s in picked if s not in from_weights]:
+        raise ConfigError(f"--random-init {chosen!r}: {stray[0]} starts from random init "
+                          f"already; name pruned or pretrained students")
+    return picked
+
+
+def _init(result: dict[str, Any]) -> str:
+    return result.get("init", "random")
 
 
 def comparisons(results: list[dict[str, Any]]) -> list[tuple[str, dict, dict]]:
-    """(what, expected better run, other run): each KD student against the next smaller KD
-    student, then each student's KD run against its CE-only run."""
+    """(what, expected better run, other run): each random-init KD student against the next
+    smaller one, each pruned or pretrained KD student against the same shape from random init,
+    then each student's KD run against its CE-only run."""
     by_name = {r["run"]: r for r in results}
-    kd = sorted((r for r in results if r["kd_weight"] > 0), key=lambda r: r["parameters"])
+    kd = [r for r in results if r["kd_weight"] > 0]
+    scratch = sorted((r for r in kd if _init(r) == "random"), key=lambda r: r["parameters"])
     pairs = [(f"{big['run']} vs {small['run']} (larger student, CE + KD)", big, small)
-             for small, big in itertools.pairwise(kd)]
-    pairs += [(f"{r['run']} CE + KD vs CE only", r, by_name[run_name(r["run"], True)])
-              for r in kd if run_name(r["run"], True) in by_name]
+             for small, big in itertools.pairwise(scratch)]
+    pairs += [(f"{r['run']} {'pruned from the teacher' if _init(r) == 'pruned' else 'pretrained'}"
+               f" vs the same shape from random init", r, by_name[f"{r['run']}-{RANDOM_INIT}"])
+              for r in kd if _init(r) != "random" and f"{r['run']}-{RANDOM_INIT}" in by_name]
+    pairs += [(f"{r['run']} CE + KD vs CE only", r, by_name[f"{r['run']}-{CE_ONLY}"])
+              for r in kd if f"{r['run']}-{CE_ONLY}" in by_name]
     return pairs
 
 
@@ -211,11 +266,13 @@ def format_comparison(results: list[dict[str, Any]], teacher_ce: float | None,
                       text: str | None) -> str:
     """Held-out CE of each comparison's two runs (the expected winner first)."""
     columns = [("val_ce", "validation rows")] + ([("heldout_ce", "outside text")] if text else [])
+    pairs = comparisons(results)
+    width = max([38] + [len(what) + 2 for what, _, _ in pairs])
     lines = ["held-out comparison, CE in nats/token (lower is better):",
-             (f"  {'':<38}" + "".join(f"{title:<34}" for _, title in columns)).rstrip()]
-    for what, better, other in comparisons(results):
-        lines.append(f"  {what:<38}" + "".join(f"{compare_cell(better[key], other[key]):<34}"
-                                               for key, _ in columns).rstrip())
+             (f"  {'':<{width}}" + "".join(f"{title:<34}" for _, title in columns)).rstrip()]
+    for what, better, other in pairs:
+        lines.append(f"  {what:<{width}}" + "".join(f"{compare_cell(better[key], other[key]):<34}"
+                                                    for key, _ in columns).rstrip())
     if teacher_ce is not None:
         lines.append(f"  teacher on the validation rows: {teacher_ce:.3f}")
     lines.append("  validation rows: the cache's held-out sequences (same documents as training)")
@@ -228,36 +285,56 @@ def format_comparison(results: list[dict[str, Any]], teacher_ce: float | None,
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     import torch  # after argument errors, so --help stays fast
-    from transformers import LlamaForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from student_train.heldout import load_heldout_text, text_ce
+    from student_train.model_card import write_model_card
     from student_train.train import STUDENT_DIR, resolve_device, train
 
     out = Path(args.out)
     students = args.students.split()
-    unknown = [s for s in students if s not in PRESETS]
-    if not students or unknown:
-        raise ConfigError(f"--students {args.students!r}: choose from {', '.join(PRESETS)}")
-    baselines = baseline_students(students, args.baseline)
+    if not students:
+        raise ConfigError(f"--students {args.students!r}: name at least one student, e.g. "
+                          f"{' '.join(PRESETS)}")
+    for student in students:
+        try:
+            parse_student(student)
+        except ConfigError as e:
+            raise ConfigError(f"--students {args.students!r}: choose from presets, prune:... specs "
+                              f"and model directories; {e}") from None
+    runs = ([(s, "") for s in students]
+            + [(s, CE_ONLY) for s in chosen_students(students, args.baseline, "--baseline")
+               if args.baseline]
+            + [(s, RANDOM_INIT) for s in random_init_students(students, args.random_init)])
+    names = [run_name(s, variant) for s, variant in runs]
+    if clash := next((n for n in names if names.count(n) > 1), None):
+        raise ConfigError(f"--students {args.students!r}: two runs would share the directory "
+                          f"{out / clash}; name each student once")
     base = config_from_args(args, student=students[0], resume=not args.overwrite)
-    text = (load_heldout_text(open_cache(base.cache), args.heldout_package, args.heldout_tokens)
-            if args.heldout_package else None)
+    cache = open_cache(base.cache) if args.heldout_package else None
+    text = (load_heldout_text(cache, args.heldout_package, args.heldout_tokens)
+            if cache is not None else None)
     device = torch.device(resolve_device(base.device))
-    runs = [(s, False) for s in students] + [(s, True) for s in baselines]
     results, run_dirs = [], {}
-    for student, ce_only in runs:
-        name = run_name(student, ce_only)
+    for (student, variant), name in zip(runs, names, strict=True):
         run_dirs[name] = out / name
         print(f"== {name} ==", flush=True)
-        # From the flags again, not replace(base): an unset --lr is each preset's own.
+        # From the flags again, not replace(base): an unset --lr is each student's own. --set
+        # changes the presets only.
         config = config_from_args(args, student=student, out=str(run_dirs[name]),
                                   resume=not args.overwrite,
-                                  **({"kd_weight": 0.0} if ce_only else {}))
-        result = {"run": name, **train(config)}
+                                  init=RANDOM_INIT if variant == RANDOM_INIT else "auto",
+                                  **({"kd_weight": 0.0} if variant == CE_ONLY else {}),
+                                  **({} if isinstance(parse_student(student), PresetStudent)
+                                     else {"overrides": {}}))
+        summary = train(config)
+        result = {"run": name, **summary}
         if text is not None:
             with quiet_transformers_bars():
-                trained = LlamaForCausalLM.from_pretrained(run_dirs[name] / STUDENT_DIR)
+                trained = AutoModelForCausalLM.from_pretrained(run_dirs[name] / STUDENT_DIR)
             result["heldout_ce"] = text_ce(trained, text, device)
+            write_model_card(run_dirs[name] / STUDENT_DIR, cache.manifest, summary,
+                             (text.description, result["heldout_ce"]))
         results.append(result)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / RESULTS_FILE, results)

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
-from transformers import LlamaForCausalLM
+from transformers import PreTrainedModel
 
 from student_train.checkpoint import (
     CHECKPOINT_FILE,
@@ -37,14 +37,9 @@ from student_train.data import (
     stream_position,
 )
 from student_train.evaluate import evaluate
-from student_train.model import (
-    DistillationObjective,
-    build_student,
-    count_parameters,
-    save_student,
-)
-from student_train.presets import llama_config, resolve_preset
+from student_train.model import DistillationObjective, count_parameters, decoder_of, save_student
 from student_train.selection import Selection
+from student_train.students import BuildContext, create_student, restore_student
 from teacher_cache.reader import open_cache
 from teacher_cache.storage import atomic_output, write_json
 
@@ -101,7 +96,7 @@ def use_compile(mode: str, device: torch.device) -> bool:
     return mode == "on"
 
 
-def compile_decoder(student: LlamaForCausalLM, backend: str, device: torch.device) -> None:
+def compile_decoder(student: PreTrainedModel, backend: str, device: torch.device) -> None:
     """Compile the decoder in place, so its state_dict keys stay the eager ones; the loss (an
     autograd Function, the LM head) stays outside the graph. Every training batch has the same
     shape, hence dynamic=False: one compile, on the first step."""
@@ -115,7 +110,7 @@ def compile_decoder(student: LlamaForCausalLM, backend: str, device: torch.devic
             raise ConfigError("--compile with the inductor backend on CPU needs a C++ compiler "
                               "(g++, or $CXX); install one, or use --compile off or "
                               "--compile-backend aot_eager") from None
-    student.model.compile(backend=backend, dynamic=False)
+    decoder_of(student).compile(backend=backend, dynamic=False)
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig,
@@ -156,6 +151,7 @@ class MetricsLog:
 
 
 def check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
+    saved = {"init": "auto"} | saved  # before --init, every student was built as auto builds it
     changed = [f.name for f in fields(TrainConfig)
                if f.name not in RESUMABLE_CHANGES and saved.get(f.name) != getattr(config, f.name)]
     if changed:
@@ -220,8 +216,6 @@ class Trainer:
         self.cache = open_cache(config.cache)
         self.manifest = self.cache.manifest
         config.check_cache_targets(config.cache, self.manifest.targets)
-        model_config = llama_config(resolve_preset(config.student, config.overrides),
-                                    self.manifest.vocab_size, self.manifest.seq_len)
         selection = Selection.parse(config.select)
         checkpoint = load_checkpoint(self.out) if config.resume else None
         if checkpoint is not None:
@@ -231,7 +225,13 @@ class Trainer:
                                 config.val_max_rows)
         self._val_batches: list | None = None
 
-        self.student = build_student(model_config, config.seed).to(env.device)
+        # A resumed student is rebuilt from its checkpoint (a pruned one is not measured again).
+        self.built = (restore_student(checkpoint["student"], self.manifest)
+                      if checkpoint is not None and "student" in checkpoint else
+                      create_student(config.student, config.init,
+                                     BuildContext(config.seed, config.overrides, self.cache,
+                                                  self.split.train, env.device)))
+        self.student = self.built.model.to(env.device)
         self.parameters = count_parameters(self.student)
         objective = DistillationObjective(
             self.student, divergence=config.divergence, temperature=config.temperature,
@@ -318,7 +318,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
                 "train_seconds": self.train_seconds, "timed_steps": self.timed_steps,
-                "config": asdict(self.config),
+                "config": asdict(self.config), "student": self.built.checkpoint_entry(),
                 "data": stream_position(self.step * self.config.grad_accum,
                                         self.config.batch_size, len(self.split.train),
                                         self.layout),
@@ -370,7 +370,8 @@ class Trainer:
                       f"(--overwrite retrains it)")
             return self.finished
         if env.is_main:
-            print(f"student {config.student}: {self.parameters / 1e6:.2f}M parameters, "
+            print(f"student {config.student} ({self.built.record['init']} init): "
+                  f"{self.parameters / 1e6:.2f}M parameters, "
                   f"{len(self.split.train)} training / {len(self.split.val)} held-out sequences, "
                   f"{self.tokens_per_step} tokens per step, {env.world_size} rank(s) on "
                   f"{env.device}{', bf16 autocast' if self.bf16 else ''}"
@@ -395,7 +396,8 @@ class Trainer:
             self.save_checkpoint()
         # Measured over every step of the run, the ones before a resume included (checkpointed).
         summary = {
-            "student": config.student, "parameters": self.parameters, "steps": self.step,
+            "student": config.student, "init": self.built.record["init"],
+            "init_details": self.built.record, "parameters": self.parameters, "steps": self.step,
             "tokens_seen": self.step * self.tokens_per_step,
             "tokens_per_s": self.tokens_per_s(),
             "train_seconds": self.train_seconds, "compile_seconds": compile_seconds,
@@ -406,7 +408,8 @@ class Trainer:
             **{k: v for k, v in last_eval.items() if k.startswith("val_")},
         }
         if env.is_main:
-            save_student(self.student, self.out / STUDENT_DIR, self.manifest, training=summary)
+            save_student(self.student, self.out / STUDENT_DIR, self.manifest, training=summary,
+                         chat_template=config.chat_template)
             write_json(self.out / SUMMARY_FILE, summary)
             print(f"done: {self.step} steps, {summary['tokens_seen']:,} tokens, val CE "
                   f"{summary['val_ce']:.4f} (PPL {summary['val_ppl']:.1f}), KL "

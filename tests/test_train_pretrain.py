@@ -67,6 +67,28 @@ def test_baseline_subset_and_outside_text_comparison(tiny_cache, tmp_path, capsy
     assert "outside text: json .py sources" in printed
 
 
+def test_a_family_with_a_pruned_student_compares_it_with_its_shape_from_random_init(
+        tiny_cache, tmp_path, capsys):
+    out = tmp_path / "pretrain"
+    code = main(["--cache", str(tiny_cache), "--students", "xs prune:layers=1", "--out", str(out),
+                 "--max-steps", "2", "--eval-every", "0", "--random-init",
+                 "--heldout-package", "json", "--heldout-tokens", "64", *TINY])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    assert [(r["run"], r["init"]) for r in results] == [
+        ("xs", "random"), ("prune-layers1", "pruned"), ("prune-layers1-random", "random")]
+    assert results[1]["parameters"] == results[2]["parameters"]
+    assert results[1]["lr"] < results[2]["lr"]  # a pruned student's default rate is lower
+    printed = capsys.readouterr().out
+    table = printed.split("held-out comparison")[0]
+    assert "prune-layers1-random  random" in table and "prune-layers1         pruned" in table
+    twin = next(line for line in printed.splitlines()
+                if "pruned from the teacher vs the same shape from random init" in line)
+    assert twin.split()[0] == "prune-layers1" and ("better by" in twin or "WORSE by" in twin)
+    card = (out / "prune-layers1" / "student" / "README.md").read_text()
+    assert "CE on json .py sources" in card and f"{results[1]['heldout_ce']:.3f}" in card
+
+
 def result(run: str, parameters: int, kd_weight: float, val_ce: float, heldout_ce: float) -> dict:
     return {"run": run, "parameters": parameters, "kd_weight": kd_weight, "val_ce": val_ce,
             "heldout_ce": heldout_ce}
