@@ -51,12 +51,13 @@ from teacher_cache.format import (
     write_shard,
     write_worker_report,
 )
+from teacher_cache.index import INDEX_PREFIX
 from teacher_cache.pack import PackedCorpus, StreamTotals
 from teacher_cache.packing import PackedSequence
 from teacher_cache.reader import read_manifest_if_any
 from teacher_cache.score import ReferenceScorer, reference_entry
 from teacher_cache.storage import Location, resolve
-from teacher_cache.teacher import Teacher, context_length, resolve_teacher
+from teacher_cache.teacher import Teacher, context_length, load_model_config, resolve_teacher
 
 DEFAULT_TARGETS = "sample:8"
 # Tokens per shard by default (--shard-rows: SHARD_TOKENS // seq_len rows). A 10B-token cache then
@@ -177,10 +178,11 @@ def build_cache(config: BuildConfig) -> BuildSummary:
     location = resolve(config.out)
     check_out(location)
     corpus = open_corpus(config.corpus)  # first: a bad path fails before any model loads
+    corpus.check_first_documents()
     teacher = resolve_teacher(config.teacher)
     reference = resolve_teacher(config.reference) if config.reference else None
     tokenizer = _load_tokenizer(teacher)
-    model_config = _load_model_config(teacher)
+    model_config = load_model_config(teacher.path)
     validate_against_teacher(config, teacher, model_config)
     partitions = corpus.partitions(config.partition_bytes)
     record = _build_record(config, teacher, reference, tokenizer, corpus, model_config)
@@ -384,12 +386,6 @@ def _load_tokenizer(teacher: Teacher):
     return tokenizer
 
 
-def _load_model_config(teacher: Teacher):
-    from transformers import AutoConfig
-
-    return AutoConfig.from_pretrained(teacher.path)
-
-
 def validate_against_teacher(config: BuildConfig, teacher: Teacher, model_config) -> None:
     """The settings that only the teacher can check: targets within its vocabulary, sequences
     within its context."""
@@ -490,7 +486,8 @@ def clear_cache(location: Location) -> None:
         raise CacheError(f"--overwrite refused: {location.uri} holds {', '.join(names)} but no "
                          f"{BUILD_FILE} or {MANIFEST_FILE} of a teacher cache, so this tool did "
                          f"not create it; pick another --out, or delete them yourself")
-    for name in (MANIFEST_FILE, BUILD_FILE):
+    for name in (MANIFEST_FILE, BUILD_FILE, *(n for n in location.list()
+                                               if n.startswith(INDEX_PREFIX))):
         location.delete(name)
     for directory in (SHARD_DIR, WORKER_DIR, RESCORE_DIR, PACKED_DIR):
         if location.exists(directory):

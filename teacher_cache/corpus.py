@@ -114,6 +114,17 @@ class Corpus:
         for index in range(len(self.files)):
             yield from self._piece_documents(Piece(index), self.skipped)
 
+    def check_first_documents(self) -> None:
+        """Read the first document of every file (of a dataset: its first record), so that a
+        wrong --text-field, a malformed first line or an unreadable parquet fails before a build
+        deletes or claims anything. Text files are not read: nothing in them can fail (a file
+        that is not UTF-8 is skipped with a warning when it is packed)."""
+        if self.config.dataset:
+            next(self._dataset_documents(), None)
+            return
+        for path in self.files:
+            next(_first_documents(path, self.config.text_field), None)
+
     def partitions(self, target_bytes: int | None = None) -> list[Partition]:
         """The corpus in partitions of about `target_bytes` (default: PARTITION_BYTES, more when
         the corpus exceeds MAX_PARTITIONS of those), in corpus order."""
@@ -311,6 +322,21 @@ def _text_problem(record: object, text_field: str) -> str | None:
     if not isinstance(record[text_field], str):
         return f"field {text_field!r} is {type(record[text_field]).__name__}, not a string"
     return None
+
+
+def _first_documents(path: Path, text_field: str) -> Iterator[str]:
+    """The documents of a record file from its start: of a .jsonl, those of its first non-empty
+    line only (the rest is not read)."""
+    if path.suffix == ".parquet":
+        return _parquet_documents(path, text_field)
+    if path.suffix == ".json":
+        return _json_documents(path, path.read_text(encoding="utf-8", errors="replace"),
+                               text_field)
+    if path.suffix == ".jsonl":
+        with open(path, "rb") as stream:
+            line = next((line for line in stream if line.strip()), b"")
+        return _jsonl_documents(path, line.decode("utf-8", errors="replace"), text_field)
+    return iter(())
 
 
 def _jsonl_documents(path: Path, text: str, text_field: str, begin: int = 0) -> Iterator[str]:

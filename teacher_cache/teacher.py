@@ -155,10 +155,23 @@ def convert_gguf(gguf: Path) -> Path:
     target = distill_home() / "teachers" / gguf.stem
     if (target / "config.json").is_file():
         return target
+    _check_gguf(gguf)
     print(f"converting {gguf.name} into {target} (once)", file=sys.stderr, flush=True)
     with quiet_transformers_bars():
         _convert(gguf, target)
     return target
+
+
+def _check_gguf(gguf: Path) -> None:
+    """TeacherError unless the GGUF's header, metadata and tensor table parse and every tensor
+    lies inside the file (a truncated download fails here, not deep inside the conversion)."""
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(gguf)
+    except (ValueError, IndexError, OSError) as e:
+        raise TeacherError(f"teacher {gguf}: not a readable GGUF file ({e}); download it "
+                           f"again") from e
 
 
 def _convert(gguf: Path, target: Path) -> None:
@@ -209,9 +222,43 @@ def _identify(name: str, path: Path) -> Teacher:
     weights = sorted(p for p in path.iterdir() if p.suffix in WEIGHT_SUFFIXES)
     if not weights:
         raise TeacherError(f"teacher {path}: no weights files ({', '.join(WEIGHT_SUFFIXES)})")
+    load_model_config(path)
+    _check_safetensors_headers(weights)
     tokenizer = next(path / f for f in TOKENIZER_FILES if (path / f).is_file())
     return Teacher(name=name, path=str(path), weights_sha256=_files_sha256(weights),
                    tokenizer_sha256=_files_sha256([tokenizer]))
+
+
+def load_model_config(path: str | Path):
+    """The transformers config of a model directory; TeacherError unless transformers knows its
+    model type as a causal language model (the only kind that predicts next tokens)."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (ValueError, OSError) as e:
+        raise TeacherError(f"teacher {path}: config.json cannot be read ({e})") from e
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise TeacherError(f"teacher {path}: model type {config.model_type!r} is not a causal "
+                           f"language model (transformers has no AutoModelForCausalLM for it); "
+                           f"pass a decoder-only model")
+    return config
+
+
+def _check_safetensors_headers(weights: list[Path]) -> None:
+    """TeacherError unless every .safetensors file's header parses and covers the file exactly
+    (a truncated or damaged file fails here, before a build deletes or claims anything)."""
+    from safetensors import SafetensorError, safe_open
+
+    for file in weights:
+        if file.suffix == ".safetensors":
+            try:
+                with safe_open(file, framework="numpy"):
+                    pass
+            except SafetensorError as e:
+                raise TeacherError(f"teacher {file}: corrupt safetensors file ({e}); download or "
+                                   f"save the model again") from e
 
 
 def _files_sha256(files: list[Path]) -> str:

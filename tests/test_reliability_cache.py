@@ -145,12 +145,47 @@ def test_overwrite_refuses_a_directory_this_tool_did_not_create(tmp_path: Path,
     assert (project / "shards/data.bin").is_file() and (project / "workers/notes.txt").is_file()
 
 
-def test_overwrite_with_bad_input_deletes_nothing(tmp_path: Path, tiny_cache: Path,
-                                                  tiny_build_config):
+def truncated_copy(source: Path, target: Path, keep: int) -> Path:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_bytes(source.read_bytes()[:keep])
+    return target
+
+
+def corrupt_teacher(tmp_path: Path, teacher: Path) -> Path:
+    """A copy of `teacher` whose model.safetensors lost its second half."""
+    copy = tmp_path / "corrupt-teacher"
+    shutil.copytree(teacher, copy)
+    weights = copy / "model.safetensors"
+    truncated_copy(weights, weights, weights.stat().st_size // 2)
+    return copy
+
+
+def record_file(tmp_path: Path, line: str) -> Path:
+    path = tmp_path / "records" / "data.jsonl"
+    path.parent.mkdir(exist_ok=True)
+    path.write_text(line + "\n", encoding="utf-8")
+    return path
+
+
+def tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("bad", ["top_k", "text_field", "teacher_weights"])
+def test_overwrite_with_bad_input_deletes_nothing(bad: str, tmp_path: Path, tiny_cache: Path,
+                                                  tiny_teacher_dir: Path, tiny_build_config):
     out = tmp_path / "cache"
     shutil.copytree(tiny_cache, out)
-    with pytest.raises(CacheError, match="topk:1000000: K is more than the teacher.s vocabulary"):
-        build_cache(tiny_build_config(out, overwrite=True, top_k=10**6))
+    overrides, message = {
+        "top_k": ({"top_k": 10**6}, "topk:1000000: K is more than the teacher.s vocabulary"),
+        "text_field": ({"corpus": CorpusConfig(paths=[str(record_file(
+            tmp_path, '{"content": "def f(): pass"}'))])}, r"data\.jsonl:1: no field 'text'"),
+        "teacher_weights": ({"teacher": str(corrupt_teacher(tmp_path, tiny_teacher_dir))},
+                            "model.safetensors: corrupt safetensors file"),
+    }[bad]
+    with pytest.raises(CacheError, match=message):
+        build_cache(tiny_build_config(out, overwrite=True, **overrides))
+    assert tree(out) == tree(tiny_cache), "the old cache must stay whole and usable"
     assert open_cache(out).manifest.shards == open_cache(tiny_cache).manifest.shards
 
 
@@ -175,6 +210,60 @@ def test_seq_len_above_the_teachers_context_is_refused(tmp_path: Path, tiny_teac
     line = one_error_line(capsys)
     assert "--seq-len 512 is longer than teacher" in line and "max_position_embeddings 256" in line
     assert not (tmp_path / "cache").exists()
+
+
+def test_a_bad_record_past_the_first_is_found_when_packed_and_clears_the_whole_cache(
+        tmp_path: Path, tiny_cache: Path, tiny_build_config):
+    """The limit of the checks (docs/reliability.md): only first records are read up front."""
+    out = tmp_path / "cache"
+    shutil.copytree(tiny_cache, out)
+    corpus = record_file(tmp_path, '{"text": "fine"}\n{"content": "not fine"}')
+    with pytest.raises(CacheError, match=r"data\.jsonl:2: no field 'text'"):
+        build_cache(tiny_build_config(out, overwrite=True, corpus=CorpusConfig([str(corpus)])))
+    assert not [p.name for p in out.iterdir() if p.name.startswith(("index-", MANIFEST_FILE))]
+
+
+def non_causal_teacher(tmp_path: Path, teacher: Path) -> Path:
+    copy = tmp_path / "t5-teacher"
+    shutil.copytree(teacher, copy)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps(config | {"model_type": "t5",
+                                                           "architectures": ["T5Model"]}))
+    return copy
+
+
+def truncated_gguf(tmp_path: Path, teacher: Path) -> Path:
+    from teacher_cache.teacher import default_teacher_gguf
+
+    return truncated_copy(default_teacher_gguf(), tmp_path / "truncated.gguf", 3 << 20)
+
+
+@pytest.mark.parametrize("make_teacher, message", [
+    (truncated_gguf, "truncated.gguf: not a readable GGUF file"),
+    (non_causal_teacher, "model type 't5' is not a causal language model"),
+    (corrupt_teacher, "model.safetensors: corrupt safetensors file"),
+])
+def test_a_broken_teacher_is_one_line_and_claims_nothing(
+        make_teacher, message: str, tmp_path: Path, tiny_teacher_dir: Path,
+        tiny_corpus_dir: Path, capsys):
+    out = tmp_path / "cache"
+    teacher = make_teacher(tmp_path, tiny_teacher_dir)
+    assert main(build_argv(out, teacher, tiny_corpus_dir)) == 2
+    assert message in one_error_line(capsys)
+    assert not out.exists(), "a claim would block the corrected rerun"
+    assert main(build_argv(out, tiny_teacher_dir, tiny_corpus_dir)) == 0
+
+
+def test_a_corpus_record_without_the_text_field_claims_nothing(
+        tmp_path: Path, tiny_teacher_dir: Path, capsys):
+    out = tmp_path / "cache"
+    corpus = record_file(tmp_path, json.dumps({"content": "def f(x):\n    return x\n" * 40}))
+    argv = build_argv(out, tiny_teacher_dir, corpus)
+    argv[argv.index("--max-tokens") + 1] = str(2 * TINY_SEQ_LEN)
+    assert main(argv) == 2
+    assert "data.jsonl:1: no field 'text'; fields here: content" in one_error_line(capsys)
+    assert not out.exists(), "a claim would refuse the corrected command"
+    assert main([*argv, "--text-field", "content"]) == 0
 
 
 @pytest.mark.parametrize("where", ["file", "file/sub"])
