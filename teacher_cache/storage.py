@@ -19,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import BinaryIO
 
+import pyarrow as pa
 import pyarrow.fs as pafs
 
 from teacher_cache.errors import CacheError
@@ -200,7 +201,7 @@ def resolve(uri: str | os.PathLike) -> Location:
         return Location(pafs.LocalFileSystem(), path, path)
     try:
         fs, path = pafs.FileSystem.from_uri(uri)
-    except Exception:  # not a filesystem pyarrow knows natively: go through fsspec
+    except pa.ArrowInvalid:  # not a filesystem pyarrow knows natively: go through fsspec
         import fsspec
 
         try:
@@ -208,4 +209,24 @@ def resolve(uri: str | os.PathLike) -> Location:
         except (ValueError, ImportError) as e:  # an unknown protocol, or its package is missing
             raise CacheError(f"{uri}: cannot open this location ({e})") from e
         fs = pafs.PyFileSystem(pafs.FSSpecHandler(fsspec_fs))
-    return Location(fs, path, uri)
+    except OSError as e:  # pyarrow's own (s3://, gs://): e.g. the bucket's region is unreachable
+        raise CacheError(f"{uri}: cannot open this location ({e})") from e
+    location = Location(fs, path, uri)
+    _check_reachable(location)
+    return location
+
+
+def _check_reachable(location: Location) -> None:
+    """CacheError, one line, unless the store answers and an S3 location's bucket exists: the
+    first of the many calls a build or a reader makes would otherwise fail deep inside them."""
+    try:
+        location.fs.get_file_info(location.root)
+        bucket = location.root.split("/")[0]
+        missing = (isinstance(location.fs, pafs.S3FileSystem)
+                   and location.fs.get_file_info(bucket).type == pafs.FileType.NotFound)
+    except OSError as e:
+        raise CacheError(f"{location.uri}: cannot reach this location ({e}); check the endpoint "
+                         f"(AWS_ENDPOINT_URL, or ?endpoint_override= in the URL), the network "
+                         f"and the credentials") from e
+    if missing:
+        raise CacheError(f"{location.uri}: bucket {bucket!r} does not exist; create it first")

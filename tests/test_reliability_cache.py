@@ -5,6 +5,7 @@ honour, file modes, and a disk that fills up in the middle of a shard."""
 from __future__ import annotations
 
 import errno
+import http.server
 import json
 import os
 import shutil
@@ -272,6 +273,53 @@ def test_an_out_that_is_a_file_is_one_line(where: str, tmp_path: Path, tiny_teac
     (tmp_path / "file").write_text("not a directory")
     assert main(build_argv(tmp_path / where, tiny_teacher_dir, tiny_corpus_dir)) == 2
     assert f"{tmp_path / 'file'} is a file, not a directory" in one_error_line(capsys)
+
+
+class NoBuckets(http.server.BaseHTTPRequestHandler):
+    """An S3 endpoint that holds no bucket: every request is answered 404 NoSuchBucket."""
+
+    def _no_such_bucket(self) -> None:
+        body = b"" if self.command == "HEAD" else (
+            b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>NoSuchBucket</Code>"
+            b"<Message>The specified bucket does not exist</Message></Error>")
+        self.send_response(404)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    do_HEAD = do_GET = do_PUT = do_POST = do_DELETE = _no_such_bucket
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def s3_credentials(monkeypatch):
+    """Fake credentials, so that pyarrow's S3 client asks no instance metadata service."""
+    for name, value in [("AWS_ACCESS_KEY_ID", "test"), ("AWS_SECRET_ACCESS_KEY", "test"),
+                        ("AWS_EC2_METADATA_DISABLED", "true"), ("AWS_REGION", "us-east-1")]:
+        monkeypatch.setenv(name, value)
+
+
+def test_a_missing_s3_bucket_is_one_line(tmp_path: Path, tiny_teacher_dir: Path,
+                                         tiny_corpus_dir: Path, s3_credentials, monkeypatch,
+                                         capsys):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NoBuckets)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{server.server_port}")
+        assert main(build_argv("s3://nobucket/cache", tiny_teacher_dir, tiny_corpus_dir)) == 2
+    finally:
+        server.shutdown()
+    assert "s3://nobucket/cache: bucket 'nobucket' does not exist" in one_error_line(capsys)
+
+
+def test_an_unreachable_s3_endpoint_is_one_line(s3_credentials, capsys):
+    url = "s3://bucket/cache?endpoint_override=127.0.0.1:9&scheme=http"  # nothing listens on 9
+    assert main(["verify", "--cache", url]) == 2
+    line = one_error_line(capsys)
+    assert f"{url}: cannot reach this location" in line and "Could not connect" in line
 
 
 def test_a_write_refused_by_the_filesystem_names_the_file(tmp_path: Path, monkeypatch):
