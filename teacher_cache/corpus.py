@@ -22,7 +22,7 @@ import os
 import sys
 import sysconfig
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from itertools import pairwise
@@ -224,9 +224,7 @@ def open_corpus(config: CorpusConfig) -> Corpus:
         root = Path(sysconfig.get_paths()["stdlib"])
         version = ".".join(map(str, sys.version_info[:3]))
         return Corpus(f"python-stdlib-{version}", stdlib_files(root), config)
-    files: list[Path] = []
-    for spec in config.paths:
-        files.extend(_expand(spec))
+    files = _distinct_files(path for spec in config.paths for path in _expand(spec))
     if not files:
         raise CorpusError(f"corpus {' '.join(config.paths)}: no {'/'.join(CORPUS_SUFFIXES)} "
                          f"files found; point --corpus at a directory, file or glob with documents")
@@ -287,6 +285,24 @@ def package_sources(package: str) -> list[Path]:
     files = [p for p in root.rglob("*.py")
              if not STDLIB_EXCLUDED_DIRS & set(p.relative_to(root).parts[:-1])]
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _distinct_files(paths: Iterable[Path]) -> list[Path]:
+    """Each file once, at the first path that reaches it: a glob through a symlink loop (`dir/self
+    -> ../dir`) or a file named twice would otherwise be read many times. Says how many it
+    dropped."""
+    files, seen, dropped = [], set(), 0
+    for path in paths:
+        real = os.path.realpath(path)
+        if real in seen:
+            dropped += 1
+        else:
+            seen.add(real)
+            files.append(path)
+    if dropped:
+        print(f"corpus: dropped {dropped:,} duplicate paths of files already in it (symlinks or "
+              f"a file named twice); {len(files):,} distinct files", file=sys.stderr)
+    return files
 
 
 def _expand(spec: str) -> list[Path]:

@@ -210,3 +210,15 @@ def test_dataset_partitions_are_its_shards_in_order(tmp_path: Path,
     third = corpus.partitions(40)[2]
     with pytest.raises(CacheError, match=rf"row {len(parts[0]) + len(parts[1])}: no field 'body'"):
         list(corpus.partition_documents(third, []))
+
+
+def test_a_glob_through_a_symlink_loop_takes_each_file_once(tmp_path: Path, capsys):
+    root = tmp_path / "dir"
+    root.mkdir()
+    (root / "a.py").write_text("x = 1\n")
+    (root / "self").symlink_to("../dir")
+    corpus = open_corpus(CorpusConfig(paths=[f"{root}/**/*.py", str(root / "a.py")]))
+    assert corpus.files == [root / "a.py"]
+    assert list(corpus.documents()) == ["x = 1\n"]
+    dropped = int(capsys.readouterr().err.split("dropped ")[1].split()[0].replace(",", ""))
+    assert dropped >= 2, "the loop's copies and the file named twice"
