@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -56,7 +57,7 @@ from teacher_cache.pack import PackedCorpus, StreamTotals
 from teacher_cache.packing import PackedSequence
 from teacher_cache.reader import read_manifest_if_any
 from teacher_cache.score import ReferenceScorer, reference_entry
-from teacher_cache.storage import Location, resolve
+from teacher_cache.storage import STALE_TEMP_S, Location, remove_stale_temps, resolve
 from teacher_cache.teacher import Teacher, context_length, load_model_config, resolve_teacher
 
 DEFAULT_TARGETS = "sample:8"
@@ -190,6 +191,9 @@ def build_cache(config: BuildConfig) -> BuildSummary:
     if config.overwrite:
         clear_cache(location)
     claim_build(location, record)
+    if removed := remove_stale_temps(location):
+        print(f"{location.uri}: removed {removed} temp files of killed writes (untouched for "
+              f"{STALE_TEMP_S // 60}+ minutes)", file=sys.stderr)
 
     reports = read_worker_reports(location)
     packed = PackedCorpus(location, corpus, partitions, tokenizer, _pack_source(record, corpus),

@@ -12,10 +12,12 @@ import errno
 import io
 import json
 import os
+import re
 import secrets
 import stat
+import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -145,6 +147,14 @@ def write_json(target: str | os.PathLike, value: object) -> None:
         f.write((json.dumps(value, indent=2) + "\n").encode())
 
 
+# The temp files of atomic_output: `.tmp-<12 hex>-NAME` beside NAME.
+TEMP_NAME = re.compile(r"\.tmp-[0-9a-f]{12}-.")
+# A temp file is written from start to rename in one go (a shard, a marker: seconds), so its
+# modification time is never older than that while its writer lives; one untouched this long
+# belongs to a killed writer, on this host or on another that shares the directory.
+STALE_TEMP_S = 3600
+
+
 def _create_temp(directory: str, name: str) -> tuple[int, str]:
     """A new empty file beside `name`, created with mode 0666 so that the umask decides the final
     file's mode (mkstemp would make it 0600)."""
@@ -154,6 +164,24 @@ def _create_temp(directory: str, name: str) -> tuple[int, str]:
             return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), path
         except FileExistsError:
             continue
+
+
+def remove_stale_temps(location: Location) -> int:
+    """Delete the temp files of atomic_output under a local directory (its subdirectories
+    included, symbolic links not followed) that no write has touched for STALE_TEMP_S: those of
+    writers killed mid-write. A live writer's temp file is younger and stays. Returns how many
+    went; object stores have none (a write is one PUT)."""
+    if not location.is_local:
+        return 0
+    removed, now = 0, time.time()
+    for directory, _, names in os.walk(location.root):
+        for name in names:
+            path = os.path.join(directory, name)
+            if TEMP_NAME.match(name) and now - os.lstat(path).st_mtime > STALE_TEMP_S:
+                with suppress(FileNotFoundError):  # another build removed it first
+                    os.unlink(path)
+                    removed += 1
+    return removed
 
 
 def replace_directory(source: str | os.PathLike, target: str | os.PathLike) -> None:

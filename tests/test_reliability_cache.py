@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -343,6 +344,26 @@ def test_written_files_get_the_mode_the_umask_gives(umask: int, mode: int, tmp_p
     finally:
         os.umask(previous)
     assert [(tmp_path / n).stat().st_mode & 0o777 for n in ("a.json", "b.json")] == [mode, mode]
+
+
+def test_a_build_removes_only_stale_temp_files_of_this_tool(tmp_path: Path, tiny_cache: Path,
+                                                            tiny_build_config, capsys):
+    out = tmp_path / "cache"
+    shutil.copytree(tiny_cache, out)
+    names = {"killed": "shards/.tmp-0123456789ab-shard-000001.arrow",  # a kill, 2 hours ago
+             "root": ".tmp-ba9876543210-manifest.json",
+             "live": "shards/.tmp-00000000ffff-shard-000002.arrow",  # a writer at work now
+             "foreign": "shards/.tmp-notours.arrow", "plain": "notes.txt"}
+    for key, name in names.items():
+        (out / name).write_bytes(b"partial")
+        if key != "live":
+            old = time.time() - 2 * storage_module.STALE_TEMP_S
+            os.utime(out / name, (old, old))
+    build_cache(tiny_build_config(out))
+    assert sorted(k for k, name in names.items() if (out / name).exists()) == [
+        "foreign", "live", "plain"]
+    assert "removed 2 temp files of killed writes" in capsys.readouterr().err
+    assert open_cache(out).manifest.shards == open_cache(tiny_cache).manifest.shards
 
 
 # --- 14. out of disk space in the middle of a shard ---
