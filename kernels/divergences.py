@@ -29,6 +29,8 @@ fkl_tail / rkl (k+1 buckets: the top-k plus "the rest of the vocabulary"):
     rkl       D = sum_i Q_i (u_i - v_i),   G_i = dD/dB_i = Q_i (u_i - v_i - D) / T
   A teacher logprob of -inf is a bucket of zero mass (0 log 0 = 0) for fkl and fkl_tail; rkl
   is infinite there, as reverse KL is when the teacher rules out a token the student allows.
+  A NaN or +inf teacher logprob (a damaged cache) makes its row's loss NaN, as its gradient is:
+  the two always agree, so a trainer that checks its loss sees what its gradient would do.
   With dB_j/dx = e_{id_j} - sigma1 and dB_r/dx = (S sigma1 - sum_j e^{B_j} e_{id_j}) / s_rest
   (zero where the clamp is active), and r = G_r / s_rest (0 where clamped):
     dD/dx = (S r - sum_j G_j) sigma1 + sum_j (G_j - r e^{B_j}) e_{id_j}
@@ -108,8 +110,9 @@ def _log_one_minus_exp(log_mass: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _weighted_sum(weight: Tensor, log_ratio: Tensor) -> Tensor:
-    """sum_j w_j log_ratio_j with 0 * log 0 = 0: a -inf teacher logprob is a bucket of no mass."""
-    return torch.where(weight > 0, weight * log_ratio, 0.0).sum(-1)
+    """sum_j w_j log_ratio_j with 0 * log 0 = 0: a -inf teacher logprob is a bucket of no mass.
+    A NaN weight (from a NaN or +inf teacher logprob) stays NaN, as in the gradient."""
+    return torch.where(weight == 0, 0.0, weight * log_ratio).sum(-1)
 
 
 def row_terms(

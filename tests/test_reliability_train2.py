@@ -1,0 +1,34 @@
+"""Training as a careless user or a busy machine runs it (issue 26): --overwrite on folders it did
+not write, NaN, a resume on another cache, two runs on one --out, kills and full disks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import IGNORE, make_inputs
+
+from kernels import sparse_kd_loss
+from kernels.choices import DIVERGENCES
+
+# --- NaN and inf ---
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_teacher_logprob_makes_the_loss_non_finite_like_its_gradient(
+        impl, divergence, bad):
+    if impl == "triton":
+        pytest.importorskip("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    inputs = make_inputs(12, 8, 40, 4, seed=3)
+    inputs.topk_logprobs[0, 1] = bad
+    for counted in (True, False):
+        inputs.labels[0] = 5 if counted else IGNORE
+        h, w, *rest = (t.to(device) for t in inputs.args(torch.float32))
+        h.retain_grad(), w.retain_grad()
+        loss = sparse_kd_loss(h, w, *rest, divergence=divergence, impl=impl)
+        loss.backward()
+        finite = [bool(torch.isfinite(t).all()) for t in (loss, h.grad, w.grad)]
+        assert finite == [not counted] * 3, (counted, finite)  # ignored rows may hold anything
+
+
