@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
@@ -107,6 +108,12 @@ class TrainConfig:
                      "data_slots"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1")
+        for f in fields(self):  # argparse's float() takes "nan" and "inf"
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ConfigError(f"--{f.name.replace('_', '-')} {value}: must be a finite number")
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(f"--lr {self.lr}: the learning rate must be positive")
         if self.val_max_rows < 0:
             raise ConfigError("--val-max-rows must be at least 0")
         from student_train.data import window_rows  # data imports ConfigError from here

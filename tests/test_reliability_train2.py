@@ -6,11 +6,24 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import IGNORE, make_inputs
+from test_reliability_train import one_error_line, train
 
 from kernels import sparse_kd_loss
 from kernels.choices import DIVERGENCES
 
 # --- NaN and inf ---
+
+@pytest.mark.parametrize("lr, message", [("-1", "positive"), ("0", "positive"),
+                                         ("nan", "finite"), ("inf", "finite")])
+def test_a_learning_rate_that_is_not_positive_and_finite_is_one_line(cli_cache_dir, tmp_path,
+                                                                     capsys, lr, message):
+    one_error_line(capsys, train(cli_cache_dir, tmp_path / "run", "--lr", lr), "--lr", message)
+    assert not (tmp_path / "run").exists()
+
+
+def test_other_non_finite_flags_are_one_line(cli_cache_dir, tmp_path, capsys):
+    one_error_line(capsys, train(cli_cache_dir, tmp_path, "--ce-weight", "nan"), "--ce-weight")
+
 
 @pytest.mark.parametrize("impl", ["reference", "triton"])
 @pytest.mark.parametrize("divergence", DIVERGENCES)
