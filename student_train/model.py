@@ -5,18 +5,23 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import secrets
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from kernels import sparse_kd_loss
 from student_train.data import IGNORE_INDEX
 from student_train.model_card import write_model_card
+from teacher_cache.errors import CacheError
 from teacher_cache.format import TRAINING_FILE, Manifest
-from teacher_cache.storage import write_json
+from teacher_cache.storage import USER_FIXABLE_ERRNOS, replace_directory, write_json
 from teacher_cache.teacher import quiet_transformers_bars
 
 log = logging.getLogger(__name__)
@@ -95,8 +100,60 @@ def save_student(student: PreTrainedModel, out_dir: str | os.PathLike, manifest:
     cache on), the teacher's tokenizer when its path in the manifest exists on this machine
     (without its chat template unless `chat_template`: a student trained on raw text is a base
     model), the run's `training` summary in TRAINING_FILE (which the cache's `score` records for a
-    reference) and a model card."""
+    reference) and a model card.
+
+    Written whole into a temp folder beside OUT_DIR, then renamed into place (an earlier student
+    there is replaced only then), so OUT_DIR is never partial; its files get the umask's mode. A
+    write refused for room or permissions is a CacheError naming OUT_DIR."""
     out = Path(out_dir)
+    staging = _temp_sibling(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir(0o777)  # the mode the umask gives, which its files get too (below)
+        _write_student(student, staging, manifest, training, chat_template)
+        file_mode = staging.stat().st_mode & 0o666
+        for entry in os.scandir(staging):  # safetensors writes through a temp file of mode 0600
+            if entry.is_file(follow_symlinks=False):
+                os.chmod(entry.path, file_mode)
+        previous = _temp_sibling(out) if os.path.lexists(out) else None
+        if previous is not None:
+            os.rename(out, previous)
+        try:
+            replace_directory(staging, out)
+        except BaseException:
+            if previous is not None:
+                os.rename(previous, out)
+            raise
+    except (OSError, SafetensorError) as e:
+        code = e.errno if isinstance(e, OSError) else _os_error(e)
+        if code not in USER_FIXABLE_ERRNOS:
+            raise
+        raise CacheError(f"cannot write the student {out}: {os.strerror(code)} (nothing of it "
+                         f"was saved); make room or fix the permissions, then rerun the same "
+                         f"command with --resume") from e
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    if previous is not None:
+        shutil.rmtree(previous)
+    return out
+
+
+def _temp_sibling(path: Path) -> Path:
+    """A new name beside PATH in the temp-file pattern of teacher_cache.storage, which
+    student_train.run_dir clears when a run starts."""
+    return path.with_name(f".tmp-{secrets.token_hex(6)}-{path.name}")
+
+
+def _os_error(error: SafetensorError) -> int | None:
+    """The errno safetensors names in its message ("... (os error 28)"): its I/O failures are not
+    OSErrors."""
+    found = re.search(r"os error (\d+)", str(error))
+    return int(found[1]) if found else None
+
+
+def _write_student(student: PreTrainedModel, out: Path, manifest: Manifest,
+                   training: dict[str, Any] | None, chat_template: bool) -> None:
     training_cache = student.config.use_cache
     student.config.use_cache = True  # off while training, where nothing is generated
     if student.generation_config is not None:
@@ -113,9 +170,9 @@ def save_student(student: PreTrainedModel, out_dir: str | os.PathLike, manifest:
     if teacher_path and os.path.isdir(teacher_path):
         try:
             tokenizer = AutoTokenizer.from_pretrained(teacher_path)
-            if not chat_template:
-                tokenizer.chat_template = None
-            tokenizer.save_pretrained(out)
         except (OSError, ValueError) as e:
             log.warning("teacher tokenizer at %s not copied: %s", teacher_path, e)
-    return out
+            return
+        if not chat_template:
+            tokenizer.chat_template = None
+        tokenizer.save_pretrained(out)

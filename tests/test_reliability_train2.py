@@ -3,13 +3,42 @@ not write, NaN, a resume on another cache, two runs on one --out, kills and full
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 import torch
 from helpers import IGNORE, make_inputs
+from safetensors import SafetensorError
 from test_reliability_train import one_error_line, train
 
 from kernels import sparse_kd_loss
 from kernels.choices import DIVERGENCES
+
+
+def error_line(capsys, code: int, *fragments: str) -> str:
+    """The one line a run that trained some steps ends with (after its progress bar)."""
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.endswith("\n"), err
+    last = err.splitlines()[-1]
+    assert last.startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in last, last
+    return last
+
+
+def strict_json(text: str):
+    """json.loads that refuses NaN and Infinity, which are not JSON."""
+    def refuse(constant):
+        raise ValueError(f"{constant} in JSON")
+    return json.loads(text, parse_constant=refuse)
+
+
+def run_files(out) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file()}
+
 
 # --- NaN and inf ---
 
@@ -43,5 +72,42 @@ def test_a_non_finite_teacher_logprob_makes_the_loss_non_finite_like_its_gradien
         loss.backward()
         finite = [bool(torch.isfinite(t).all()) for t in (loss, h.grad, w.grad)]
         assert finite == [not counted] * 3, (counted, finite)  # ignored rows may hold anything
+
+
+# --- kills and full disks ---
+
+def test_the_saved_student_gets_the_umasks_mode(cli_cache_dir, tmp_path):
+    previous = os.umask(0o022)
+    try:
+        assert train(cli_cache_dir, tmp_path / "run") == 0
+    finally:
+        os.umask(previous)
+    student = tmp_path / "run" / "student"
+    assert student.stat().st_mode & 0o777 == 0o755
+    assert {p.name: p.stat().st_mode & 0o777 for p in student.iterdir()} == {
+        p.name: 0o644 for p in student.iterdir()}
+
+
+def test_a_full_disk_while_saving_the_student_keeps_the_previous_one(cli_cache_dir, tmp_path,
+                                                                     capsys, monkeypatch):
+    import transformers.modeling_utils as modeling_utils
+
+    out = tmp_path / "run"
+    assert train(cli_cache_dir, out) == 0
+    student = run_files(out / "student")
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device "
+                              "(os error 28)")
+
+    capsys.readouterr()
+    with monkeypatch.context() as patch:
+        patch.setattr(modeling_utils, "safe_save_file", full)
+        error_line(capsys, train(cli_cache_dir, out, "--resume", "--max-steps", "3"),
+                       f"cannot write the student {out / 'student'}", "No space left on device")
+    assert run_files(out / "student") == student
+    assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
+    assert train(cli_cache_dir, out, "--resume", "--max-steps", "3") == 0
+    assert strict_json((out / "student" / "training.json").read_text())["steps"] == 3
 
 
