@@ -29,6 +29,7 @@ from itertools import pairwise
 from pathlib import Path
 
 from teacher_cache.errors import CorpusError
+from teacher_cache.hub import hub_unreachable
 
 TEXT_SUFFIXES = (".txt", ".py", ".md")
 RECORD_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -444,8 +445,10 @@ def _load_dataset(config: CorpusConfig):
     import datasets
 
     name = config.dataset
+    if not os.path.exists(name) and (problem := hub_unreachable()):
+        raise CorpusError(f"dataset {name}: not a local path, and {problem}")
     try:
-        if name and os.path.isfile(name):  # one local data file: let its suffix pick the builder
+        if os.path.isfile(name):  # one local data file: let its suffix pick the builder
             builder = {".jsonl": "json", ".txt": "text"}.get(Path(name).suffix,
                                                              Path(name).suffix.lstrip("."))
             return datasets.load_dataset(builder, data_files=name, split=config.split,

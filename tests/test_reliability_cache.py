@@ -323,6 +323,30 @@ def test_an_unreachable_s3_endpoint_is_one_line(s3_credentials, capsys):
     assert f"{url}: cannot reach this location" in line and "Could not connect" in line
 
 
+@pytest.mark.parametrize("flag", ["--dataset", "--teacher"])
+def test_a_hub_name_with_no_hub_to_reach_fails_at_once(flag: str, tmp_path: Path,
+                                                        tiny_teacher_dir: Path,
+                                                        tiny_corpus_dir: Path, monkeypatch,
+                                                        capsys):
+    import datasets
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there
+    loads = []  # each would retry the hub for half a minute before failing
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: loads.append(a))
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: loads.append(a))
+    argv = build_argv(tmp_path / "cache", tiny_teacher_dir, tiny_corpus_dir)
+    replaced = argv.index("--corpus" if flag == "--dataset" else flag)
+    argv[replaced:replaced + 2] = [flag, "nobody/no-such-name"]
+    assert main(argv) == 2
+    line = one_error_line(capsys)
+    assert "nobody/no-such-name: not a local path, and the hub http://127.0.0.1:9 does not " \
+           "answer" in line and "HF_HUB_OFFLINE=1" in line
+    assert loads == [] and not (tmp_path / "cache").exists()
+
+
 def test_a_write_refused_by_the_filesystem_names_the_file(tmp_path: Path, monkeypatch):
     def read_only(*args, **kwargs):
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES))
