@@ -10,7 +10,7 @@ import os
 import pickle
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -50,12 +50,36 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class _WriteErrors:
+    """A file whose failed write keeps its OSError: torch.save reports one as a RuntimeError
+    ("unexpected pos") that no longer says why (a full disk)."""
+
+    def __init__(self, file: BinaryIO):
+        self.file, self.error = file, None
+
+    def write(self, data: bytes) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.file, name)
+
+
 def save_checkpoint(run_dir: str | os.PathLike, state: dict[str, Any]) -> Path:
     """Write `state` to RUN_DIR/checkpoint.pt atomically: a kill at any moment leaves the previous
-    checkpoint or the new one, never a torn file."""
+    checkpoint or the new one, never a torn file. A full disk is a CacheError naming the file."""
     target = Path(run_dir) / CHECKPOINT_FILE
     with atomic_output(target) as f:
-        torch.save({"format": CHECKPOINT_FORMAT, **state}, f)
+        file = _WriteErrors(f)
+        try:
+            torch.save({"format": CHECKPOINT_FORMAT, **state}, file)
+        except RuntimeError:
+            if file.error is None:
+                raise
+            raise file.error from None  # atomic_output turns it into its one line
     return target
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from helpers import IGNORE, make_inputs
 from safetensors import SafetensorError
 from test_reliability_train import one_error_line, train
 
+import student_train.checkpoint as checkpoint_module
 from kernels import sparse_kd_loss
 from kernels.choices import DIVERGENCES
 
@@ -109,5 +111,37 @@ def test_a_full_disk_while_saving_the_student_keeps_the_previous_one(cli_cache_d
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
     assert train(cli_cache_dir, out, "--resume", "--max-steps", "3") == 0
     assert strict_json((out / "student" / "training.json").read_text())["steps"] == 3
+
+
+def test_a_full_disk_while_writing_a_checkpoint_is_one_line(cli_cache_dir, tmp_path, capsys,
+                                                            monkeypatch):
+    out = tmp_path / "run"
+    assert train(cli_cache_dir, out) == 0
+    before = (out / "checkpoint.pt").read_bytes()
+    real = checkpoint_module.atomic_output
+
+    class FillsUp:  # a disk with room for 100 more bytes
+        def __init__(self, file):
+            self.file, self.room = file, 100
+
+        def write(self, data):
+            if len(data) > self.room:
+                raise OSError(28, "No space left on device")
+            self.room -= len(data)
+            return self.file.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.file, name)
+
+    @contextmanager
+    def full_disk(target, *args, **kwargs):
+        with real(target, *args, **kwargs) as f:
+            yield FillsUp(f)
+
+    monkeypatch.setattr(checkpoint_module, "atomic_output", full_disk)
+    capsys.readouterr()
+    error_line(capsys, train(cli_cache_dir, out, "--resume", "--max-steps", "3"),
+                   str(out / "checkpoint.pt"), "No space left on device")
+    assert (out / "checkpoint.pt").read_bytes() == before
 
 
