@@ -87,11 +87,24 @@ def load_checkpoint(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     """The checkpoint in RUN_DIR, or None if there is none. A file holding anything but tensors,
     plain containers and numbers is refused (CheckpointError) without running any of it."""
     path = Path(run_dir) / CHECKPOINT_FILE
-    if not path.exists():
-        return None
-    advice = "resume it with the version that wrote it, or retrain with --overwrite or a new --out"
+    return _read(path) if path.exists() else None
+
+
+def is_checkpoint(path: Path) -> bool:
+    """Whether PATH is a checkpoint this version wrote (read lazily: its tensors stay on disk)."""
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        _read(path, mmap=True)
+    except CheckpointError:
+        return False
+    return True
+
+
+def _read(path: Path, mmap: bool = False) -> dict[str, Any]:
+    # --overwrite deletes only a checkpoint that reads (is_checkpoint): never point to it here.
+    advice = ("resume it with the version that wrote it, or move it away (or choose a new --out) "
+              "to train anew")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:
         raise CheckpointError(f"{path}: refused, it holds objects other than tensors, containers "
                               f"and numbers (an older version's checkpoint, or a tampered file); "

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -20,7 +20,6 @@ from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from student_train.checkpoint import (
-    CHECKPOINT_FILE,
     load_checkpoint,
     rng_state,
     save_checkpoint,
@@ -38,14 +37,14 @@ from student_train.data import (
 )
 from student_train.evaluate import evaluate
 from student_train.model import DistillationObjective, count_parameters, decoder_of, save_student
+from student_train.run_dir import METRICS_FILE, STUDENT_DIR, SUMMARY_FILE, RunLock, claim_run_dir
 from student_train.selection import Selection
 from student_train.students import BuildContext, create_student, restore_student
+from teacher_cache.errors import UserError
 from teacher_cache.reader import open_cache
 from teacher_cache.storage import atomic_output, write_json
 
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
-STUDENT_DIR = "student"
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -64,6 +63,25 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+def on_main(env: Distributed, action: Callable[[], T]) -> T | None:
+    """ACTION's result on rank 0 (None on the others). A UserError it raises is raised on every
+    rank: the others would otherwise wait for rank 0 in their first collective."""
+    result, error = None, None
+    if env.is_main:
+        try:
+            result = action()
+        except UserError as e:
+            error = e
+    if env.world_size > 1:
+        message = [None if error is None else str(error)]
+        dist.broadcast_object_list(message, src=0)
+        if error is None and message[0] is not None:
+            error = ConfigError(message[0])
+    if error is not None:
+        raise error
+    return result
 
 
 def init_distributed(device: str) -> Distributed:
@@ -180,22 +198,6 @@ def stream_layout(config: TrainConfig, world_size: int,
     return result
 
 
-def prepare_run_dir(config: TrainConfig, is_main: bool) -> None:
-    """A new run never silently replaces an earlier one: OUT holding a checkpoint or a student
-    needs --resume (continue it) or --overwrite (whose run files go before the first step)."""
-    out = Path(config.out)
-    held = [name for name in (CHECKPOINT_FILE, STUDENT_DIR) if (out / name).exists()]
-    if not held or config.resume:
-        return
-    if not config.overwrite:
-        raise ConfigError(f"{out}: already holds a run ({' and '.join(held)}); pass --resume to "
-                          f"continue it, --overwrite to replace it, or choose another --out")
-    if is_main:
-        shutil.rmtree(out / STUDENT_DIR, ignore_errors=True)
-        for name in (CHECKPOINT_FILE, SUMMARY_FILE, METRICS_FILE):
-            (out / name).unlink(missing_ok=True)
-
-
 def finished_summary(run_dir: Path, step: int) -> dict[str, Any] | None:
     """The summary of a run that already trained to `step`, or None if it has none."""
     try:
@@ -210,9 +212,22 @@ class Trainer:
 
     def __init__(self, config: TrainConfig):
         self.config = config
-        self.env = env = init_distributed(config.device)
+        self.env = init_distributed(config.device)
         self.out = Path(config.out)
-        prepare_run_dir(config, env.is_main)
+        self.lock: RunLock | None = on_main(self.env, lambda: claim_run_dir(config))
+        try:
+            self._setup()
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the run directory (also done when this process ends)."""
+        if self.lock is not None:
+            self.lock.release()
+
+    def _setup(self) -> None:
+        config, env = self.config, self.env
         self.cache = open_cache(config.cache)
         self.manifest = self.cache.manifest
         config.check_cache_targets(config.cache, self.manifest.targets)
@@ -423,4 +438,8 @@ class Trainer:
 
 def train(config: TrainConfig) -> dict[str, Any]:
     """Train one student; returns (and writes to OUT/summary.json) the run's summary."""
-    return Trainer(config).run()
+    trainer = Trainer(config)
+    try:
+        return trainer.run()
+    finally:
+        trainer.close()

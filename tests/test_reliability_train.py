@@ -66,7 +66,7 @@ def test_resume_refuses_a_checkpoint_that_does_not_load_safely(cli_cache_dir, tm
         checkpoint.write_bytes(checkpoint.read_bytes()[:100])
 
     one_error_line(capsys, train(cli_cache_dir, out, "--resume"), str(checkpoint), message,
-                   "--overwrite")
+                   "move it away")
     assert not marker.exists()
     assert not (out / "student").exists()
 

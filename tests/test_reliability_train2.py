@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import subprocess
+import sys
 from contextlib import contextmanager
 
 import pytest
@@ -42,6 +45,43 @@ def run_files(out) -> dict[str, bytes]:
             if p.is_file()}
 
 
+# --- --overwrite deletes only what a run of this tool wrote ---
+
+def test_overwrite_refuses_a_student_folder_this_tool_did_not_save(cli_cache_dir, tmp_path,
+                                                                   capsys):
+    out = tmp_path / "proj"
+    (out / "student").mkdir(parents=True)
+    (out / "student" / "thesis.tex").write_text("years of work")
+    one_error_line(capsys, train(cli_cache_dir, out, "--overwrite"), str(out / "student"),
+                   "training.json", "move it away")
+    assert (out / "student" / "thesis.tex").read_text() == "years of work"
+    assert not (out / "checkpoint.pt").exists()
+
+
+def test_overwrite_never_deletes_or_writes_through_a_symbolic_link(cli_cache_dir, tmp_path,
+                                                                   capsys):
+    out, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    assert train(cli_cache_dir, elsewhere) == 0  # a real student, with its training.json
+    before = run_files(elsewhere)
+    capsys.readouterr()
+    out.mkdir()
+    (out / "student").symlink_to(elsewhere / "student")
+    one_error_line(capsys, train(cli_cache_dir, out, "--overwrite"), str(out / "student"),
+                   "symbolic link")
+    one_error_line(capsys, train(cli_cache_dir, out, "--resume"), "symbolic link")
+    assert run_files(elsewhere) == before
+
+
+def test_overwrite_refuses_a_checkpoint_of_another_tool(cli_cache_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    torch.save({"epoch": 3, "weights": torch.ones(2)}, out / "checkpoint.pt")
+    before = (out / "checkpoint.pt").read_bytes()
+    one_error_line(capsys, train(cli_cache_dir, out, "--overwrite"), str(out / "checkpoint.pt"),
+                   "not a checkpoint of this version")
+    assert (out / "checkpoint.pt").read_bytes() == before
+
+
 # --- NaN and inf ---
 
 @pytest.mark.parametrize("lr, message", [("-1", "positive"), ("0", "positive"),
@@ -76,7 +116,59 @@ def test_a_non_finite_teacher_logprob_makes_the_loss_non_finite_like_its_gradien
         assert finite == [not counted] * 3, (counted, finite)  # ignored rows may hold anything
 
 
+# --- one run per run directory ---
+
+def test_a_run_directory_in_use_is_refused_and_a_dead_runs_lock_taken_over(cli_cache_dir,
+                                                                           tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock = {"host": socket.gethostname(), "pid": holder.pid}
+        (out / "run.lock").write_text(json.dumps(lock))
+        one_error_line(capsys, train(cli_cache_dir, out), "in use", f"pid {holder.pid}",
+                       str(out / "run.lock"))
+        assert sorted(os.listdir(out)) == ["run.lock"]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert train(cli_cache_dir, out) == 0  # its holder is gone: taken over, then released
+    assert not (out / "run.lock").exists()
+
+    (out / "run.lock").write_text(json.dumps({"host": "another-machine", "pid": 1}))
+    capsys.readouterr()
+    one_error_line(capsys, train(cli_cache_dir, out, "--resume", "--max-steps", "3"),
+                   "pid 1 on another-machine")
+
+
+def test_a_run_holds_its_lock_while_it_trains(cli_cache_dir, tmp_path, monkeypatch):
+    import student_train.train as train_module
+
+    out, seen = tmp_path / "run", []
+    save = train_module.save_checkpoint
+
+    def save_and_look(run_dir, state):
+        seen.append(json.loads((out / "run.lock").read_text()))
+        save(run_dir, state)
+
+    monkeypatch.setattr(train_module, "save_checkpoint", save_and_look)
+    assert train(cli_cache_dir, out) == 0
+    assert seen == [{"host": socket.gethostname(), "pid": os.getpid()}]
+    assert not (out / "run.lock").exists()
+
+
 # --- kills and full disks ---
+
+def test_stale_temp_files_of_a_killed_write_go_when_the_next_run_starts(cli_cache_dir, tmp_path):
+    out = tmp_path / "run"
+    assert train(cli_cache_dir, out) == 0
+    (out / ".tmp-0123456789ab-checkpoint.pt").write_bytes(b"x" * 1000)
+    (out / ".tmp-abcdef012345-student").mkdir()
+    (out / ".tmp-abcdef012345-student" / "config.json").write_text("{}")
+    (out / ".tmp-notes").write_text("not ours")
+    assert train(cli_cache_dir, out, "--resume", "--max-steps", "3") == 0
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith(".")) == [".tmp-notes"]
+
 
 def test_the_saved_student_gets_the_umasks_mode(cli_cache_dir, tmp_path):
     previous = os.umask(0o022)
