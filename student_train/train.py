@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -20,6 +22,8 @@ from tqdm import tqdm
 from transformers import PreTrainedModel
 
 from student_train.checkpoint import (
+    CHECKPOINT_FILE,
+    CheckpointError,
     load_checkpoint,
     rng_state,
     save_checkpoint,
@@ -28,6 +32,7 @@ from student_train.checkpoint import (
 from student_train.config import RESUMABLE_CHANGES, ConfigError, TrainConfig
 from student_train.data import (
     DATA_ORDER,
+    RowSplit,
     StreamLayout,
     TrainStream,
     eval_batches,
@@ -35,12 +40,13 @@ from student_train.data import (
     split_rows,
     stream_position,
 )
-from student_train.evaluate import evaluate
+from student_train.evaluate import EvalMetrics, evaluate
 from student_train.model import DistillationObjective, count_parameters, decoder_of, save_student
 from student_train.run_dir import METRICS_FILE, STUDENT_DIR, SUMMARY_FILE, RunLock, claim_run_dir
 from student_train.selection import Selection
 from student_train.students import BuildContext, create_student, restore_student
 from teacher_cache.errors import UserError
+from teacher_cache.format import Manifest, build_id
 from teacher_cache.reader import open_cache
 from teacher_cache.storage import atomic_output, write_json
 
@@ -63,6 +69,10 @@ def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
+
+
+class TrainingDiverged(ConfigError):
+    """A loss, gradient or weight that is not finite: the run stops before writing any of it."""
 
 
 def on_main(env: Distributed, action: Callable[[], T]) -> T | None:
@@ -198,6 +208,28 @@ def stream_layout(config: TrainConfig, world_size: int,
     return result
 
 
+def cache_identity(manifest: Manifest, split: RowSplit) -> dict[str, Any]:
+    """What a resumed run must find again in its cache: the build that wrote it (teacher,
+    tokenizer, targets, corpus), its vocabulary, and the rows it trains on and holds out. Not its
+    path: a moved or copied cache resumes."""
+    rows = hashlib.sha256(split.train.astype("<i8").tobytes() + b"/"
+                          + split.val.astype("<i8").tobytes()).hexdigest()[:16]
+    return {"build": build_id(manifest.build_identity()), "vocab_size": manifest.vocab_size,
+            "sequences": len(split.train) + len(split.val), "rows": rows}
+
+
+def check_same_cache(saved: dict[str, Any] | None, current: dict[str, Any],
+                     config: TrainConfig) -> None:
+    if saved is None:  # a checkpoint from before the cache identity was recorded
+        return
+    changed = ", ".join(f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in current.items()
+                        if saved.get(k) != v)
+    if changed:
+        raise CheckpointError(f"{Path(config.out) / CHECKPOINT_FILE}: trained on another cache "
+                              f"than {config.cache} ({changed}); resume it with the cache it "
+                              f"trained on, or start over (--overwrite or a new --out)")
+
+
 def finished_summary(run_dir: Path, step: int) -> dict[str, Any] | None:
     """The summary of a run that already trained to `step`, or None if it has none."""
     try:
@@ -238,6 +270,9 @@ class Trainer:
         self.layout = stream_layout(config, env.world_size, checkpoint)
         self.split = split_rows(self.cache, config.val_fraction, selection, config.seed,
                                 config.val_max_rows)
+        self.cache_identity = cache_identity(self.manifest, self.split)
+        if checkpoint is not None:
+            check_same_cache(checkpoint.get("cache"), self.cache_identity, config)
         self._val_batches: list | None = None
 
         # A resumed student is rebuilt from its checkpoint (a pruned one is not measured again).
@@ -261,8 +296,16 @@ class Trainer:
         self.compiled = use_compile(config.compile, env.device)
         if self.compiled:
             compile_decoder(self.student, config.compile_backend, env.device)
+        self.checkpoint_step = None if checkpoint is None else checkpoint["step"]
         if checkpoint is not None:
-            self.student.load_state_dict(checkpoint["model"])
+            try:
+                self.student.load_state_dict(checkpoint["model"])
+            except RuntimeError as e:  # another vocabulary or architecture
+                raise CheckpointError(
+                    f"{self.out / CHECKPOINT_FILE}: its weights do not fit the student built "
+                    f"for {config.cache} ({str(e).splitlines()[-1].strip()}); resume it with "
+                    f"the cache it trained on, or start over (--overwrite or a new --out)"
+                ) from None
             self.optimizer.load_state_dict(checkpoint["optimizer"])
             self.scheduler.load_state_dict(checkpoint["scheduler"])
             set_rng_state(checkpoint["rng"])
@@ -286,6 +329,10 @@ class Trainer:
         self.tokens_per_step = config.rows_per_step * self.manifest.seq_len
         self.bf16 = use_bf16(config.precision, env.device)
         self.metrics = MetricsLog(self.out / METRICS_FILE, self.step) if env.is_main else None
+        # The first step whose loss or gradient norm was not finite (0: none). Kept on the
+        # device and read only by check_finite, where the host waits for the device anyway
+        # (logging reads the loss, evaluation and checkpoints copy to the host): no sync per step.
+        self.first_bad_step = torch.zeros((), dtype=torch.int64, device=env.device)
 
     def train_step(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One optimizer step over `grad_accum` micro-batches: (loss, gradient norm)."""
@@ -309,10 +356,38 @@ class Trainer:
         self.step += 1
         if ddp:
             dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+        finite = torch.isfinite(loss_sum)
+        if grad_norm is not None:
+            finite &= torch.isfinite(grad_norm)
+        self.first_bad_step = torch.where(finite | (self.first_bad_step > 0),
+                                          self.first_bad_step, self.step)
         return loss_sum, grad_norm
 
+    def check_finite(self) -> None:
+        """TrainingDiverged if a step's loss or gradient norm was not finite, or the weights are
+        not: called before anything of a step is logged or written, so nothing poisoned is."""
+        weights_finite = torch.stack([p.isfinite().all() for p in self.student.parameters()])
+        bad_step, weights_ok = torch.stack([self.first_bad_step,
+                                            weights_finite.all().long()]).tolist()
+        if bad_step:
+            self.diverged(f"the loss or its gradient norm is NaN or infinite at step {bad_step}")
+        if not weights_ok:
+            self.diverged(f"the weights are NaN or infinite after step {self.step}")
+
+    def diverged(self, what: str) -> NoReturn:
+        kept = ("no checkpoint was written" if self.checkpoint_step is None else
+                f"its checkpoint of step {self.checkpoint_step} is kept")
+        raise TrainingDiverged(f"{self.out}: training diverged, {what}; nothing of it was "
+                               f"written ({kept}). Lower --lr, or look for NaN or inf in the "
+                               f"cache's teacher logprobs or in the checkpoint resumed from")
+
     def evaluate(self) -> dict[str, Any]:
+        """The held-out figures after this step, logged (null without held-out sequences)."""
         env = self.env
+        self.check_finite()
+        if len(self.split.val) == 0:
+            return {"step": self.step, **{f"val_{f.name}": None for f in fields(EvalMetrics)},
+                    "val_tokens": 0}
         if self._val_batches is None:  # the held-out rows are few (--val-max-rows): read once
             self._val_batches = list(eval_batches(self.cache, self.split.val,
                                                   self.config.eval_batch_size, env.rank,
@@ -323,10 +398,14 @@ class Trainer:
                               impl=self.config.loss_impl)
         record = {"step": self.step, "tokens": self.step * self.tokens_per_step,
                   **result.as_record()}
+        if not all(map(math.isfinite, asdict(result).values())):
+            self.diverged(f"the held-out figures are not finite after step {self.step} "
+                          f"(val CE {result.ce}, KL {result.kl})")
         self.log(record)
         return record
 
     def save_checkpoint(self) -> None:
+        self.check_finite()
         if self.env.is_main:
             save_checkpoint(self.out, {
                 "step": self.step, "model": self.student.state_dict(),
@@ -334,10 +413,12 @@ class Trainer:
                 "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
                 "train_seconds": self.train_seconds, "timed_steps": self.timed_steps,
                 "config": asdict(self.config), "student": self.built.checkpoint_entry(),
+                "cache": self.cache_identity,
                 "data": stream_position(self.step * self.config.grad_accum,
                                         self.config.batch_size, len(self.split.train),
                                         self.layout),
             })
+        self.checkpoint_step = self.step
         if self.env.world_size > 1:
             dist.barrier()
 
@@ -365,6 +446,7 @@ class Trainer:
         progress.update(1)
         step, record = self.step, None
         if step % config.log_every == 0 or step == config.max_steps:
+            self.check_finite()
             progress.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{tokens_per_s or 0:,.0f}")
             self.log({"step": step, "tokens": step * self.tokens_per_step,
                       "loss": loss.item(), "lr": self.scheduler.get_last_lr()[0],
@@ -391,6 +473,9 @@ class Trainer:
                   f"{self.tokens_per_step} tokens per step, {env.world_size} rank(s) on "
                   f"{env.device}{', bf16 autocast' if self.bf16 else ''}"
                   f"{', compiled decoder' if self.compiled else ''}")
+            if len(self.split.val) == 0:
+                print("warning: no held-out sequences (--val-fraction, --val-max-rows): no "
+                      "validation figures, null in summary.json", file=sys.stderr)
         last_eval = self.evaluate() if self.step == 0 and config.eval_every > 0 else None
         # A compiled run's first step (of each session) compiles: it is timed apart and left out
         # of tokens/s.
@@ -426,10 +511,11 @@ class Trainer:
             save_student(self.student, self.out / STUDENT_DIR, self.manifest, training=summary,
                          chat_template=config.chat_template)
             write_json(self.out / SUMMARY_FILE, summary)
-            print(f"done: {self.step} steps, {summary['tokens_seen']:,} tokens, val CE "
-                  f"{summary['val_ce']:.4f} (PPL {summary['val_ppl']:.1f}), KL "
-                  f"{summary['val_kl']:.4f}, top-1 {summary['val_top1']:.3f}; student saved to "
-                  f"{self.out / STUDENT_DIR}")
+            figures = ("" if summary["val_ce"] is None else
+                       f", val CE {summary['val_ce']:.4f} (PPL {summary['val_ppl']:.1f}), KL "
+                       f"{summary['val_kl']:.4f}, top-1 {summary['val_top1']:.3f}")
+            print(f"done: {self.step} steps, {summary['tokens_seen']:,} tokens{figures}; "
+                  f"student saved to {self.out / STUDENT_DIR}")
             if compile_seconds is not None:
                 print(f"compile: the first step took {compile_seconds:.1f} s (compilation "
                       f"included), not counted in tokens/s")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,8 +18,11 @@ from safetensors import SafetensorError
 from test_reliability_train import one_error_line, train
 
 import student_train.checkpoint as checkpoint_module
+import teacher_cache.synth as synth_module
 from kernels import sparse_kd_loss
 from kernels.choices import DIVERGENCES
+from student_train.checkpoint import load_checkpoint, save_checkpoint
+from teacher_cache.synth import write_synthetic_cache
 
 
 def error_line(capsys, code: int, *fragments: str) -> str:
@@ -114,6 +118,97 @@ def test_a_non_finite_teacher_logprob_makes_the_loss_non_finite_like_its_gradien
         loss.backward()
         finite = [bool(torch.isfinite(t).all()) for t in (loss, h.grad, w.grad)]
         assert finite == [not counted] * 3, (counted, finite)  # ignored rows may hold anything
+
+
+def test_a_checkpoint_with_nan_weights_stops_at_its_first_step_and_keeps_the_run(
+        cli_cache_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(cli_cache_dir, out) == 0
+    state = load_checkpoint(out)
+    next(iter(state["model"].values()))[0] = float("nan")
+    save_checkpoint(out, state)
+    before = run_files(out)
+    capsys.readouterr()
+    error_line(capsys, train(cli_cache_dir, out, "--resume", "--max-steps", "4"), str(out),
+                   "diverged", "step 3", "checkpoint of step 2 is kept")
+    assert run_files(out) == before
+
+
+@contextmanager
+def poisoned_teacher(value: float):
+    """write_synthetic_cache writes VALUE into every teacher logprob of its second shard."""
+    real = synth_module.encode_batch
+
+    def encode(batch):
+        if batch.seq_ids[0] > 0:
+            batch.topk_logprobs[:] = value
+        return real(batch)
+
+    synth_module.encode_batch = encode
+    try:
+        yield
+    finally:
+        synth_module.encode_batch = real
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_teacher_logprobs_in_the_cache_stop_the_run_naming_the_step(tmp_path, capsys,
+                                                                               bad):
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    with poisoned_teacher(bad):
+        write_synthetic_cache(cache, sequences=16, seq_len=8, top_k=2, vocab_size=64,
+                              rows_per_shard=8)
+    code = train(cache, out, "--max-steps", "8", "--checkpoint-every", "1", "--log-every", "1",
+                 "--val-fraction", "0")
+    err = error_line(capsys, code, "diverged", "at step")
+    step = int(err.split("at step ")[1].split(";")[0])
+    assert load_checkpoint(out) is None if step == 1 else load_checkpoint(out)["step"] == step - 1
+    assert not (out / "student").exists() and not (out / "summary.json").exists()
+    records = [strict_json(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, step))
+
+
+def test_a_huge_learning_rate_never_writes_nan(cli_cache_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    error_line(capsys, train(cli_cache_dir, out, "--lr", "1e30", "--max-steps", "6",
+                                 "--log-every", "1", "--checkpoint-every", "1"), "diverged")
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        strict_json(line)
+    assert not (out / "student").exists() and not (out / "summary.json").exists()
+    state = load_checkpoint(out)
+    assert state is None or all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+# --- --resume on another cache ---
+
+def test_resume_follows_a_moved_cache_and_refuses_another_one(cli_cache_dir, tmp_path, capsys):
+    cache, out = tmp_path / "cache", tmp_path / "run"
+    shutil.copytree(cli_cache_dir, cache)
+    assert train(cache, out) == 0
+    moved = tmp_path / "moved"
+    cache.rename(moved)
+    assert train(moved, out, "--resume", "--max-steps", "3") == 0
+
+    other = tmp_path / "other"  # the same shape, another build (seed)
+    write_synthetic_cache(other, sequences=24, seq_len=8, top_k=2, vocab_size=64,
+                          rows_per_shard=8, seed=1)
+    capsys.readouterr()
+    error_line(capsys, train(other, out, "--resume", "--max-steps", "4"),
+                   str(out / "checkpoint.pt"), "another cache", "build:")
+
+
+def test_resume_on_another_vocabulary_is_one_line(cli_cache_dir, tmp_path, capsys):
+    other, out = tmp_path / "other", tmp_path / "run"
+    write_synthetic_cache(other, sequences=24, seq_len=8, top_k=2, vocab_size=48,
+                          rows_per_shard=8)
+    assert train(cli_cache_dir, out) == 0
+    capsys.readouterr()
+    error_line(capsys, train(other, out, "--resume", "--max-steps", "3"), "vocab_size: 64 -> 48")
+    state = load_checkpoint(out)
+    del state["cache"], state["student"]  # as a version that recorded neither wrote it
+    save_checkpoint(out, state)
+    error_line(capsys, train(other, out, "--resume", "--max-steps", "3"), "do not fit the student",
+               "size mismatch")
 
 
 # --- one run per run directory ---
@@ -237,3 +332,12 @@ def test_a_full_disk_while_writing_a_checkpoint_is_one_line(cli_cache_dir, tmp_p
     assert (out / "checkpoint.pt").read_bytes() == before
 
 
+def test_no_held_out_sequences_warn_once_and_write_no_nan(cli_cache_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(cli_cache_dir, out, "--val-fraction", "0", "--eval-every", "1") == 0
+    assert capsys.readouterr().err.count("no held-out sequences") == 1
+    summary = strict_json((out / "summary.json").read_text())
+    assert summary["val_ce"] is None
+    assert strict_json((out / "student" / "training.json").read_text())["val_ce"] is None
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        strict_json(line)
