@@ -45,7 +45,7 @@ from teacher_cache.packing import (
 )
 from teacher_cache.storage import Location
 
-PACKED_VERSION = 1  # of the partition files; part of PLAN
+PACKED_VERSION = 2  # of the partition files; part of PLAN (2: long documents tokenized in pieces)
 RECENT_PARTITIONS = 2  # kept in memory: a worker's consecutive shards often share a partition
 
 
@@ -57,6 +57,9 @@ class PartitionInfo:
     skipped: list[str]  # files (or .jsonl byte ranges) skipped as not UTF-8
     bytes: int
     sha256: str
+    # False: packing stopped once the cap had its tokens; `tokens` are the partition's first ones
+    # and serve only builds with that cap (the build identity holds it)
+    complete: bool = True
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -121,6 +124,7 @@ class PackedCorpus:
         self.plan = plan_id(partitions, source)
         self.seq_len = seq_len
         self.most_sequences = max_sequences(seq_len, max_tokens)
+        self.cap = None if self.most_sequences is None else self.most_sequences * seq_len
         self.known = known
         self.infos: list[PartitionInfo | None] = [None] * len(partitions)
         self.offsets = [0]  # stream offset of each partition known in order, and of the next
@@ -134,12 +138,11 @@ class PackedCorpus:
         one whose estimated start lies past the cap ends it (should the shards need it after all,
         it is packed when they do)."""
         own = self.partitions[worker_index::num_workers]
-        cap = None if self.most_sequences is None else self.most_sequences * self.seq_len
         with tqdm(total=len(own), unit="partition", disable=not progress, dynamic_ncols=True,
                   desc=f"packing (worker {worker_index}/{num_workers})") as bar:
             for partition in own:
                 if self._marker(partition.index) is None:
-                    if cap is not None and self._estimated_start(partition.index) >= cap:
+                    if self.cap is not None and self._estimated_start(partition.index) >= self.cap:
                         return
                     self._pack(partition.index)
                 bar.update()
@@ -189,7 +192,7 @@ class PackedCorpus:
     def totals(self) -> StreamTotals:
         if self.known is not None:
             return self.known
-        self._resolve(None if self.most_sequences is None else self.most_sequences * self.seq_len)
+        self._resolve(self.cap)
         sequences, dropped, capped = stream_cut(self.offsets[-1], self.seq_len, self.most_sequences)
         cut, resolved = sequences * self.seq_len, len(self.offsets) - 1
         inside = bisect_right(self.offsets, cut) - 1  # the partition the cut falls in, if any
@@ -208,6 +211,11 @@ class PackedCorpus:
                                                              or self.offsets[-1] < until):
             index = len(self.offsets) - 1
             info = self._marker(index) or self._pack(index)
+            if not info.complete and (until is None or self.offsets[-1] + info.tokens < until):
+                raise CacheError(f"{self._uri(index, '.json')} holds the first {info.tokens} "
+                                 f"tokens of its partition only, fewer than this build needs: "
+                                 f"the packed files are not this build's; delete "
+                                 f"{self.location.uri}/{PACKED_DIR} and rerun")
             self.offsets.append(self.offsets[-1] + info.tokens)
 
     def _marker(self, index: int) -> PartitionInfo | None:
@@ -240,17 +248,29 @@ class PackedCorpus:
         return self.recent[index]
 
     def _pack(self, index: int) -> PartitionInfo:
-        """Tokenize a partition and write it, then its marker."""
+        """Tokenize a partition and write it, then its marker. Under the cap, with the partition's
+        start known, tokenizing stops once it holds the tokens the cap needs of it."""
         skipped: list[str] = []
-        documents = [np.asarray(ids, dtype=np.int32) for ids in tokenize_documents(
-            self.tokenizer, self.corpus.partition_documents(self.partitions[index], skipped),
-            self.tokenizer.eos_token_id)]
-        lengths = np.array([len(d) for d in documents], dtype=np.int64)
-        part = PackedPartition(np.concatenate(documents) if documents else np.zeros(0, np.int32),
+        need = self._tokens_needed(index)
+        pieces, lengths, tokens, begins, complete = [], [], 0, True, True
+        for ids, last in tokenize_documents(
+                self.tokenizer, self.corpus.partition_documents(self.partitions[index], skipped),
+                self.tokenizer.eos_token_id):
+            if begins:
+                lengths.append(0)
+            pieces.append(np.asarray(ids, dtype=np.int32))
+            lengths[-1] += len(ids)
+            tokens += len(ids)
+            begins = last
+            if need is not None and tokens >= need:
+                complete = False  # perhaps the end after all: a partial marker is still right
+                break
+        lengths = np.array(lengths, dtype=np.int64)
+        part = PackedPartition(np.concatenate(pieces) if pieces else np.zeros(0, np.int32),
                                np.cumsum(lengths) - lengths)
         data = encode_partition(part)
-        info = PartitionInfo(index, len(part.tokens), len(documents), skipped, len(data),
-                             hashlib.sha256(data).hexdigest())
+        info = PartitionInfo(index, tokens, len(lengths), skipped, len(data),
+                             hashlib.sha256(data).hexdigest(), complete=complete)
         earlier = self.infos[index]
         if earlier is not None and (earlier.tokens, earlier.documents) != (info.tokens,
                                                                            info.documents):
@@ -264,6 +284,13 @@ class PackedCorpus:
         self.partitions_tokenized += 1
         self._remember(index, part)
         return info
+
+    def _tokens_needed(self, index: int) -> int | None:
+        """How many tokens the cap takes from partition `index`, when the counts of all before it
+        are known (always so in stream order); None: all of them."""
+        if self.cap is None or any(info is None for info in self.infos[:index]):
+            return None
+        return self.cap - sum(info.tokens for info in self.infos[:index])
 
     def _remember(self, index: int, part: PackedPartition) -> None:
         self.recent[index] = part

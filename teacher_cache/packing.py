@@ -14,11 +14,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from itertools import islice
 
 import numpy as np
 
 TOKENIZE_BATCH_DOCS = 64
+# The most characters one tokenizer call gets (about twice this at most): a longer document is
+# tokenized in pieces, so that memory stays bounded and a capped build stops inside it.
+TOKENIZE_CHUNK_CHARS = 1 << 20
 
 
 @dataclass
@@ -29,13 +31,38 @@ class PackedSequence:
 
 
 def tokenize_documents(tokenizer, documents: Iterable[str], eos_token_id: int,
-                       batch_docs: int = TOKENIZE_BATCH_DOCS) -> Iterator[list[int]]:
-    """Token ids of each document followed by EOS, tokenized in batches by a fast tokenizer."""
-    documents = iter(documents)
-    while batch := list(islice(documents, batch_docs)):
-        encoded = tokenizer(batch, add_special_tokens=False)["input_ids"]
-        for ids in encoded:
-            yield [*ids, eos_token_id]
+                       batch_docs: int = TOKENIZE_BATCH_DOCS,
+                       chunk_chars: int | None = None) -> Iterator[tuple[list[int], bool]]:
+    """(token ids, whether the document ends there) of each document's pieces in order, EOS after
+    its last, tokenized in batches by a fast tokenizer. A document longer than `chunk_chars`
+    (default TOKENIZE_CHUNK_CHARS) is cut into pieces of at most that many characters, after a
+    newline where the piece's second half has one; a batch holds at most `batch_docs` pieces and
+    stops growing at `chunk_chars` characters. Where a cut falls the tokens may differ from those
+    of the whole text (a token is not merged across it); they depend on the text alone."""
+    size = chunk_chars or TOKENIZE_CHUNK_CHARS
+    pieces = (piece for text in documents for piece in _pieces(text, size))
+    while batch := _batch(pieces, batch_docs, size):
+        encoded = tokenizer([text for text, _ in batch], add_special_tokens=False)["input_ids"]
+        for ids, (_, last) in zip(encoded, batch, strict=True):
+            yield ([*ids, eos_token_id] if last else ids), last
+
+
+def _pieces(text: str, size: int) -> Iterator[tuple[str, bool]]:
+    """`text` in pieces of at most `size` characters, each with whether it is the last."""
+    start = 0
+    while len(text) - start > size:
+        stop = text.rfind("\n", start + size // 2, start + size) + 1 or start + size
+        yield text[start:stop], False
+        start = stop
+    yield text[start:], True
+
+
+def _batch(pieces: Iterator[tuple[str, bool]], most: int, chars: int) -> list[tuple[str, bool]]:
+    batch, filled = [], 0
+    while len(batch) < most and filled < chars and (piece := next(pieces, None)) is not None:
+        batch.append(piece)
+        filled += len(piece[0])
+    return batch
 
 
 def max_sequences(seq_len: int, max_tokens: int | None) -> int | None:

@@ -108,9 +108,25 @@ def test_tokenize_documents_appends_eos_to_each(smollm2_tokenizer):
     eos = smollm2_tokenizer.eos_token_id
     tokenized = list(tokenize_documents(smollm2_tokenizer, texts, eos, batch_docs=2))
     assert len(tokenized) == 3
-    for text, ids in zip(texts, tokenized, strict=True):
-        assert ids[-1] == eos
+    for text, (ids, last) in zip(texts, tokenized, strict=True):
+        assert last and ids[-1] == eos
         assert smollm2_tokenizer.decode(ids[:-1]) == text
+
+
+def test_a_long_document_is_tokenized_in_bounded_pieces(smollm2_tokenizer):
+    text = "".join(f"line {i} of a long document\n" for i in range(400)) + "x" * 3000
+    calls = []
+
+    def tokenizer(batch, **kwargs):
+        calls.append(sum(map(len, batch)))
+        return smollm2_tokenizer(batch, **kwargs)
+
+    eos = smollm2_tokenizer.eos_token_id
+    pieces = list(tokenize_documents(tokenizer, [text, "end"], eos, chunk_chars=1000))
+    assert max(calls) < 2 * 1000 and len(pieces) > len(text) // 1000
+    assert [last for _, last in pieces] == [False] * (len(pieces) - 2) + [True, True]
+    ids = [i for piece, _ in pieces[:-1] for i in piece]
+    assert ids[-1] == eos and smollm2_tokenizer.decode(ids[:-1]) == text
 
 
 def test_a_long_document_packs_as_before():

@@ -225,6 +225,40 @@ def test_a_bad_record_past_the_first_is_found_when_packed_and_clears_the_whole_c
     assert not [p.name for p in out.iterdir() if p.name.startswith(("index-", MANIFEST_FILE))]
 
 
+def test_a_capped_build_tokenizes_a_huge_one_line_document_only_as_far_as_the_cap(
+        tmp_path: Path, tiny_build_config, monkeypatch):
+    import teacher_cache.packing as packing_module
+
+    chunk = 4096
+    monkeypatch.setattr(packing_module, "TOKENIZE_CHUNK_CHARS", chunk)
+    text = "token soup " * 40_000  # 440,000 characters on one line
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "big.txt").write_text(text, encoding="utf-8")
+    real_load, tokenized = build_module._load_tokenizer, []
+
+    class Counting:
+        def __init__(self, tokenizer):
+            self.tokenizer = tokenizer
+
+        def __call__(self, batch, **kwargs):
+            tokenized.append(sum(map(len, batch)))
+            return self.tokenizer(batch, **kwargs)
+
+        def __getattr__(self, name: str):
+            return getattr(self.tokenizer, name)
+
+    monkeypatch.setattr(build_module, "_load_tokenizer", lambda t: Counting(real_load(t)))
+    out = tmp_path / "cache"
+    build_cache(tiny_build_config(out, corpus=CorpusConfig([str(tmp_path / "corpus")]),
+                                  max_tokens=2 * TINY_SEQ_LEN))
+    assert sum(tokenized) < 2 * chunk, "the text past the cap was tokenized"
+    tokenizer = real_load(build_module.resolve_teacher(tiny_build_config(out).teacher))
+    expected = [i for ids, _ in packing_module.tokenize_documents(
+        tokenizer, [text], tokenizer.eos_token_id) for i in ids][:2 * TINY_SEQ_LEN]
+    cache = open_cache(out)
+    assert cache.read_shard(0).input_ids.ravel().tolist() == expected
+
+
 def non_causal_teacher(tmp_path: Path, teacher: Path) -> Path:
     copy = tmp_path / "t5-teacher"
     shutil.copytree(teacher, copy)
