@@ -34,6 +34,9 @@ STEPS ?= 200
 # CE-only students for the held-out comparison: these presets (default: the smallest, the cheapest),
 # 1: every student, 0: none.
 BASELINE ?= $(firstword $(STUDENTS))
+# Students pruned from the teacher (prune:...) or pretrained (a model directory) are also trained
+# from random init in the same shape, for the held-out comparison: 1 every one, 0 none, or a list.
+RANDOM_INIT ?= 1
 # Text outside the corpus for the held-out comparison: this installed package's .py sources (numpy
 # is not in the default stdlib corpus); empty: validation rows only.
 HELDOUT_PACKAGE ?= numpy
@@ -81,7 +84,9 @@ endif
 pretrain: $(STAMP)
 	$(PY) -m student_train.pretrain --cache $(CACHE) --students "$(STUDENTS)" --out $(PRETRAIN_OUT) \
 		--max-steps $(STEPS) $(if $(filter 1,$(BASELINE)),--baseline,$(if $(filter-out 0,$(BASELINE)),\
-		--baseline "$(BASELINE)")) $(if $(HELDOUT_PACKAGE),--heldout-package $(HELDOUT_PACKAGE)) \
+		--baseline "$(BASELINE)")) $(if $(filter 1,$(RANDOM_INIT)),--random-init,\
+		$(if $(filter-out 0,$(RANDOM_INIT)),--random-init "$(RANDOM_INIT)")) \
+		$(if $(HELDOUT_PACKAGE),--heldout-package $(HELDOUT_PACKAGE)) \
 		$(if $(COMPILE),--compile $(COMPILE))
 
 test: $(STAMP)

@@ -328,6 +328,9 @@ def main(argv: list[str] | None = None) -> int:
                                   **({} if isinstance(parse_student(student), PresetStudent)
                                      else {"overrides": {}}))
         summary = train(config)
+        if summary["val_ce"] is None:
+            raise ConfigError(f"{run_dirs[name]}: the cache gave no held-out sequences, which the "
+                              f"comparison needs; raise --val-fraction or --val-max-rows")
         result = {"run": name, **summary}
         if text is not None:
             with quiet_transformers_bars():

@@ -330,12 +330,16 @@ def _pruned_student(student: PrunedStudent, init: Init, context: BuildContext,
             config = layout.pruned_config(shape, list(range(shape.layers)), where)
             return BuiltStudent(build_student(config, context.seed),
                                 record | {"shape": asdict(shape)})
-        teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32)
+        # bf16 on a GPU halves the teacher's memory there (the importance sums in float64 either
+        # way); the student cut from it trains in float32 as every student does.
+        dtype = torch.bfloat16 if context.device.type == "cuda" else torch.float32
+        teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=dtype)
     layout = Layout.of(teacher, where)
     shape = resolve_shape(student.spec, layout, where)
     found = _importance_plan(teacher.to(context.device), layout, shape, student.spec, context)
-    model = apply_plan(teacher, PrunePlan(**found["plan"]))
-    return BuiltStudent(model, record | {"shape": asdict(shape), "prune": found})
+    model = apply_plan(teacher, PrunePlan(**found["plan"])).float()
+    return BuiltStudent(model, record | {"shape": asdict(shape), "prune": found,
+                                         "teacher_dtype": str(dtype).removeprefix("torch.")})
 
 
 def _importance_plan(teacher: PreTrainedModel, layout: Layout, shape: Shape, spec: PruneSpec,

@@ -45,6 +45,17 @@ def test_unknown_student_is_a_clear_error(tmp_path, capsys):
     assert "--students" in capsys.readouterr().err
 
 
+def test_a_cache_without_held_out_sequences_is_one_line(tmp_path, capsys):
+    write_synthetic_cache(tmp_path / "cache", sequences=8, seq_len=8, top_k=2, vocab_size=64,
+                          rows_per_shard=8)
+    code = main(["--cache", str(tmp_path / "cache"), "--students", "xs", "--out",
+                 str(tmp_path / "out"), "--max-steps", "1", "--val-fraction", "0", *TINY])
+    assert code == 2
+    err = capsys.readouterr().err  # the trainer's warning and progress, then the error
+    assert "Traceback" not in err and "no held-out sequences, which the comparison needs" in \
+        err.strip().splitlines()[-1], err
+
+
 def test_baseline_subset_and_outside_text_comparison(tiny_cache, tmp_path, capsys):
     out = tmp_path / "pretrain"
     code = main(["--cache", str(tiny_cache), "--students", "xs s", "--out", str(out),
