@@ -125,8 +125,22 @@ def foreign(path: Path) -> str | None:
     return None
 
 
+def check_run_dir_path(out: Path) -> None:
+    """The run directory must be the folder it was named: not a symbolic link (every write and
+    --overwrite would land in its target, maybe a system folder, without a word) and not a
+    filesystem root. A link above it is fine: a home folder on another disk is one."""
+    if out.is_symlink():
+        raise ConfigError(f"{out}: is a symbolic link to {os.path.realpath(out)}; give the folder "
+                          f"itself as --out if the run belongs there")
+    real = os.path.realpath(out)
+    if os.path.dirname(real) == real:
+        raise ConfigError(f"{out}: is the root of the filesystem; choose a folder for the run "
+                          f"as --out")
+
+
 def claim_run_dir(config: TrainConfig) -> RunLock:
     """Lock OUT for this run, then prepare it (`prepare_run_dir`)."""
+    check_run_dir_path(Path(config.out))
     lock = RunLock(Path(config.out))
     try:
         prepare_run_dir(config)

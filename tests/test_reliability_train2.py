@@ -22,6 +22,8 @@ import teacher_cache.synth as synth_module
 from kernels import sparse_kd_loss
 from kernels.choices import DIVERGENCES
 from student_train.checkpoint import load_checkpoint, save_checkpoint
+from student_train.config import ConfigError
+from student_train.run_dir import check_run_dir_path
 from teacher_cache.synth import write_synthetic_cache
 
 
@@ -74,6 +76,21 @@ def test_overwrite_never_deletes_or_writes_through_a_symbolic_link(cli_cache_dir
                    "symbolic link")
     one_error_line(capsys, train(cli_cache_dir, out, "--resume"), "symbolic link")
     assert run_files(elsewhere) == before
+
+
+def test_a_run_directory_that_is_a_link_or_the_root_is_refused(cli_cache_dir, tmp_path, capsys):
+    system = tmp_path / "etc"
+    system.mkdir()
+    (system / "passwd").write_text("root:x:0:0")
+    (tmp_path / "run").symlink_to(system)
+    one_error_line(capsys, train(cli_cache_dir, tmp_path / "run"), "symbolic link", str(system))
+    assert sorted(p.name for p in system.iterdir()) == ["passwd"]
+    # The root through the function, so that a regression cannot write into it.
+    with pytest.raises(ConfigError, match="root of the filesystem"):
+        check_run_dir_path(tmp_path.joinpath(*[".."] * len(tmp_path.parts)))
+    inside = tmp_path / "linked-home"
+    inside.symlink_to(tmp_path)  # a link above the run directory is fine
+    assert train(cli_cache_dir, inside / "run2") == 0
 
 
 def test_overwrite_refuses_a_checkpoint_of_another_tool(cli_cache_dir, tmp_path, capsys):
