@@ -101,7 +101,7 @@ def loss_step(impl: str, problem: Problem, divergence: str) -> Callable[[], None
         targets = KDTargets(p.labels, p.topk_ids, p.topk_logprobs)
 
         def run() -> torch.Tensor:
-            return fn(p.hidden, p.weight, targets, spec)
+            return fn(p.hidden, p.weight, targets, spec)[0]
     elif impl == "liger_ce":
         from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
 

@@ -6,20 +6,51 @@ head's gradients."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
+from kernels.divergences import KDSpec, KDTargets, RowTerms
+
+
+class LossTotals:
+    """The loss and its terms (CE, the divergence D), summed over the chunks of rows."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device):
+        self.loss = torch.zeros((), dtype=dtype, device=device)
+        self.terms = torch.zeros(2, dtype=dtype, device=device)
+
+    def add(self, rows: RowTerms) -> None:
+        self.loss += rows.loss.sum()
+        self.terms += torch.stack([rows.ce.sum(), rows.kd.sum()])
+
+
+# (hidden, weight, targets, spec, rows_per_chunk, compute_grads) -> the totals, and the LM head's
+# gradients when compute_grads.
+ChunkLoop = Callable[[Tensor, Tensor, KDTargets, KDSpec, int, bool],
+                     tuple[LossTotals, "LMHeadGradients | None"]]
+
 
 class GradientsInForward(torch.autograd.Function):
-    """A scalar loss whose forward saved (grad_hidden, grad_weight) for its first two inputs,
-    hidden and weight; backward only scales them by the incoming gradient."""
+    """apply(hidden, weight, targets, spec, rows_per_chunk, chunk_loop) -> (loss, terms): the
+    scalar loss and its detached terms (LossTotals), from a chunk loop that also formed the
+    gradients of hidden and weight when either needs one; backward only scales those."""
 
     @staticmethod
-    def backward(ctx, grad_loss: Tensor):
+    def forward(ctx, hidden: Tensor, weight: Tensor, targets: KDTargets, spec: KDSpec,
+                rows_per_chunk: int, chunk_loop: ChunkLoop) -> tuple[Tensor, Tensor]:
+        compute_grads = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        totals, grads = chunk_loop(hidden, weight, targets, spec, rows_per_chunk, compute_grads)
+        if grads is not None:
+            ctx.save_for_backward(*grads.result())
+        ctx.mark_non_differentiable(totals.terms)
+        return totals.loss, totals.terms
+
+    @staticmethod
+    def backward(ctx, grad_loss: Tensor, _grad_terms: Tensor):
         grad_hidden, grad_weight = ctx.saved_tensors
-        no_grads = (None,) * (len(ctx.needs_input_grad) - 2)  # the other forward inputs
-        return grad_hidden * grad_loss, grad_weight * grad_loss, *no_grads
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None, None
 
 
 @functools.cache

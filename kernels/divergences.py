@@ -93,10 +93,12 @@ class KDTargets:
 
 @dataclass
 class RowTerms:
-    """Per-row loss and the coefficients of dL/dx (see the module docstring), already
-    multiplied by the row weight (1 / n_valid, 0 for ignored rows)."""
+    """Per-row loss, its two terms and the coefficients of dL/dx (see the module docstring), each
+    already multiplied by the row weight (1 / n_valid, 0 for ignored rows)."""
 
-    loss: Tensor  # [n]
+    loss: Tensor  # [n], ce_weight * ce + kd_weight * T^2 * kd
+    ce: Tensor  # [n], CE at T = 1
+    kd: Tensor  # [n], the divergence D at temperature T
     a1: Tensor  # [n], coefficient of softmax(x)
     a_t: Tensor  # [n], coefficient of softmax(x / T)
     sparse: Tensor  # [n, k + 1], coefficients at the k teacher ids, then at the label
@@ -173,6 +175,8 @@ def row_terms(
     w = row_weight[:, None]
     return RowTerms(
         loss=torch.where(counted, loss * row_weight, 0.0),
+        ce=torch.where(counted, ce * row_weight, 0.0),
+        kd=torch.where(counted, kd * row_weight, 0.0),
         a1=torch.where(counted, a1 * row_weight, 0.0),
         a_t=torch.where(counted, a_t * row_weight, 0.0),
         sparse=torch.where(counted[:, None], sparse * w, 0.0),

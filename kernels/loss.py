@@ -16,7 +16,8 @@ from kernels.choices import IMPLS, Divergence, Impl
 from kernels.divergences import KDSpec, KDTargets
 from kernels.reference import sparse_kd_loss_reference
 
-LossFunction = Callable[[Tensor, Tensor, KDTargets, KDSpec], Tensor]
+# (hidden, weight, targets, spec) -> (loss, terms), see sparse_kd_loss.
+LossFunction = Callable[[Tensor, Tensor, KDTargets, KDSpec], tuple[Tensor, Tensor]]
 # No float16: the gradients are formed in the forward pass, before any loss scaling, and the
 # per-position terms (~1 / N) would underflow in float16 dL/dx.
 _FLOAT_DTYPES = (torch.float32, torch.bfloat16)
@@ -117,7 +118,8 @@ def sparse_kd_loss(
     kd_weight: float = 1.0,
     ignore_index: int = -100,
     impl: Impl = "auto",
-) -> Tensor:
+    return_terms: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
     """Mean over non-ignored positions of ce_weight * CE + kd_weight * T^2 * D.
 
     hidden [N, H] and the LM-head weight [V, H] (one float dtype), labels [N], the cached teacher
@@ -126,7 +128,9 @@ def sparse_kd_loss(
     are never materialised. impl: "reference" (torch), "triton" (CUDA, or the Triton interpreter)
     or "auto" (Triton on CUDA when available, else the reference). Under bf16 autocast, float32
     hidden/weight are cast to bf16 for the matmuls. Returns a float32 scalar; 0 with a valid graph
-    when every label is ignored.
+    when every label is ignored. return_terms: (loss, terms), terms a detached float32 [2] tensor
+    of the means of CE and D over the same positions (loss = ce_weight * terms[0] + kd_weight *
+    T^2 * terms[1]), summed in the same pass, on the device: no extra host sync.
     """
     spec = KDSpec(divergence, temperature, ce_weight, kd_weight)
     if impl not in IMPLS:
@@ -139,4 +143,5 @@ def sparse_kd_loss(
     loss_fn = _IMPLEMENTATIONS[impl](hidden)
     # The dtypes are settled above; autocast must not re-cast the chunk matmuls inside.
     with torch.autocast(hidden.device.type, enabled=False):
-        return loss_fn(hidden.contiguous(), weight.contiguous(), targets, spec)
+        loss, terms = loss_fn(hidden.contiguous(), weight.contiguous(), targets, spec)
+    return (loss, terms) if return_terms else loss

@@ -16,7 +16,7 @@ import os
 import torch
 from torch import Tensor
 
-from kernels.autograd import GradientsInForward, LMHeadGradients
+from kernels.autograd import GradientsInForward, LMHeadGradients, LossTotals
 from kernels.divergences import KDSpec, KDTargets, row_terms, row_weights
 from kernels.triton_kernels import chunk_statistics, softmax_gradient_, sparse_dlogits
 
@@ -48,63 +48,54 @@ def free_memory(device: torch.device) -> int:
     return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
-class _FusedSparseKDLoss(GradientsInForward):
-    @staticmethod
-    def forward(
-        ctx,
-        hidden: Tensor,
-        weight: Tensor,
-        targets: KDTargets,
-        spec: KDSpec,
-        compute_grads: bool,
-        rows_per_chunk: int,
-    ) -> Tensor:
-        row_weight, safe_labels = row_weights(targets.labels, targets.ignore_index)
-        ids = torch.cat([targets.topk_ids, safe_labels[:, None]], -1).to(torch.int64).contiguous()
-        teacher = targets.topk_logprobs.float()
-        tempered = spec.needs_tempered_lse
-        inv_t = 1.0 / spec.temperature
-        n_rows, vocab = hidden.shape[0], weight.shape[0]
-        device = hidden.device
+def _fused_loss(
+    hidden: Tensor, weight: Tensor, targets: KDTargets, spec: KDSpec, rows_per_chunk: int,
+    compute_grads: bool,
+) -> tuple[LossTotals, LMHeadGradients | None]:
+    row_weight, safe_labels = row_weights(targets.labels, targets.ignore_index)
+    ids = torch.cat([targets.topk_ids, safe_labels[:, None]], -1).to(torch.int64).contiguous()
+    teacher = targets.topk_logprobs.float()
+    tempered = spec.needs_tempered_lse
+    inv_t = 1.0 / spec.temperature
+    n_rows, vocab = hidden.shape[0], weight.shape[0]
+    device = hidden.device
 
-        rows_per_chunk = min(rows_per_chunk, n_rows)
-        logits_buffer = torch.empty(rows_per_chunk, vocab, dtype=hidden.dtype, device=device)
-        lse = torch.empty(n_rows, device=device)
-        lse_t = torch.empty(n_rows, device=device) if tempered else None
-        gathered = torch.empty(ids.shape, device=device)
-        loss = torch.zeros((), device=device)
-        grads = LMHeadGradients(hidden, weight, torch.float32) if compute_grads else None
-        for start in range(0, n_rows, rows_per_chunk):
-            rows = slice(start, start + rows_per_chunk)
-            h = hidden[rows]
-            x = logits_buffer[: h.shape[0]]
-            torch.mm(h, weight.T, out=x)
-            chunk_lse_t = lse_t[rows] if tempered else None
-            chunk_statistics(x, ids[rows], inv_t if tempered else None, lse[rows], chunk_lse_t,
-                             gathered[rows])
-            terms = row_terms(lse[rows], lse[rows] if chunk_lse_t is None else chunk_lse_t,
-                              gathered[rows], teacher[rows], row_weight[rows], spec)
-            loss += terms.loss.sum()
-            if not compute_grads:
-                continue
-            # At T = 1 (or for the bucket divergences) both dense terms are the same softmax.
-            coef, coef_t = (terms.a1, terms.a_t) if tempered else (terms.a1 + terms.a_t, None)
-            softmax_gradient_(x, lse[rows], coef, chunk_lse_t, coef_t, inv_t)
-            sparse_dlogits(ids[rows], gathered[rows], terms.sparse, lse[rows], coef, chunk_lse_t,
-                           coef_t, inv_t, x)
-            grads.add(rows, x, h)
+    rows_per_chunk = min(rows_per_chunk, n_rows)
+    logits_buffer = torch.empty(rows_per_chunk, vocab, dtype=hidden.dtype, device=device)
+    lse = torch.empty(n_rows, device=device)
+    lse_t = torch.empty(n_rows, device=device) if tempered else None
+    gathered = torch.empty(ids.shape, device=device)
+    totals = LossTotals(torch.float32, device)
+    grads = LMHeadGradients(hidden, weight, torch.float32) if compute_grads else None
+    for start in range(0, n_rows, rows_per_chunk):
+        rows = slice(start, start + rows_per_chunk)
+        h = hidden[rows]
+        x = logits_buffer[: h.shape[0]]
+        torch.mm(h, weight.T, out=x)
+        chunk_lse_t = lse_t[rows] if tempered else None
+        chunk_statistics(x, ids[rows], inv_t if tempered else None, lse[rows], chunk_lse_t,
+                         gathered[rows])
+        terms = row_terms(lse[rows], lse[rows] if chunk_lse_t is None else chunk_lse_t,
+                          gathered[rows], teacher[rows], row_weight[rows], spec)
+        totals.add(terms)
+        if not compute_grads:
+            continue
+        # At T = 1 (or for the bucket divergences) both dense terms are the same softmax.
+        coef, coef_t = (terms.a1, terms.a_t) if tempered else (terms.a1 + terms.a_t, None)
+        softmax_gradient_(x, lse[rows], coef, chunk_lse_t, coef_t, inv_t)
+        sparse_dlogits(ids[rows], gathered[rows], terms.sparse, lse[rows], coef, chunk_lse_t,
+                       coef_t, inv_t, x)
+        grads.add(rows, x, h)
 
-        if compute_grads:
-            ctx.save_for_backward(*grads.result())
-        return loss
+    return totals, grads
 
 
 def sparse_kd_loss_triton(
     hidden: Tensor, weight: Tensor, targets: KDTargets, spec: KDSpec,
     rows_per_chunk: int | None = None,
-) -> Tensor:
-    """Triton implementation of `kernels.sparse_kd_loss` (inputs validated, contiguous)."""
-    compute_grads = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+) -> tuple[Tensor, Tensor]:
+    """Triton implementation of `kernels.sparse_kd_loss` (inputs validated, contiguous): (loss,
+    terms) as `GradientsInForward` returns them."""
     rows = rows_per_chunk or chunk_rows(hidden.shape[0], weight.shape[0], hidden.element_size(),
                                         free_memory(hidden.device))
-    return _FusedSparseKDLoss.apply(hidden, weight, targets, spec, compute_grads, rows)
+    return GradientsInForward.apply(hidden, weight, targets, spec, rows, _fused_loss)

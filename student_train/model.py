@@ -68,12 +68,13 @@ class DistillationObjective(nn.Module):
                                  ignore_index=IGNORE_INDEX, impl=impl)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, topk_ids: torch.Tensor,
-                topk_logprobs: torch.Tensor) -> torch.Tensor:
+                topk_logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, its detached terms [CE, divergence]) as `sparse_kd_loss` returns them."""
         hidden = final_hidden(self.student, input_ids)
         # The loss is the LM head and applies autocast to it, as a Linear would.
         return sparse_kd_loss(hidden.flatten(0, 1), output_weight(self.student), labels.flatten(),
                               topk_ids.flatten(0, 1), topk_logprobs.flatten(0, 1),
-                              **self.loss_options)
+                              **self.loss_options, return_terms=True)
 
 
 def special_token_ids(manifest: Manifest) -> dict[str, int | None]:

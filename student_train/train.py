@@ -161,6 +161,37 @@ def lr_factor(step: int, config: TrainConfig) -> float:
     return config.min_lr_ratio + (1 - config.min_lr_ratio) * cosine
 
 
+class LogInterval:
+    """The training figures summed on the device over the steps since the last log record (the
+    host reads them only there): `loss` (ce_weight * CE + kd_weight * T^2 * KD), `ce` and `kd`
+    (the divergence to the teacher at the run's temperature), each a step's mean over its tokens.
+    Checkpointed, so a resumed run logs the means an uninterrupted one does."""
+
+    KEYS = ("loss", "ce", "kd")
+
+    def __init__(self, device: torch.device):
+        self.sums = torch.zeros(len(self.KEYS), device=device)
+        self.steps = 0
+
+    def add(self, figures: torch.Tensor) -> None:
+        self.sums += figures
+        self.steps += 1
+
+    def take_means(self) -> dict[str, float]:
+        """The means over the interval, which then starts again."""
+        means = dict(zip(self.KEYS, (self.sums / self.steps).tolist(), strict=True))
+        self.sums.zero_()
+        self.steps = 0
+        return means
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sums": self.sums.tolist(), "steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sums = torch.tensor(state["sums"], device=self.sums.device)
+        self.steps = state["steps"]
+
+
 class MetricsLog:
     """metrics.jsonl; a resumed run first drops the records written after its checkpoint."""
 
@@ -290,6 +321,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, config))
         self.step, self.train_seconds, self.timed_steps = 0, 0.0, 0
+        self.interval = LogInterval(env.device)
         # A rerun over a finished run returns its summary and rewrites nothing, measured figures
         # (tokens/s, seconds) included.
         self.finished: dict[str, Any] | None = None
@@ -311,6 +343,8 @@ class Trainer:
             set_rng_state(checkpoint["rng"])
             self.step, self.train_seconds = checkpoint["step"], checkpoint["train_seconds"]
             self.timed_steps = checkpoint["timed_steps"]
+            if "log_interval" in checkpoint:  # absent from checkpoints written before it
+                self.interval.load_state_dict(checkpoint["log_interval"])
             if self.step >= config.max_steps:
                 self.finished = finished_summary(self.out, self.step)
         self.model: torch.nn.Module = objective
@@ -334,34 +368,38 @@ class Trainer:
         # (logging reads the loss, evaluation and checkpoints copy to the host): no sync per step.
         self.first_bad_step = torch.zeros((), dtype=torch.int64, device=env.device)
 
-    def train_step(self) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """One optimizer step over `grad_accum` micro-batches: (loss, gradient norm)."""
+    def train_step(self) -> torch.Tensor | None:
+        """One optimizer step over `grad_accum` micro-batches, its loss and terms added to the
+        log interval's; returns its gradient norm."""
         config, ddp = self.config, isinstance(self.model, DistributedDataParallel)
-        loss_sum = torch.zeros((), device=self.env.device)
+        figures = torch.zeros(len(LogInterval.KEYS), device=self.env.device)  # loss, ce, kd
         for micro in range(config.grad_accum):
             batch = next(self.batches).to(self.env.device)
             last = micro == config.grad_accum - 1
             with self.model.no_sync() if ddp and not last else nullcontext():
                 with torch.autocast(self.env.device.type, dtype=torch.bfloat16,
                                     enabled=self.bf16):
-                    loss = self.model(batch.input_ids, batch.labels, batch.topk_ids,
-                                      batch.topk_logprobs) / config.grad_accum
+                    loss, terms = self.model(batch.input_ids, batch.labels, batch.topk_ids,
+                                             batch.topk_logprobs)
+                    loss = loss / config.grad_accum
                 loss.backward()
-            loss_sum += loss.detach()
+            figures += torch.cat([loss.detach()[None], terms / config.grad_accum])
         grad_norm = (torch.nn.utils.clip_grad_norm_(self.student.parameters(), config.grad_clip)
                      if config.grad_clip > 0 else None)
+        self.step_lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         if ddp:
-            dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
-        finite = torch.isfinite(loss_sum)
+            dist.all_reduce(figures, op=dist.ReduceOp.AVG)
+        finite = torch.isfinite(figures[0])
         if grad_norm is not None:
             finite &= torch.isfinite(grad_norm)
         self.first_bad_step = torch.where(finite | (self.first_bad_step > 0),
                                           self.first_bad_step, self.step)
-        return loss_sum, grad_norm
+        self.interval.add(figures)
+        return grad_norm
 
     def check_finite(self) -> None:
         """TrainingDiverged if a step's loss or gradient norm was not finite, or the weights are
@@ -412,6 +450,7 @@ class Trainer:
                 "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
                 "train_seconds": self.train_seconds, "timed_steps": self.timed_steps,
+                "log_interval": self.interval.state_dict(),
                 "config": asdict(self.config), "student": self.built.checkpoint_entry(),
                 "cache": self.cache_identity,
                 "data": stream_position(self.step * self.config.grad_accum,
@@ -437,7 +476,7 @@ class Trainer:
         if it evaluated."""
         config = self.config
         started = time.perf_counter()
-        loss, grad_norm = self.train_step()
+        grad_norm = self.train_step()
         self.last_step_seconds = time.perf_counter() - started
         if self.step != compile_step:
             self.train_seconds += self.last_step_seconds
@@ -447,9 +486,10 @@ class Trainer:
         step, record = self.step, None
         if step % config.log_every == 0 or step == config.max_steps:
             self.check_finite()
-            progress.set_postfix(loss=f"{loss.item():.4f}", tok_s=f"{tokens_per_s or 0:,.0f}")
-            self.log({"step": step, "tokens": step * self.tokens_per_step,
-                      "loss": loss.item(), "lr": self.scheduler.get_last_lr()[0],
+            means = self.interval.take_means()
+            progress.set_postfix(loss=f"{means['loss']:.4f}", tok_s=f"{tokens_per_s or 0:,.0f}")
+            self.log({"step": step, "tokens": step * self.tokens_per_step, **means,
+                      "lr": self.step_lr,
                       "grad_norm": None if grad_norm is None else grad_norm.item(),
                       "tokens_per_s": tokens_per_s})
         if config.eval_every > 0 and step % config.eval_every == 0 and step < config.max_steps:

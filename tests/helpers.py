@@ -70,8 +70,10 @@ def make_inputs(
     return Inputs(hidden, weight, labels, topk_ids, topk_logprobs.float())
 
 
-def brute_force(hidden: Tensor, weight: Tensor, targets: KDTargets, spec: KDSpec) -> Tensor:
-    """The loss straight from its definition, over the full [N, V] logits, in float64."""
+def brute_force(hidden: Tensor, weight: Tensor, targets: KDTargets,
+                spec: KDSpec) -> tuple[Tensor, Tensor]:
+    """(loss, [mean CE, mean D]) straight from their definitions, over the full [N, V] logits, in
+    float64."""
     t = spec.temperature
     labels, topk_ids = targets.labels, targets.topk_ids
     x = hidden.double() @ weight.double().T
@@ -93,14 +95,16 @@ def brute_force(hidden: Tensor, weight: Tensor, targets: KDTargets, spec: KDSpec
             kd = (torch.special.xlogy(p, p) - p * u).sum(-1)
         else:
             kd = (u.exp() * (u - v)).sum(-1)
-    per_row = spec.ce_weight * ce + spec.kd_weight * t * t * kd
-    return torch.where(valid, per_row, 0.0).sum() / valid.sum().clamp(min=1)
+    per_row = torch.stack([spec.ce_weight * ce + spec.kd_weight * t * t * kd, ce, kd])
+    loss, *terms = torch.where(valid, per_row, 0.0).sum(-1) / valid.sum().clamp(min=1)
+    return loss, torch.stack(terms).detach()
 
 
 def loss_and_grads(fn, inputs: Inputs, dtype: torch.dtype, spec: KDSpec, **kwargs):
-    """(loss, grad_hidden, grad_weight) in float64 of fn(hidden, weight, targets, spec)."""
+    """(loss, grad_hidden, grad_weight) in float64 of fn(hidden, weight, targets, spec), which
+    returns (loss, terms)."""
     h, w, *_ = inputs.args(dtype)
-    loss = fn(h, w, inputs.targets(), spec, **kwargs)
+    loss, _ = fn(h, w, inputs.targets(), spec, **kwargs)
     loss.backward()
     return loss.detach().double(), h.grad.double(), w.grad.double()
 
@@ -214,6 +218,10 @@ def train_until_killed(config: TrainConfig, monkeypatch, at_step: int = 4) -> No
 def records(out, key) -> list[dict]:
     lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if key in r]
+
+
+# What every training record of metrics.jsonl logs and a resumed or DDP run must log alike.
+TRAINING_FIGURES = ("loss", "ce", "kd", "lr")
 
 
 def assert_same_run(expected: Path, got: Path, keys: tuple[str, ...], rel: float,

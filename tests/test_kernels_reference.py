@@ -10,6 +10,7 @@ from helpers import (
     IGNORE,
     TOLERANCES,
     assert_matches_float64,
+    brute_force,
     expected,
     loss_and_grads,
     make_inputs,
@@ -198,3 +199,23 @@ def test_bad_input_raises_value_error(change, message: str) -> None:
     change(kwargs)
     with pytest.raises(ValueError, match=message):
         sparse_kd_loss(**kwargs)
+
+
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.divergence}-T{s.temperature}")
+def test_terms_are_the_means_of_ce_and_the_divergence(spec: KDSpec) -> None:
+    """return_terms: the loss as without it, and its two terms, detached, from their definitions."""
+    inputs = make_inputs(23, 16, 131, 8, seed=2)
+    h, w, *rest = inputs.args(torch.float64)
+    want_loss, want_terms = brute_force(h, w, inputs.targets(), spec)
+    _, terms = sparse_kd_loss_reference(h, w, inputs.targets(), spec, rows_per_chunk=5)
+    torch.testing.assert_close(terms, want_terms, rtol=1e-9, atol=1e-12)
+
+    h, w, *rest = inputs.args(torch.float32)
+    options = dict(divergence=spec.divergence, temperature=spec.temperature,
+                   ce_weight=spec.ce_weight, kd_weight=spec.kd_weight)
+    loss, terms = sparse_kd_loss(h, w, *rest, **options, return_terms=True)
+    assert not terms.requires_grad and terms.dtype == torch.float32 and terms.shape == (2,)
+    assert torch.equal(loss, sparse_kd_loss(h, w, *rest, **options))
+    torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=1e-6)
+    t2 = spec.temperature ** 2
+    torch.testing.assert_close(loss, spec.ce_weight * terms[0] + spec.kd_weight * t2 * terms[1])

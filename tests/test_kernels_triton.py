@@ -268,3 +268,15 @@ def test_bfloat16_grad_weight_is_summed_over_chunks_in_float32(monkeypatch) -> N
     inputs = make_inputs(12, 16, 64, 4, seed=12)
     triton_result(inputs, torch.bfloat16, KDSpec("fkl"))
     assert accumulate_dtypes == [torch.float32]
+
+
+@pytest.mark.parametrize("spec", [KDSpec("fkl", 2.0, ce_weight=0.5), KDSpec("rkl", 1.0)],
+                         ids=lambda s: f"{s.divergence}-T{s.temperature}")
+def test_terms_match_the_reference(spec: KDSpec) -> None:
+    inputs = on_device(make_inputs(N, H, V, 8, seed=3))
+    h, w, *_ = inputs.args(torch.float32)
+    loss, terms = sparse_kd_loss_triton(h, w, inputs.targets(), spec, rows_per_chunk=CHUNK)
+    want_loss, want_terms = sparse_kd_loss_reference(h, w, inputs.targets(), spec)
+    assert not terms.requires_grad
+    torch.testing.assert_close(terms, want_terms, rtol=2e-5, atol=2e-6)
+    torch.testing.assert_close(loss, want_loss, rtol=2e-5, atol=2e-6)

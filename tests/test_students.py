@@ -11,7 +11,15 @@ import sys
 
 import pytest
 import torch
-from helpers import TINY, TINY_ARGS, assert_same_run, records, tiny_config, train_until_killed
+from helpers import (
+    TINY,
+    TINY_ARGS,
+    TRAINING_FIGURES,
+    assert_same_run,
+    records,
+    tiny_config,
+    train_until_killed,
+)
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -156,7 +164,7 @@ def test_a_pruned_students_checkpoint_resumes_exactly(tiny_cache, tmp_path, monk
 
     monkeypatch.setattr(students_module, "measure_importance", measured_again)
     train(tiny_config(str(tiny_cache), tmp_path / "resumed", resume=True, **settings))
-    assert_same_run(tmp_path / "straight", tmp_path / "resumed", ("loss", "val_ce"),
+    assert_same_run(tmp_path / "straight", tmp_path / "resumed", (*TRAINING_FIGURES, "val_ce"),
                     rel=1e-5, atol=1e-6)
 
 
@@ -236,7 +244,7 @@ def test_ddp_ranks_share_one_pruning_plan_and_match_one_process(tiny_cache, tmp_
     # Measured once, on rank 0, in another process with other thread counts: the same figures
     # up to the order of float sums.
     assert ddp["importance"]["layers"] == pytest.approx(single["importance"]["layers"], rel=1e-5)
-    assert_same_run(tmp_path / "single", tmp_path / "ddp", ("loss", "val_ce"), rel=1e-4,
+    assert_same_run(tmp_path / "single", tmp_path / "ddp", (*TRAINING_FIGURES, "val_ce"), rel=1e-4,
                     atol=1e-5)
 
 

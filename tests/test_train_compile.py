@@ -14,7 +14,14 @@ import sys
 
 import pytest
 import torch
-from helpers import TINY, assert_same_run, records, tiny_config, train_until_killed
+from helpers import (
+    TINY,
+    TRAINING_FIGURES,
+    assert_same_run,
+    records,
+    tiny_config,
+    train_until_killed,
+)
 from safetensors.torch import load_file
 
 from student_train.__main__ import main as train_main
@@ -33,7 +40,7 @@ def test_auto_compiles_on_cuda_only():
 def step_with_gradients(trainer: Trainer) -> tuple[float, dict[str, torch.Tensor]]:
     """One optimizer step of `trainer` on its next batch: (loss, every parameter's gradient)."""
     batch = next(trainer.batches)
-    loss = trainer.model(batch.input_ids, batch.labels, batch.topk_ids, batch.topk_logprobs)
+    loss, _ = trainer.model(batch.input_ids, batch.labels, batch.topk_ids, batch.topk_logprobs)
     loss.backward()
     grads = {name: p.grad.clone() for name, p in trainer.student.named_parameters()}
     trainer.optimizer.step()
@@ -75,8 +82,8 @@ def test_one_graph_without_breaks_compiled_once(cache_dir, tmp_path):
 def test_compiled_run_matches_the_eager_run_and_saves_the_same_keys(cache_dir, tmp_path, capsys):
     eager = train(tiny_config(cache_dir, tmp_path / "eager", max_steps=4))
     compiled = train(tiny_config(cache_dir, tmp_path / "compiled", max_steps=4, **COMPILED))
-    assert_same_run(tmp_path / "eager", tmp_path / "compiled", ("loss", "val_ce", "grad_norm"),
-                    rel=1e-4, atol=1e-6)
+    assert_same_run(tmp_path / "eager", tmp_path / "compiled",
+                    (*TRAINING_FIGURES, "val_ce", "grad_norm"), rel=1e-4, atol=1e-6)
     want = load_checkpoint(tmp_path / "eager")["model"].keys()
     assert load_checkpoint(tmp_path / "compiled")["model"].keys() == want
     assert not [k for k in want if "_orig_mod" in k]
@@ -96,7 +103,7 @@ def test_resume_across_eager_and_compiled(cache_dir, tmp_path, monkeypatch, firs
     train_until_killed(tiny_config(cache_dir, tmp_path / "resumed", **modes[first]), monkeypatch)
     summary = train(tiny_config(cache_dir, tmp_path / "resumed", resume=True, **modes[then]))
     assert summary["steps"] == 8
-    assert_same_run(tmp_path / "straight", tmp_path / "resumed", ("loss", "val_ce"),
+    assert_same_run(tmp_path / "straight", tmp_path / "resumed", (*TRAINING_FIGURES, "val_ce"),
                     rel=1e-4, atol=1e-6)
 
 
@@ -128,5 +135,5 @@ def test_ddp_wraps_the_compiled_decoder(cache_dir, tmp_path):
          "-m", "student_train", *flags], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "compiled decoder" in result.stdout
-    assert_same_run(tmp_path / "single", tmp_path / "ddp", ("loss", "val_ce", "val_kl"),
+    assert_same_run(tmp_path / "single", tmp_path / "ddp", (*TRAINING_FIGURES, "val_ce", "val_kl"),
                     rel=1e-4, atol=1e-5)

@@ -11,6 +11,7 @@ import pytest
 import torch
 from helpers import (
     TINY,
+    TRAINING_FIGURES,
     assert_same_run,
     brute_force_metrics,
     records,
@@ -60,8 +61,32 @@ def test_resume_continues_exactly(cache_dir, tmp_path, monkeypatch):
         f.write(json.dumps({"step": 5, "loss": 123.0}) + "\n")
     train(tiny_config(cache_dir, tmp_path / "resumed", grad_accum=2, resume=True))
 
-    assert_same_run(tmp_path / "straight", tmp_path / "resumed", ("loss", "val_ce"),
+    assert_same_run(tmp_path / "straight", tmp_path / "resumed", (*TRAINING_FIGURES, "val_ce"),
                     rel=1e-5, atol=1e-6)
+
+
+def test_logged_figures_are_the_intervals_means_and_the_rate_each_step_used(
+        cache_dir, tmp_path, monkeypatch):
+    options = dict(kd_weight=0.5, temperature=2.0, eval_every=0)
+    train(tiny_config(cache_dir, tmp_path / "every", **options))
+    every = records(tmp_path / "every", "loss")
+    config = tiny_config(cache_dir, tmp_path / "interval", log_every=3, **options)
+    train(config)
+    interval = records(tmp_path / "interval", "loss")
+    assert [r["step"] for r in interval] == [3, 6, 8]
+    for record, first in zip(interval, (0, 3, 6), strict=True):
+        steps = every[first:record["step"]]
+        for key in ("loss", "ce", "kd"):
+            assert record[key] == pytest.approx(sum(r[key] for r in steps) / len(steps), rel=1e-6)
+    for r in every:
+        assert r["loss"] == pytest.approx(r["ce"] + 0.5 * 4.0 * r["kd"], rel=1e-6)
+        assert r["lr"] == pytest.approx(config.lr * lr_factor(r["step"] - 1, config))
+    # Killed inside an interval (at the checkpoint of step 4), resumed: the same means.
+    killed = tiny_config(cache_dir, tmp_path / "resumed", log_every=3, **options)
+    train_until_killed(killed, monkeypatch)
+    train(tiny_config(cache_dir, tmp_path / "resumed", log_every=3, resume=True, **options))
+    assert_same_run(tmp_path / "interval", tmp_path / "resumed", TRAINING_FIGURES,
+                    rel=1e-6, atol=1e-7)
 
 
 def test_saved_student_loads_and_gives_the_training_logits(cache_dir, tmp_path):
@@ -107,7 +132,7 @@ def test_ddp_on_two_processes_matches_one_process(cache_dir, tmp_path):
          "-m", "student_train", *flags], env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert_same_run(tmp_path / "single", tmp_path / "ddp",
-                    ("loss", "val_ce", "val_kl", "val_top1"), rel=1e-4, atol=1e-5)
+                    (*TRAINING_FIGURES, "val_ce", "val_kl", "val_top1"), rel=1e-4, atol=1e-5)
 
 
 def test_bf16_autocast_follows_the_float32_run(cache_dir, tmp_path):
@@ -149,9 +174,9 @@ def test_the_objective_hands_hidden_states_to_the_loss_as_they_come_under_fp16_a
     input_ids = torch.randint(0, 64, (2, 8), generator=gen)
     topk_logprobs, topk_ids = torch.log_softmax(torch.randn(2, 8, 64, generator=gen), -1).topk(4)
     batch = (input_ids, input_ids.roll(-1, 1), topk_ids, topk_logprobs)
-    want = objective(*batch)
+    want, _ = objective(*batch)
     with torch.autocast("cpu", dtype=torch.float16):
-        got = objective(*batch)
+        got, _ = objective(*batch)
     got.backward()
     assert got.dtype == torch.float32 and objective.student.lm_head.weight.grad is not None
     torch.testing.assert_close(got, want, rtol=1e-2, atol=0.0)
