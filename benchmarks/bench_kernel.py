@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from kernels import DIVERGENCES, KDSpec, KDTargets, sparse_kd_loss
+from kernels import DIVERGENCES, IGNORE_INDEX, KDSpec, KDTargets, sparse_kd_loss
 from kernels.reference import sparse_kd_loss_reference
 
 IMPLS = ("triton", "reference", "compiled", "liger_ce", "naive", "floor")
@@ -79,7 +79,7 @@ def make_problem(shape: Shape, seed: int = 0, device: str = "cuda",
     hidden = torch.randn(shape.n, shape.h, **kw).to(dtype).requires_grad_()
     weight = (torch.randn(shape.v, shape.h, **kw) / shape.h**0.5).to(dtype).requires_grad_()
     labels = torch.randint(0, shape.v, (shape.n,), **kw)
-    labels[::16] = -100
+    labels[::16] = IGNORE_INDEX
     topk_ids = torch.randint(0, shape.v, (shape.n, shape.k), **kw)
     # A plausible teacher: its top-k holds 90% of the mass.
     topk_logprobs = torch.log_softmax(torch.randn(shape.n, shape.k, **kw) * 2, -1) + math.log(0.9)
@@ -127,8 +127,8 @@ def loss_step(impl: str, problem: Problem, divergence: str) -> Callable[[], None
 def naive_loss(p: Problem) -> torch.Tensor:
     """CE + fkl at T = 1 over the full float32 log-softmax, as a plain training script writes it."""
     logp = torch.log_softmax((p.hidden @ p.weight.T).float(), -1)
-    valid = p.labels != -100
-    ce = torch.nn.functional.nll_loss(logp, p.labels, ignore_index=-100)
+    valid = p.labels != IGNORE_INDEX
+    ce = torch.nn.functional.nll_loss(logp, p.labels, ignore_index=IGNORE_INDEX)
     q = p.topk_logprobs.softmax(-1)
     kd = (q * (q.log() - logp.gather(1, p.topk_ids))).sum(-1)
     return ce + kd[valid].mean()

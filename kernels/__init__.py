@@ -9,10 +9,11 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from kernels.choices import DIVERGENCES, IMPLS, Divergence, Impl
+from kernels.choices import DIVERGENCES, IGNORE_INDEX, IMPLS, Divergence, Impl
 
 __all__ = [
-    "DIVERGENCES", "IMPLS", "Divergence", "Impl", "KDSpec", "KDTargets", "sparse_kd_loss",
+    "DIVERGENCES", "IGNORE_INDEX", "IMPLS", "Divergence", "Impl", "KDSpec", "KDTargets",
+    "sparse_kd_loss",
 ]
 _TORCH_NAMES = {"sparse_kd_loss": "kernels.loss", "KDSpec": "kernels.divergences",
                 "KDTargets": "kernels.divergences"}

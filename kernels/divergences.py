@@ -54,7 +54,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from kernels.choices import DIVERGENCES, Divergence
+from kernels.choices import DIVERGENCES, IGNORE_INDEX, Divergence
 
 TAIL_EPS = 1e-6
 
@@ -88,7 +88,7 @@ class KDTargets:
     labels: Tensor
     topk_ids: Tensor
     topk_logprobs: Tensor
-    ignore_index: int = -100
+    ignore_index: int = IGNORE_INDEX
 
 
 @dataclass

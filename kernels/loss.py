@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from kernels.choices import IMPLS, Divergence, Impl
+from kernels.choices import IGNORE_INDEX, IMPLS, Divergence, Impl
 from kernels.divergences import KDSpec, KDTargets
 from kernels.reference import sparse_kd_loss_reference
 
@@ -116,7 +116,7 @@ def sparse_kd_loss(
     temperature: float = 1.0,
     ce_weight: float = 1.0,
     kd_weight: float = 1.0,
-    ignore_index: int = -100,
+    ignore_index: int = IGNORE_INDEX,
     impl: Impl = "auto",
     return_terms: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:

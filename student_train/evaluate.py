@@ -10,8 +10,8 @@ import torch
 import torch.distributed as dist
 from transformers import PreTrainedModel
 
-from kernels import sparse_kd_loss
-from student_train.data import IGNORE_INDEX, Batch
+from kernels import IGNORE_INDEX, sparse_kd_loss
+from student_train.data import Batch
 from student_train.model import final_hidden, output_weight
 
 LOGIT_CHUNK_ROWS = 1024  # [rows, vocab] float32 logits per chunk: 200 MB at vocab 49152

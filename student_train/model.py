@@ -16,8 +16,7 @@ from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
-from kernels import sparse_kd_loss
-from student_train.data import IGNORE_INDEX
+from kernels import IGNORE_INDEX, sparse_kd_loss
 from student_train.model_card import write_model_card
 from teacher_cache.errors import CacheError
 from teacher_cache.format import TRAINING_FILE, Manifest

@@ -14,15 +14,16 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
+from kernels import IGNORE_INDEX
 from kernels.divergences import TAIL_EPS, KDSpec, KDTargets
 from student_train.config import TrainConfig
-from student_train.data import IGNORE_INDEX, Batch
+from student_train.data import Batch
 from teacher_cache.reader import TeacherCache, open_cache
 from teacher_cache.synth import write_synthetic_cache
 
 # --- kernels: float64 oracle and tolerances ---
 
-IGNORE = -100
+IGNORE = IGNORE_INDEX  # the kernel tests' short name
 
 
 @dataclass

@@ -10,9 +10,9 @@ import torch
 from helpers import synthetic_cache
 from torch.utils.data import DataLoader
 
+from kernels import IGNORE_INDEX
 from student_train.config import ConfigError
 from student_train.data import (
-    IGNORE_INDEX,
     EpochRows,
     StreamLayout,
     TrainStream,

@@ -16,12 +16,11 @@ import pytest
 import torch
 from torch import Tensor
 
-from kernels import sparse_kd_loss
+from kernels import IGNORE_INDEX, sparse_kd_loss
 from teacher_cache.format import counts_to_logprobs
 from teacher_cache.sampling import sample_targets
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-IGNORE = -100
 # Not multiples of the Triton row block or vocabulary tile.
 N, H, V, K = 37, 24, 300, 8
 # (loss rtol, loss atol, gradient relative error) of float32 against float64, per impl.
@@ -47,7 +46,7 @@ def sampled_batch(seed: int) -> SampledBatch:
     ids, counts = sample_targets(teacher, seed, torch.arange(N), torch.arange(N) % 11, K)
     labels = torch.randint(0, V, (N,), generator=gen)
     labels[::3] = ids[::3, 0].long()  # a label among the sampled ids
-    labels[5::6] = IGNORE
+    labels[5::6] = IGNORE_INDEX
     logprobs = torch.from_numpy(counts_to_logprobs(counts.numpy(), K))
     batch = SampledBatch(hidden, weight, labels, ids.long(), counts.long(), logprobs)
     assert (batch.counts == 0).any() and ((batch.ids == 0) & (batch.counts > 0)).any()
@@ -57,7 +56,7 @@ def sampled_batch(seed: int) -> SampledBatch:
 def rs_kd_formula(batch: SampledBatch, hidden: Tensor, weight: Tensor) -> Tensor:
     """CE(labels) + the count-weighted mean negative student logprob of the sampled ids, float64."""
     logp = torch.log_softmax(hidden @ weight.T, -1)
-    valid = batch.labels != IGNORE
+    valid = batch.labels != IGNORE_INDEX
     ce = -logp.gather(1, torch.where(valid, batch.labels, 0)[:, None])[:, 0]
     sampled = -(batch.counts / K * logp.gather(1, batch.ids)).sum(-1)
     return torch.where(valid, ce + sampled, 0.0).sum() / valid.sum()
@@ -67,7 +66,7 @@ def teacher_constant(batch: SampledBatch) -> float:
     """Mean over counted positions of sum_j q_j log q_j (the fkl value's student-free part)."""
     q = batch.counts.double() / K
     per_row = torch.special.xlogy(q, q).sum(-1)
-    return per_row[batch.labels != IGNORE].mean().item()
+    return per_row[batch.labels != IGNORE_INDEX].mean().item()
 
 
 def relative_error(got: Tensor, want: Tensor) -> float:
