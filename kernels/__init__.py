@@ -1,4 +1,5 @@
-"""Fused LM-head + cross-entropy + sparse (top-k) knowledge-distillation loss.
+"""Fused LM-head + cross-entropy + sparse knowledge-distillation loss (k cached teacher targets
+per position: sampled ids or the top-k).
 
 `sparse_kd_loss` lives in `kernels.loss`; the choices (`Divergence`, `Impl`) in `kernels.choices`.
 The loss and its types import torch on first use, so that reading the choices does not.

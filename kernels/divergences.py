@@ -11,7 +11,7 @@ loss = mean over non-ignored n of  ce_weight * CE + kd_weight * T^2 * D
 CE is always taken at T = 1 (as in standard KD; the temperature only softens the KD term):
   CE = lse1 - g_y,                dCE/dx = sigma1 - e_y
 
-fkl (forward KL on the teacher top-k renormalised at temperature T):
+fkl (forward KL on the teacher's k targets, top-k or sampled, renormalised at temperature T):
   q = softmax(l / T) over the k ids,  s_j = g_j / T - lseT
   D = sum_j q_j (log q_j - s_j),  d(T^2 D)/dx = T (sigmaT - sum_j q_j e_{id_j})
 

@@ -123,14 +123,15 @@ def sparse_kd_loss(
     """Mean over non-ignored positions of ce_weight * CE + kd_weight * T^2 * D.
 
     hidden [N, H] and the LM-head weight [V, H] (one float dtype), labels [N], the cached teacher
-    top-k topk_ids [N, k] and topk_logprobs [N, k] (raw log-probabilities at T = 1). CE is taken
-    at T = 1, the divergence D ("fkl", "fkl_tail" or "rkl") at temperature T. The [N, V] logits
-    are never materialised. impl: "reference" (torch), "triton" (CUDA, or the Triton interpreter)
-    or "auto" (Triton on CUDA when available, else the reference). Under bf16 autocast, float32
-    hidden/weight are cast to bf16 for the matmuls. Returns a float32 scalar; 0 with a valid graph
-    when every label is ignored. return_terms: (loss, terms), terms a detached float32 [2] tensor
-    of the means of CE and D over the same positions (loss = ce_weight * terms[0] + kd_weight *
-    T^2 * terms[1]), summed in the same pass, on the device: no extra host sync.
+    targets topk_ids [N, k] and topk_logprobs [N, k] (raw log-probabilities at T = 1: of the top-k,
+    or the sampled ids' draw frequencies). CE is taken at T = 1, the divergence D ("fkl",
+    "fkl_tail" or "rkl") at temperature T. The [N, V] logits are never materialised. impl:
+    "reference" (torch), "triton" (CUDA, or the Triton interpreter) or "auto" (Triton on CUDA when
+    available, else the reference). Under bf16 autocast, float32 hidden/weight are cast to bf16
+    for the matmuls. Returns a float32 scalar; 0 with a valid graph when every label is ignored.
+    return_terms: (loss, terms), terms a detached float32 [2] tensor of the means of CE and D over
+    the same positions (loss = ce_weight * terms[0] + kd_weight * T^2 * terms[1]), summed in the
+    same pass, on the device: no extra host sync.
     """
     spec = KDSpec(divergence, temperature, ce_weight, kd_weight)
     if impl not in IMPLS:

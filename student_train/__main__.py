@@ -17,7 +17,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m student_train",
         description="Train a student on a teacher cache with CE on the true tokens plus a "
-                    "divergence to the teacher's cached top-k logprobs. Student presets: "
+                    "divergence to the teacher's cached targets (sampled ids or top-k). Student "
+                    "presets: "
                     + describe_presets() + ".")
     add_arguments(parser)
     return parser

@@ -54,7 +54,8 @@ class TrainConfig:
     weight_decay: float = _opt(0.1, "AdamW weight decay (matrices only)")
     grad_clip: float = _opt(1.0, "clip the global gradient norm to this (0 disables)")
     ce_weight: float = _opt(1.0, "weight of the cross-entropy on the true next token")
-    kd_weight: float = _opt(1.0, "weight of the divergence to the teacher's top-k (0: CE only)")
+    kd_weight: float = _opt(1.0, "weight of the divergence to the teacher's cached targets "
+                                 "(0: CE only)")
     divergence: Divergence = _opt("fkl", "divergence to the teacher")
     temperature: float = _opt(1.0, "distillation temperature")
     select: str = _opt("none", "training rows: none, top:F (highest-score fraction F) or random:F")

@@ -83,7 +83,8 @@ class Batch:
     input_ids: torch.Tensor  # int64 [B, L]
     labels: torch.Tensor  # int64 [B, L]: the next token; IGNORE_INDEX at L - 1
     topk_ids: torch.Tensor  # int64 [B, L, k]: the teacher's targets for the next token
-    topk_logprobs: torch.Tensor  # float32 [B, L, k]
+    # float32 [B, L, k]: their logprobs (topk:K) or log draw frequencies (sample:K; -inf: unused)
+    topk_logprobs: torch.Tensor
 
     @property
     def num_tokens(self) -> int:

@@ -1,4 +1,5 @@
-"""Held-out metrics: CE and perplexity on the true tokens, KL to the teacher, top-1 agreement."""
+"""Held-out metrics: CE and perplexity on the true tokens, KL to the teacher, agreement with the
+teacher's first target."""
 
 from __future__ import annotations
 
@@ -21,8 +22,10 @@ LOGIT_CHUNK_ROWS = 1024  # [rows, vocab] float32 logits per chunk: 200 MB at voc
 class EvalMetrics:
     ce: float  # nats per token on the true next token
     ppl: float
-    kl: float  # forward KL from the teacher's top-k (renormalised) to the student, T = 1
-    top1: float  # fraction of positions where the student's argmax is the teacher's top-1
+    kl: float  # forward KL from the teacher's cached targets (renormalised) to the student, T = 1
+    # fraction of positions where the student's argmax is the teacher's first target: its top-1 on
+    # a top-k cache, its most-drawn id on a sampled one
+    top1: float
     tokens: int
 
     def as_record(self, prefix: str = "val_") -> dict[str, float]:
@@ -32,7 +35,7 @@ class EvalMetrics:
 def _batch_totals(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                   topk_ids: torch.Tensor, topk_logprobs: torch.Tensor,
                   impl: str) -> torch.Tensor:
-    """[CE sum, KL sum, top-1 agreements, tokens] over the rows of one batch."""
+    """[CE sum, KL sum, first-target agreements, tokens] over the rows of one batch."""
     valid = labels != IGNORE_INDEX
     tokens = int(valid.sum())
     _, terms = sparse_kd_loss(hidden, weight, labels, topk_ids, topk_logprobs, divergence="fkl",
