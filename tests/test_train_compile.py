@@ -26,7 +26,8 @@ from safetensors.torch import load_file
 
 from student_train.__main__ import main as train_main
 from student_train.checkpoint import load_checkpoint
-from student_train.train import Trainer, train, use_compile
+from student_train.runtime import use_compile
+from student_train.train import Trainer, train
 
 COMPILED = {"compile": "on", "compile_backend": "aot_eager"}
 
