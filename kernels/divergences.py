@@ -134,7 +134,12 @@ def row_terms(
     g_topk, g_label = gathered[:, :-1], gathered[:, -1]
     ce = lse1 - g_label
 
-    if spec.divergence == "fkl":
+    if spec.kd_weight == 0:  # CE only: the teacher columns (rkl is infinite on -inf) take no part
+        kd = torch.zeros_like(ce)
+        a1 = torch.full_like(lse1, spec.ce_weight)
+        a_t = torch.zeros_like(lse1)
+        c_topk = torch.zeros_like(g_topk)
+    elif spec.divergence == "fkl":
         log_q = torch.log_softmax(teacher_logprobs / t, dim=-1)
         q = log_q.exp()
         student = g_topk / t - lse_t[:, None]

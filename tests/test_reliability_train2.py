@@ -137,6 +137,31 @@ def test_a_non_finite_teacher_logprob_makes_the_loss_non_finite_like_its_gradien
         assert finite == [not counted] * 3, (counted, finite)  # ignored rows may hold anything
 
 
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("divergence", DIVERGENCES)
+def test_ce_only_ignores_the_teacher_columns_whatever_they_hold(impl, divergence):
+    """kd_weight 0 is the CE of the labels, loss and gradient, even on the -inf slots of a
+    sampled cache, where rkl is infinite (0 * inf would be NaN)."""
+    if impl == "triton":
+        pytest.importorskip("triton")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    inputs = make_inputs(12, 8, 40, 4, seed=4)
+    inputs.topk_logprobs[:, 2:] = float("-inf")
+    grads = []
+    for logprobs in (inputs.topk_logprobs, torch.zeros_like(inputs.topk_logprobs)):
+        h, w, labels, ids, _ = (t.to(device) for t in inputs.args(torch.float32))
+        h.retain_grad(), w.retain_grad()
+        loss = sparse_kd_loss(h, w, labels, ids, logprobs.to(device), divergence=divergence,
+                              kd_weight=0.0, impl=impl)
+        loss.backward()
+        grads.append((loss.detach(), h.grad, w.grad))
+    ce = torch.nn.functional.cross_entropy((h @ w.T).detach().double(), labels.long(),
+                                           ignore_index=IGNORE)
+    assert float(grads[0][0]) == pytest.approx(float(ce), rel=1e-5)
+    for first, second in zip(grads[0], grads[1], strict=True):  # the teacher takes no part
+        assert torch.isfinite(first).all() and torch.equal(first, second)
+
+
 def test_a_checkpoint_with_nan_weights_stops_at_its_first_step_and_keeps_the_run(
         cli_cache_dir, tmp_path, capsys):
     out = tmp_path / "run"
