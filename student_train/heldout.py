@@ -8,6 +8,7 @@ seq_len, the first `max_tokens` tokens.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,6 +28,16 @@ class HeldoutText:
     input_ids: torch.Tensor  # int64 [sequences, seq_len]
 
 
+def whole_documents(pieces: Iterable[tuple[list[int], bool]]) -> Iterator[list[int]]:
+    """The token ids of each document from tokenize_documents' pieces, as the cache packs them."""
+    document: list[int] = []
+    for ids, last in pieces:
+        document.extend(ids)
+        if last:
+            yield document
+            document = []
+
+
 def load_heldout_text(cache: TeacherCache, package: str, max_tokens: int) -> HeldoutText:
     from transformers import AutoTokenizer
 
@@ -44,7 +55,8 @@ def load_heldout_text(cache: TeacherCache, package: str, max_tokens: int) -> Hel
                           f"manifest.json) cannot be loaded here ({type(e).__name__}); build the "
                           f"cache on this machine or pass --heldout-package ''") from None
     corpus = open_corpus(CorpusConfig(paths=[str(f) for f in files]))
-    packer = Packer(tokenize_documents(tokenizer, corpus.documents(), tokenizer.eos_token_id),
+    packer = Packer(whole_documents(tokenize_documents(tokenizer, corpus.documents(),
+                                                       tokenizer.eos_token_id)),
                     seq_len, max_tokens)
     rows = [sequence.input_ids for sequence in packer]
     if not rows:
