@@ -289,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from student_train.heldout import load_heldout_text, text_ce
     from student_train.model_card import write_model_card
-    from student_train.train import STUDENT_DIR, resolve_device, train
+    from student_train.runtime import resolve_device
+    from student_train.train import STUDENT_DIR, train
 
     out = Path(args.out)
     students = args.students.split()

@@ -44,7 +44,6 @@ from student_train.runtime import (
     compile_decoder,
     init_distributed,
     on_main,
-    resolve_device,  # noqa: F401 (pretrain.py imports it from here)
     use_bf16,
     use_compile,
 )
