@@ -78,7 +78,9 @@ def test_score_command_rescores_a_cache(tmp_path: Path, tiny_cache: Path, tiny_t
                                         tiny_reference_dir: Path, capsys):
     out = tmp_path / "cache"
     shutil.copytree(tiny_cache, out)
-    argv = ["score", "--cache", str(out), "--reference", str(tiny_reference_dir), "--no-progress"]
+    # fp32 as the oracle: auto is bf16 on a CPU with AMX tiles.
+    argv = ["score", "--cache", str(out), "--reference", str(tiny_reference_dir), "--dtype", "fp32",
+            "--no-progress"]
     assert main(argv) == 0
     assert "rescored" in capsys.readouterr().out
     cache = open_cache(out)
