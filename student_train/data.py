@@ -18,7 +18,6 @@ the whole stream state is the number of micro-batches consumed, which checkpoint
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, fields
 
@@ -28,6 +27,7 @@ from torch.utils.data import IterableDataset, get_worker_info
 
 from kernels import IGNORE_INDEX
 from student_train.config import ConfigError
+from student_train.quantity import SIZE_UNITS, parse_quantity
 from student_train.selection import Selection
 from teacher_cache.errors import UserError, one_line
 from teacher_cache.format import CacheBatch, CacheError, Manifest, ShardInfo
@@ -124,8 +124,6 @@ def shard_of(shards: list[ShardInfo], seq_ids: np.ndarray) -> np.ndarray:
     return where
 
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(KB|MB|GB)?\s*$", re.IGNORECASE)
-_UNITS = {"KB": 2**10, "MB": 2**20, "GB": 2**30}
 
 
 def decoded_row_bytes(manifest: Manifest) -> int:
@@ -136,16 +134,16 @@ def decoded_row_bytes(manifest: Manifest) -> int:
 def window_rows(spec: str, row_bytes: int) -> int:
     """The shuffle window of `--shuffle-buffer`: a size (`256MB`: that many bytes of decoded rows)
     or a number of rows (`1000`); at least 1."""
-    match = _SIZE.match(str(spec))
-    if match is None:
+    quantity = parse_quantity(spec, SIZE_UNITS)
+    if quantity is None:
         raise ConfigError(f"--shuffle-buffer {spec!r}: expected a size such as 256MB or 2GB, or "
                           f"a number of rows")
-    value, unit = float(match.group(1)), match.group(2)
+    value, unit = quantity
     if not unit:
         if value < 1:
             raise ConfigError(f"--shuffle-buffer {spec!r}: at least 1 row")
         return int(value)
-    rows = value * _UNITS[unit.upper()] / row_bytes
+    rows = value * SIZE_UNITS[unit] / row_bytes
     if rows < 1:
         raise ConfigError(f"--shuffle-buffer {spec!r} holds less than one row of "
                           f"{row_bytes:,} bytes; give at least {row_bytes // 2**10 + 1}KB")

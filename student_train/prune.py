@@ -35,6 +35,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 from student_train.config import ConfigError
 from student_train.data import ShardRows
 from student_train.heldout import HeldoutText, text_ce
+from student_train.quantity import COUNT_UNITS, parse_quantity
 from teacher_cache.reader import TeacherCache
 
 PRUNABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -85,8 +86,6 @@ class Shape:
 
 
 AXES = tuple(f.name for f in fields(Shape))
-_COUNT = re.compile(r"^(\d+(?:\.\d+)?)([KMB]?)$", re.IGNORECASE)
-_SCALE = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9}
 
 
 @dataclass(frozen=True)
@@ -133,9 +132,9 @@ class PruneSpec:
                 raise ConfigError(f"student {text!r}: depth={value}: choose one of "
                                   f"{', '.join(get_args(DepthMetric))}")
             return value
-        match = _COUNT.match(value) if key == "params" else re.match(r"^\d+$", value)
-        number = (float(match[1]) * _SCALE[match[2].upper()] if key == "params" and match
-                  else int(value) if match else 0)
+        units = COUNT_UNITS if key == "params" else {"": 1}
+        quantity = parse_quantity(value, units) if key == "params" or value.isdigit() else None
+        number = quantity[0] * units[quantity[1]] if quantity else 0
         if number < 1:
             raise ConfigError(f"student {text!r}: {key}={value}: expected a positive "
                               f"{'count such as 30M' if key == 'params' else 'integer'}")

@@ -25,6 +25,7 @@ from student_train.data import (
     window_rows,
     window_shuffle,
 )
+from student_train.quantity import COUNT_UNITS, SIZE_UNITS, parse_quantity
 from student_train.selection import Selection
 from teacher_cache.reader import TeacherCache, open_cache
 
@@ -211,6 +212,18 @@ def test_the_window_is_a_size_of_decoded_rows_or_a_number_of_rows():
         window_rows("lots", 1)
     with pytest.raises(ConfigError, match="less than one row"):
         window_rows("1KB", 2**20)
+    with pytest.raises(ConfigError, match="expected a size"):
+        window_rows("30M", 2**20)  # a count's unit, not a size's
+
+
+def test_quantities_take_only_their_own_units():
+    assert parse_quantity("30M", COUNT_UNITS) == (30.0, "M")
+    assert parse_quantity(" 0.5 k", COUNT_UNITS) == (0.5, "K")
+    assert parse_quantity("12", COUNT_UNITS) == (12.0, "")
+    assert parse_quantity("2GB", SIZE_UNITS) == (2.0, "GB")
+    for text, units in (("30MB", COUNT_UNITS), ("30M", SIZE_UNITS), ("-1", COUNT_UNITS),
+                        ("M", COUNT_UNITS), ("1e3", COUNT_UNITS)):
+        assert parse_quantity(text, units) is None
 
 
 def test_batches_hold_the_cached_rows_with_shifted_labels(cache_dir, split):
