@@ -8,12 +8,14 @@ go when the next run starts.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import re
 import shutil
 import socket
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 
 from student_train.checkpoint import CHECKPOINT_FILE, is_checkpoint
@@ -32,7 +34,8 @@ STALE_TEMP = re.compile(r"\.tmp-[0-9a-f]{12}-(" + "|".join(map(re.escape, RUN_FI
 
 class RunLock:
     """RUN_DIR/run.lock, created exclusively and naming its holder's host and pid. The lock of a
-    process of this host that is gone (killed) is taken over; any other is refused with one line.
+    process of this host that is gone (killed) is taken over, one process at a time; any other is
+    refused with one line.
     `release` (or the end of this process) removes it."""
 
     def __init__(self, run_dir: Path):
@@ -50,20 +53,20 @@ class RunLock:
         self._finalizer()
 
     def _acquire(self, run_dir: Path) -> None:
-        while not self._create():
-            try:
-                text = self.path.read_text()
-            except FileNotFoundError:  # released meanwhile
-                continue
-            if not self._stale(text):
-                raise ConfigError(f"{run_dir}: in use by another student_train run "
-                                  f"({self._describe(text)}, {self.path}); wait for it to end or "
-                                  f"choose another --out (if no such process runs, delete "
-                                  f"{self.path})")
-            # Take over only the lock just judged stale, not one a third process made meanwhile.
-            with contextlib.suppress(FileNotFoundError):
-                if self.path.read_text() == text:
-                    self.path.unlink()
+        # Judging a lock stale and removing it is one step for every process of this host: two
+        # that found the same dead holder would otherwise both proceed.
+        with _folder_locked(run_dir):
+            while not self._create():
+                try:
+                    text = self.path.read_text()
+                except FileNotFoundError:  # released meanwhile
+                    continue
+                if not self._stale(text):
+                    raise ConfigError(f"{run_dir}: in use by another student_train run "
+                                      f"({self._describe(text)}, {self.path}); wait for it to "
+                                      f"end or choose another --out (if no such process runs, "
+                                      f"delete {self.path})")
+                self.path.unlink()
 
     def _create(self) -> bool:
         try:
@@ -92,6 +95,19 @@ class RunLock:
         if holder is None:
             return "a lock that names no process"
         return f"pid {holder['pid']} on {holder['host']}"
+
+
+@contextlib.contextmanager
+def _folder_locked(folder: Path) -> Iterator[None]:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:  # a filesystem without locks: only that race stays open there
+            pass
+        yield
+    finally:
+        os.close(fd)
 
 
 def _parse(text: str) -> dict | None:

@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 from contextlib import contextmanager
 
 import pytest
@@ -23,7 +24,7 @@ from kernels import sparse_kd_loss
 from kernels.choices import DIVERGENCES
 from student_train.checkpoint import load_checkpoint, save_checkpoint
 from student_train.config import ConfigError
-from student_train.run_dir import check_run_dir_path
+from student_train.run_dir import RunLock, check_run_dir_path
 from teacher_cache.synth import write_synthetic_cache
 
 
@@ -276,6 +277,47 @@ def test_a_run_directory_in_use_is_refused_and_a_dead_runs_lock_taken_over(cli_c
     capsys.readouterr()
     one_error_line(capsys, train(cli_cache_dir, out, "--resume", "--max-steps", "3"),
                    "pid 1 on another-machine")
+
+
+def test_two_runs_finding_the_same_dead_lock_do_not_both_take_it_over(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    out.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / "run.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid}))
+    judged, go = threading.Event(), threading.Event()
+    stale = RunLock._stale
+
+    def stale_then_wait(self, text):  # the first run pauses between its judgement and its move
+        result = stale(self, text)
+        if not judged.is_set():
+            judged.set()
+            go.wait(10)
+        return result
+
+    monkeypatch.setattr(RunLock, "_stale", stale_then_wait)
+    outcomes = []
+
+    def claim():
+        try:
+            outcomes.append(RunLock(out))
+        except ConfigError as e:
+            outcomes.append(e)
+
+    first, second = threading.Thread(target=claim), threading.Thread(target=claim)
+    first.start()
+    assert judged.wait(10)
+    second.start()
+    second.join(0.5)  # time to take the dead lock over too, were it not one step
+    go.set()
+    first.join()
+    second.join()
+    held = [o for o in outcomes if isinstance(o, RunLock)]
+    refused = [str(o) for o in outcomes if isinstance(o, ConfigError)]
+    assert len(held) == 1 and len(refused) == 1 and "in use" in refused[0]
+    assert json.loads((out / "run.lock").read_text())["pid"] == os.getpid()
+    held[0].release()
+    assert not (out / "run.lock").exists()
 
 
 def test_a_run_holds_its_lock_while_it_trains(cli_cache_dir, tmp_path, monkeypatch):
