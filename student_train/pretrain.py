@@ -94,7 +94,9 @@ def run_name(student: str, variant: str = "") -> str:
 
 
 def eval_curve(run_dir: Path) -> tuple[list[int], list[float]]:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    from student_train.run_dir import METRICS_FILE
+
+    records = [json.loads(line) for line in (run_dir / METRICS_FILE).read_text().splitlines()]
     points = [(r["tokens"], r["val_ce"]) for r in records if "val_ce" in r]
     return [t for t, _ in points], [ce for _, ce in points]
 
@@ -289,8 +291,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from student_train.heldout import load_heldout_text, text_ce
     from student_train.model_card import write_model_card
+    from student_train.run_dir import STUDENT_DIR
     from student_train.runtime import resolve_device
-    from student_train.train import STUDENT_DIR, train
+    from student_train.train import train
 
     out = Path(args.out)
     students = args.students.split()
