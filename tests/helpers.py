@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -280,3 +282,19 @@ def brute_force_metrics(student, batches: Iterable[Batch]) -> dict[str, float]:
         agree += (x.argmax(-1) == batch.topk_ids[..., 0])[valid].sum().item()
         tokens += valid.sum().item()
     return {"val_ce": ce / tokens, "val_kl": kl / tokens, "val_top1": agree / tokens}
+
+
+# --- vLLM engines, each in its own Python: vLLM binds threads, patches torch.set_num_threads and
+# may spawn workers, none of which belongs in the pytest process ---
+
+# Eager (no torch.compile) and a small KV cache: an engine starts in seconds.
+VLLM_ENGINE_OPTIONS = {"enforce_eager": True, "max_model_len": 128,
+                       "kv_cache_memory_bytes": 1 << 26}
+
+
+def run_vllm_script(script: str, *args: str) -> str:
+    """`python -c script *args` with the engine core in that process; its stdout."""
+    result = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout

@@ -15,8 +15,10 @@ from helpers import (
     TINY,
     TINY_ARGS,
     TRAINING_FIGURES,
+    VLLM_ENGINE_OPTIONS,
     assert_same_run,
     records,
+    run_vllm_script,
     tiny_config,
     train_until_killed,
 )
@@ -270,9 +272,9 @@ import json, sys
 from vllm import LLM, SamplingParams
 
 if __name__ == "__main__":
-    model, prompts, tokens = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
-    llm = LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=128,
-              kv_cache_memory_bytes=1 << 26)
+    model, prompts, tokens, options = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), \
+        json.loads(sys.argv[4])
+    llm = LLM(model=model, dtype="float32", **options)
     outputs = llm.generate([{"prompt_token_ids": ids} for ids in prompts],
                            SamplingParams(temperature=0, max_tokens=tokens))
     print(json.dumps([list(o.outputs[0].token_ids) for o in outputs]))
@@ -293,13 +295,10 @@ def test_vllm_serves_the_saved_student_with_the_greedy_tokens_of_transformers(
     with torch.no_grad():
         want = [student.generate(torch.tensor([ids]), max_new_tokens=tokens, do_sample=False)
                 [0, len(ids):].tolist() for ids in prompts]
-    result = subprocess.run([sys.executable, "-c", VLLM_GENERATE, str(tmp_path / "student"),
-                             json.dumps(prompts), str(tokens)],
-                            capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    stdout = run_vllm_script(VLLM_GENERATE, str(tmp_path / "student"), json.dumps(prompts),
+                             str(tokens), json.dumps(VLLM_ENGINE_OPTIONS))
     assert max(map(len, want)) == tokens  # not a generation that stopped at once
-    assert json.loads(result.stdout.strip().splitlines()[-1]) == want
+    assert json.loads(stdout.strip().splitlines()[-1]) == want
 
 
 def test_tiny_presets_are_unchanged_by_the_student_sources(cache_dir, tmp_path):

