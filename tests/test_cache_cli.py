@@ -14,7 +14,8 @@ from conftest import TINY_MAX_TOKENS, TINY_SEQ_LEN, TINY_SHARD_ROWS, TINY_TOP_K
 from helpers import brute_force_scores
 
 from teacher_cache import open_cache
-from teacher_cache.cli import _build_config, build_parser, main
+from teacher_cache.cli import build_parser, main
+from teacher_cache.dataclass_cli import from_args
 
 
 def tiny_args(out: Path, teacher: Path, corpus: Path | str) -> list[str]:
@@ -113,7 +114,7 @@ def test_backend_options_reach_the_build_config(tmp_path: Path):
         "build", "--out", str(tmp_path), "--backend", "vllm",
         "--backend-option", "tensor_parallel_size=2", "--backend-option", "enforce_eager=true",
         "--backend-option", "kv_cache_dtype=fp8"])
-    assert _build_config(args).backend_options == {
+    assert from_args(args).backend_options == {
         "tensor_parallel_size": 2, "enforce_eager": True, "kv_cache_dtype": "fp8"}
 
 
