@@ -56,13 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
                              f"Face model directories (default: xs s)")
     parser.add_argument("--baseline", nargs="?", const=ALL_STUDENTS, default="", metavar="STUDENTS",
                         help="also train these students (space separated; alone: every one) "
-                             "CE-only (kd_weight=0) for comparison")
+                             "CE-only (kd_weight=0) for comparison (default: none)")
     parser.add_argument("--random-init", nargs="?", const=ALL_STUDENTS, default="",
                         metavar="STUDENTS",
                         help="also train the shape of these pruned or pretrained students from "
                              "random init (space separated; alone: every one), for the "
                              "comparison 'pruned from the teacher vs the same shape from random "
-                             "init'")
+                             "init'; default: none)")
     parser.add_argument("--heldout-package", default="", metavar="NAME",
                         help="also report each student's CE on this installed package's .py "
                              "sources, text outside the cache's corpus (e.g. numpy for the stdlib "

@@ -22,7 +22,7 @@ import os
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -444,7 +444,8 @@ def check_out(location: Location) -> None:
 
 def _build_record(config: BuildConfig, teacher: Teacher, reference: Teacher | None, tokenizer,
                   corpus: Corpus, model_config) -> dict:
-    """build.json: the identity a rerun must match, and the manifest fields known up front."""
+    """build.json: the identity a rerun must match, the manifest fields known up front, and the
+    claiming worker's configuration (`--config CACHE/build.json` repeats it)."""
     targets = config.target_spec()
     skeleton = Manifest(
         seq_len=config.seq_len, top_k=targets.k, vocab_size=model_config.vocab_size,
@@ -458,7 +459,8 @@ def _build_record(config: BuildConfig, teacher: Teacher, reference: Teacher | No
         "max_tokens": config.max_tokens, "backend": config.backend, "dtype": config.dtype,
         "reference.weights_sha256": reference.weights_sha256 if reference else None}
     return {"identity": identity, "manifest": skeleton,
-            "reference": reference_entry(reference) if reference else None}
+            "reference": reference_entry(reference) if reference else None,
+            "config": asdict(config)}
 
 
 def claim_build(location: Location, record: dict) -> None:
