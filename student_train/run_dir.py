@@ -22,7 +22,7 @@ from teacher_cache.format import TRAINING_FILE
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
-CONFIG_FILE = "config.json"  # the run's TrainConfig: `--config OUT/config.json` repeats it
+CONFIG_FILE = "config.json"  # the finished run's TrainConfig: `--config OUT/config.json` repeats it
 STUDENT_DIR = "student"
 TENSORBOARD_DIR = "tensorboard"  # --report-to tensorboard's event files
 LOCK_FILE = "run.lock"

@@ -444,7 +444,6 @@ class Trainer:
                       f"(--overwrite retrains it)")
             return self.finished
         if env.is_main:
-            write_json(self.out / CONFIG_FILE, asdict(config))
             print(f"student {config.student} ({self.built.record['init']} init): "
                   f"{self.parameters / 1e6:.2f}M parameters, "
                   f"{len(self.split.train)} training / {len(self.split.val)} held-out sequences, "
@@ -489,6 +488,7 @@ class Trainer:
             save_student(self.student, self.out / STUDENT_DIR, self.manifest, training=summary,
                          chat_template=config.chat_template)
             write_json(self.out / SUMMARY_FILE, summary)
+            write_json(self.out / CONFIG_FILE, asdict(config))
             figures = ("" if summary["val_ce"] is None else
                        f", val CE {summary['val_ce']:.4f} (PPL {summary['val_ppl']:.1f}), KL "
                        f"{summary['val_kl']:.4f}, top-1 {summary['val_top1']:.3f}")
