@@ -5,10 +5,10 @@ flattened beside its parent's), with the help in the field's metadata (`option`)
 its resolved annotation: bool -> `--x/--no-x`, Literal -> choices, list[T] -> one or more values,
 dict[str, T] -> a repeatable KEY=VALUE (values parsed as JSON where they parse, unless T is str),
 T | None -> T. No flag has an argparse default, so `from_args` can layer the values: the field
-defaults, then the `--config FILE` (TOML or JSON; keys named as the fields, a nested dataclass as
-a table), then the flags given. A JSON file may hold the configuration under a `config` key
-beside other records, as a cache's build.json does. Validation stays in the dataclasses'
-__post_init__.
+defaults, then the `--config FILE` (TOML, JSON or YAML; keys named as the fields,
+a nested dataclass as a table), then the flags given. A JSON file may hold the configuration
+under a `config` key beside other records, as a cache's build.json does. Validation stays in the
+dataclasses' __post_init__.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from teacher_cache.errors import UserError
+from teacher_cache.errors import UserError, one_line
 
 # The namespace attribute holding what from_args needs to know about the parser's fields.
 FIELDS_DEST = "_dataclass_fields"
@@ -99,7 +99,7 @@ def add_fields(parser: argparse.ArgumentParser, cls: type, *, skip: tuple[str, .
                             help=_help(leaf, default), **_argument(leaf))
     if config_file:
         parser.add_argument(CONFIG_FLAG, metavar="FILE",
-                            help="read the settings from this TOML or JSON file (keys as the "
+                            help="read the settings from this TOML, JSON or YAML file (keys as the "
                                  "flags with _ for -, e.g. seq_len; a written config.json or "
                                  "build.json works too); flags given override it (default: none)")
     parser.set_defaults(**{FIELDS_DEST: spec})
@@ -139,27 +139,37 @@ def _build(cls: type, values: Mapping[str, Any], fixed: Mapping[str, Any] | None
 
 
 def read_config(path: str, spec: _Fields) -> dict[str, Any]:
-    """The settings of a TOML or JSON file, checked against the fields of the command, by dest."""
+    """The settings of a TOML, JSON or YAML file, checked against the command's fields, by dest."""
     where = f"{CONFIG_FLAG} {path}"
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{where}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
-    try:
-        if Path(path).suffix == ".toml":
-            data = tomllib.loads(text)
-        elif Path(path).suffix == ".json":
-            data = json.loads(text)
-        else:
-            raise UserError(f"{where}: expected a .toml or .json file")
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"{where}: not valid {Path(path).suffix[1:].upper()} ({e})") from None
+    suffix = Path(path).suffix
+    if suffix in (".yaml", ".yml"):
+        data = _read_yaml(text, where)
+    elif suffix in (".toml", ".json"):
+        try:
+            data = tomllib.loads(text) if suffix == ".toml" else json.loads(text)
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"{where}: not valid {suffix[1:].upper()} ({one_line(e)})") from None
+    else:
+        raise UserError(f"{where}: expected a .toml, .json or .yaml file")
     if not isinstance(data, dict):
         raise UserError(f"{where}: expected a table of settings, got {type(data).__name__}")
     names = {f.name for f in dataclasses.fields(spec.cls)}
     if isinstance(data.get(CONFIG_KEY), dict) and CONFIG_KEY not in names:
         data = data[CONFIG_KEY]
     return _flatten(data, spec.cls, where, {leaf.dest for leaf in spec.leaves()})
+
+
+def _read_yaml(text: str, where: str) -> Any:
+    import yaml  # pyyaml, a dependency of huggingface_hub: imported only for a YAML file
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise UserError(f"{where}: not valid YAML ({one_line(e)})") from None
 
 
 def _flatten(data: Mapping[str, Any], cls: type, where: str, dests: set[str],

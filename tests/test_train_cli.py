@@ -156,6 +156,15 @@ def test_a_bad_config_file_is_one_line_naming_the_file_and_the_key(tmp_path, cap
     assert message in err[0]
 
 
+def test_a_yaml_config_reads_like_the_toml_and_a_missing_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "run.yaml").write_text("cache: c\nout: o\nlr: 1\noverrides: {hidden_size: '32'}\n")
+    config = parse("--config", str(tmp_path / "run.yaml"))
+    assert (config.cache, config.lr, config.overrides) == ("c", 1.0, {"hidden_size": "32"})
+    assert main(["--config", str(tmp_path / "nowhere.toml")]) == 2
+    assert capsys.readouterr().err == (f"error: --config {tmp_path / 'nowhere.toml'}: cannot read "
+                                       f"it (No such file or directory)\n")
+
+
 def test_required_flags_missing_from_flags_and_file_are_one_line(capsys):
     assert main(["--max-steps", "2"]) == 2
     assert capsys.readouterr().err == (
