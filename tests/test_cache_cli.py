@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import tomllib
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from teacher_cache import open_cache
 from teacher_cache.build import BuildConfig
 from teacher_cache.cli import build_parser, main
 from teacher_cache.corpus import CorpusConfig, open_corpus
-from teacher_cache.dataclass_cli import from_args, leaves
+from teacher_cache.dataclass_cli import add_fields, from_args, leaves, option
 from teacher_cache.errors import CorpusError
 
 
@@ -227,3 +228,31 @@ def test_the_console_scripts_are_the_mains_of_python_m():
         "project"]["scripts"]
     assert pkgutil.resolve_name(scripts["distill-cache"]) is teacher_cache.cli.main
     assert pkgutil.resolve_name(scripts["distill-train"]) is student_train.__main__.main
+
+
+@dataclasses.dataclass
+class Inner:
+    names: list[str] = option([], "names (default: none)")
+    level: int | None = option(None, "a level (default: none)")
+
+
+@dataclasses.dataclass
+class Outer:
+    path: str = option(help="where")
+    mode: typing.Literal["a", "b"] = option("a", "the mode")
+    ratio: float | None = option(None, "a ratio (default: none)")
+    options: dict[str, typing.Any] = option({}, "options (default: none)", flag="--option")
+    inner: Inner = dataclasses.field(default_factory=Inner)
+    quiet: bool = option(False, "say less")
+
+
+def test_the_generator_reads_resolved_optional_literal_list_map_and_nested_fields():
+    parser = argparse.ArgumentParser()
+    add_fields(parser, Outer)
+    args = parser.parse_args(["--path", "p", "--mode", "b", "--ratio", "0.5", "--option", "n=2",
+                              "--option", "s=x", "--names", "u", "v", "--level", "3", "--quiet"])
+    assert from_args(args) == Outer("p", "b", 0.5, {"n": 2, "s": "x"}, Inner(["u", "v"], 3), True)
+    assert from_args(parser.parse_args(["--path", "p"])) == Outer("p")
+    text = parser.format_help()
+    assert "--mode {a,b}" in text and "(default: --no-quiet)" in text
+    assert_documents_every_field(parser, Outer)
