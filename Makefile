@@ -47,7 +47,7 @@ COMPILE ?=
 
 export DISTILL_HOME
 
-.PHONY: install cache pretrain test mutate bench bench-kernel bench-vllm bench-miniplm bench-targets \
+.PHONY: install cache pretrain test test-fast mutate bench bench-kernel bench-vllm bench-miniplm bench-targets \
 	bench-gpu bench-scale \
 	lint clean
 
@@ -89,8 +89,15 @@ pretrain: $(STAMP)
 		$(if $(HELDOUT_PACKAGE),--heldout-package $(HELDOUT_PACKAGE)) \
 		$(if $(COMPILE),--compile $(COMPILE))
 
+# The slowest tests are listed after each run.
+PYTEST := $(PY) -m pytest -q --durations=15
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PYTEST)
+
+# Without the tests marked slow (real models, many steps) or vllm: the quick loop while editing.
+test-fast: $(STAMP)
+	$(PYTEST) -m "not slow and not vllm"
 
 # Curated one-line bugs that the tests must catch (tools/mutate.py); CPU heavy, not part of test.
 mutate: $(STAMP)

@@ -8,8 +8,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from student_train.config import add_arguments, config_from_args
+from student_train.config import TrainConfig
 from student_train.presets import describe_presets
+from teacher_cache.dataclass_cli import add_fields, from_args
 from teacher_cache.errors import reports_user_errors
 
 
@@ -20,7 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "divergence to the teacher's cached targets (sampled ids or top-k). Student "
                     "presets: "
                     + describe_presets() + ".")
-    add_arguments(parser)
+    add_fields(parser, TrainConfig)
     return parser
 
 
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     from student_train.train import train
 
     try:
-        train(config_from_args(args))
+        train(from_args(args))
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import math
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from kernels import Divergence, Impl
+from teacher_cache.dataclass_cli import option as _opt
 from teacher_cache.errors import UserError
 
 
@@ -21,16 +21,14 @@ InitMode = Literal["auto", "random", "pretrained"]
 # aot_eager traces and differentiates like inductor but runs the ops eagerly: no C++ compiler
 # needed, so it checks the compiled path anywhere (tests), without inductor's speed.
 CompileBackend = Literal["inductor", "aot_eager"]
-
-
-def _opt(default: Any, help: str, **extra: Any) -> Any:
-    return field(default=default, metadata={"help": help, **extra})
+Tracker = Literal["none", "tensorboard", "wandb", "trackio"]
 
 
 @dataclass
 class TrainConfig:
     cache: str = _opt(MISSING, "teacher cache directory or fsspec URL")
-    out: str = _opt(MISSING, "run directory: checkpoint, metrics.jsonl, summary.json, student/")
+    out: str = _opt(MISSING, "run directory: checkpoint, metrics.jsonl, summary.json, config.json, "
+                      "student/")
     student: str = _opt("xs", "the student: a preset (xs, s, m, l), a Hugging Face model "
                         "directory or config.json (any causal LM with a plain linear head), or "
                         "prune:KEY=VALUE,... for the cache's teacher pruned to layers=, hidden=, "
@@ -40,7 +38,8 @@ class TrainConfig:
                           "the teacher's) or from random init; auto: weights where the student "
                           "has them")
     overrides: dict[str, str] = _opt(
-        None, "override a preset field, e.g. --set hidden_size=256 (repeatable)", flag="--set",
+        None, "override a preset field, e.g. --set hidden_size=256 (repeatable; default: none)",
+        flag="--set",
         metavar="KEY=VALUE")
     max_steps: int = _opt(200, "optimizer steps to train for")
     batch_size: int = _opt(8, "sequences per micro-step summed over all ranks (the global batch "
@@ -94,6 +93,9 @@ class TrainConfig:
                                 "on for CUDA, off on CPU, where compiling costs more than it "
                                 "saves on short runs (BENCHMARKS.md)")
     compile_backend: CompileBackend = _opt("inductor", "torch.compile backend of --compile")
+    report_to: Tracker = _opt("none", "also send the metrics.jsonl records to this tracker, from "
+                              "rank 0 (pip install 'distill[NAME]'); tensorboard writes into "
+                              "OUT/tensorboard")
 
     def __post_init__(self) -> None:
         self.overrides = dict(self.overrides or {})
@@ -152,7 +154,7 @@ class TrainConfig:
         return self.batch_size * self.grad_accum
 
 
-# The fields typed as a Literal, and their values: the flag's choices.
+# The fields typed as a Literal, and their values: what __post_init__ accepts.
 CHOICES: dict[str, tuple[str, ...]] = {
     name: get_args(hint) for name, hint in get_type_hints(TrainConfig).items()
     if get_origin(hint) is Literal
@@ -163,44 +165,5 @@ RESUMABLE_CHANGES = frozenset({
     "out", "cache", "max_steps", "eval_every", "checkpoint_every", "log_every", "resume",
     "overwrite", "device", "workers", "eval_batch_size", "compile", "compile_backend",
     "chat_template",  # what the saved student's tokenizer carries, not what it learned
+    "report_to",
     "data_parts", "data_slots"})  # these two: checked against the checkpoint's stream layout
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, str]:
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set hidden_size=256")
-        out[key.strip()] = value.strip()
-    return out
-
-
-def add_arguments(parser: argparse.ArgumentParser, skip: tuple[str, ...] = ()) -> None:
-    """One flag per TrainConfig field (`batch_size` -> `--batch-size`), help from the field."""
-    for f in fields(TrainConfig):
-        if f.name in skip:
-            continue
-        flag = f.metadata.get("flag", "--" + f.name.replace("_", "-"))
-        required = f.default is MISSING
-        stated = required or f.default is None  # no default, or the help says what it is
-        help_text = f.metadata["help"] + ("" if stated else " (default: %(default)s)")
-        if f.type == "bool":
-            parser.add_argument(flag, dest=f.name, action="store_true", help=f.metadata["help"])
-        elif f.name == "overrides":
-            parser.add_argument(flag, dest=f.name, action="append", default=[],
-                                metavar=f.metadata["metavar"], help=f.metadata["help"])
-        else:
-            choices = CHOICES.get(f.name)
-            kind = str if choices else {"int": int, "float": float, "float | None": float,
-                                        "int | None": int, "str": str}[f.type]
-            parser.add_argument(flag, dest=f.name, type=kind, required=required,
-                                default=None if required else f.default,
-                                choices=choices, help=help_text)
-
-
-def config_from_args(args: argparse.Namespace, **fixed: Any) -> TrainConfig:
-    values = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if hasattr(args, f.name)}
-    values["overrides"] = parse_overrides(values.get("overrides") or [])
-    values.update(fixed)
-    return TrainConfig(**values)

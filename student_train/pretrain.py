@@ -29,11 +29,12 @@ from typing import Any
 
 import numpy as np
 
-from student_train.config import ConfigError, add_arguments, config_from_args
+from student_train.config import ConfigError, TrainConfig
 from student_train.presets import PRESETS, describe_presets
 from student_train.prune import PruneSpec
 from student_train.students import PresetStudent, parse_student
 from teacher_cache import open_cache
+from teacher_cache.dataclass_cli import add_fields, from_args
 from teacher_cache.errors import reports_user_errors
 from teacher_cache.storage import write_json
 from teacher_cache.teacher import quiet_transformers_bars
@@ -55,13 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
                              f"Face model directories (default: xs s)")
     parser.add_argument("--baseline", nargs="?", const=ALL_STUDENTS, default="", metavar="STUDENTS",
                         help="also train these students (space separated; alone: every one) "
-                             "CE-only (kd_weight=0) for comparison")
+                             "CE-only (kd_weight=0) for comparison (default: none)")
     parser.add_argument("--random-init", nargs="?", const=ALL_STUDENTS, default="",
                         metavar="STUDENTS",
                         help="also train the shape of these pruned or pretrained students from "
                              "random init (space separated; alone: every one), for the "
                              "comparison 'pruned from the teacher vs the same shape from random "
-                             "init'")
+                             "init'; default: none)")
     parser.add_argument("--heldout-package", default="", metavar="NAME",
                         help="also report each student's CE on this installed package's .py "
                              "sources, text outside the cache's corpus (e.g. numpy for the stdlib "
@@ -71,8 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True,
                         help="directory holding one run directory per student, the results and "
                              "the plot")
-    add_arguments(parser, skip=("student", "init", "resume", "out"))
-    parser.set_defaults(**DRIVER_DEFAULTS)
+    add_fields(parser, TrainConfig, skip=("student", "init", "resume", "out"),
+               defaults=DRIVER_DEFAULTS, config_file=False)
     return parser
 
 
@@ -314,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     if clash := next((n for n in names if names.count(n) > 1), None):
         raise ConfigError(f"--students {args.students!r}: two runs would share the directory "
                           f"{out / clash}; name each student once")
-    base = config_from_args(args, student=students[0], resume=not args.overwrite)
+    base = from_args(args, student=students[0], out=args.out)
     cache = open_cache(base.cache) if args.heldout_package else None
     text = (load_heldout_text(cache, args.heldout_package, args.heldout_tokens)
             if cache is not None else None)
@@ -325,12 +326,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"== {name} ==", flush=True)
         # From the flags again, not replace(base): an unset --lr is each student's own. --set
         # changes the presets only.
-        config = config_from_args(args, student=student, out=str(run_dirs[name]),
-                                  resume=not args.overwrite,
-                                  init=RANDOM_INIT if variant == RANDOM_INIT else "auto",
-                                  **({"kd_weight": 0.0} if variant == CE_ONLY else {}),
-                                  **({} if isinstance(parse_student(student), PresetStudent)
-                                     else {"overrides": {}}))
+        config = from_args(args, student=student, out=str(run_dirs[name]),
+                           resume=not base.overwrite,
+                           init=RANDOM_INIT if variant == RANDOM_INIT else "auto",
+                           **({"kd_weight": 0.0} if variant == CE_ONLY else {}),
+                           **({} if isinstance(parse_student(student), PresetStudent)
+                              else {"overrides": {}}))
         summary = train(config)
         if summary["val_ce"] is None:
             raise ConfigError(f"{run_dirs[name]}: the cache gave no held-out sequences, which the "

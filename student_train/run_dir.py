@@ -24,9 +24,12 @@ from teacher_cache.format import TRAINING_FILE
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "config.json"  # the finished run's TrainConfig: `--config OUT/config.json` repeats it
 STUDENT_DIR = "student"
+TENSORBOARD_DIR = "tensorboard"  # --report-to tensorboard's event files
 LOCK_FILE = "run.lock"
-RUN_FILES = (CHECKPOINT_FILE, STUDENT_DIR, SUMMARY_FILE, METRICS_FILE)
+RUN_FILES = (CHECKPOINT_FILE, STUDENT_DIR, SUMMARY_FILE, METRICS_FILE, CONFIG_FILE,
+             TENSORBOARD_DIR)
 # The temp names of atomic writes (teacher_cache.storage: `.tmp-<12 hex>-NAME`) of RUN_FILES; the
 # student is written into such a folder too (student_train.model.save_student).
 STALE_TEMP = re.compile(r"\.tmp-[0-9a-f]{12}-(" + "|".join(map(re.escape, RUN_FILES)) + r")\Z")
@@ -191,7 +194,8 @@ def prepare_run_dir(config: TrainConfig) -> None:
             raise ConfigError(f"{out / name}: {why}, not what a run of student_train wrote; "
                               f"{flag} only that: move it away or choose another --out")
     if config.overwrite:
-        if (out / STUDENT_DIR).exists():
-            shutil.rmtree(out / STUDENT_DIR)
-        for name in (CHECKPOINT_FILE, SUMMARY_FILE, METRICS_FILE):
+        for name in (STUDENT_DIR, TENSORBOARD_DIR):
+            if (out / name).exists():
+                shutil.rmtree(out / name)
+        for name in (CHECKPOINT_FILE, SUMMARY_FILE, METRICS_FILE, CONFIG_FILE):
             (out / name).unlink(missing_ok=True)

@@ -39,7 +39,14 @@ from student_train.data import (
 )
 from student_train.evaluate import EvalMetrics, evaluate
 from student_train.model import DistillationObjective, count_parameters, save_student
-from student_train.run_dir import METRICS_FILE, STUDENT_DIR, SUMMARY_FILE, RunLock, claim_run_dir
+from student_train.run_dir import (
+    CONFIG_FILE,
+    METRICS_FILE,
+    STUDENT_DIR,
+    SUMMARY_FILE,
+    RunLock,
+    claim_run_dir,
+)
 from student_train.runtime import (
     compile_decoder,
     init_distributed,
@@ -49,6 +56,7 @@ from student_train.runtime import (
 )
 from student_train.selection import Selection
 from student_train.students import BuildContext, create_student, restore_student
+from student_train.tracking import Tracker, open_tracker
 from teacher_cache.format import Manifest, build_id
 from teacher_cache.reader import open_cache
 from teacher_cache.storage import atomic_output, write_json
@@ -110,9 +118,10 @@ class LogInterval:
 
 
 class MetricsLog:
-    """metrics.jsonl; a resumed run first drops the records written after its checkpoint."""
+    """metrics.jsonl, and the --report-to tracker; a resumed run first drops the records written
+    after its checkpoint."""
 
-    def __init__(self, path: Path, keep_through_step: int):
+    def __init__(self, path: Path, keep_through_step: int, tracker: Tracker | None):
         kept = []
         if keep_through_step > 0 and path.exists():
             kept = [line for line in path.read_text().splitlines()
@@ -120,10 +129,17 @@ class MetricsLog:
         with atomic_output(path) as f:
             f.write("".join(line + "\n" for line in kept).encode())
         self.path = path
+        self.tracker = tracker
 
     def write(self, record: dict[str, Any]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        if self.tracker is not None:
+            self.tracker.log(record)
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
 
 
 def check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
@@ -194,6 +210,7 @@ class Trainer:
         self.config = config
         self.env = init_distributed(config.device)
         self.out = Path(config.out)
+        self.metrics: MetricsLog | None = None
         self.lock: RunLock | None = on_main(self.env, lambda: claim_run_dir(config))
         try:
             self._setup()
@@ -202,7 +219,9 @@ class Trainer:
             raise
 
     def close(self) -> None:
-        """Release the run directory (also done when this process ends)."""
+        """Close the tracker, release the run directory (also done when this process ends)."""
+        if self.metrics is not None:
+            self.metrics.close()
         if self.lock is not None:
             self.lock.release()
 
@@ -279,7 +298,8 @@ class Trainer:
             pin_memory=env.device.type == "cuda")))
         self.tokens_per_step = config.rows_per_step * self.manifest.seq_len
         self.bf16 = use_bf16(config.precision, env.device)
-        self.metrics = MetricsLog(self.out / METRICS_FILE, self.step) if env.is_main else None
+        self.metrics = (MetricsLog(self.out / METRICS_FILE, self.step, open_tracker(config))
+                        if env.is_main else None)
         # The first step whose loss or gradient norm was not finite (0: none). Kept on the
         # device and read only by check_finite, where the host waits for the device anyway
         # (logging reads the loss, evaluation and checkpoints copy to the host): no sync per step.
@@ -468,6 +488,7 @@ class Trainer:
             save_student(self.student, self.out / STUDENT_DIR, self.manifest, training=summary,
                          chat_template=config.chat_template)
             write_json(self.out / SUMMARY_FILE, summary)
+            write_json(self.out / CONFIG_FILE, asdict(config))
             figures = ("" if summary["val_ce"] is None else
                        f", val CE {summary['val_ce']:.4f} (PPL {summary['val_ppl']:.1f}), KL "
                        f"{summary['val_kl']:.4f}, top-1 {summary['val_top1']:.3f}")

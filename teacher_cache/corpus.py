@@ -28,6 +28,7 @@ from functools import cached_property
 from itertools import pairwise
 from pathlib import Path
 
+from teacher_cache.dataclass_cli import option
 from teacher_cache.errors import CorpusError
 from teacher_cache.hub import hub_unreachable
 
@@ -46,11 +47,33 @@ MAX_PARTITIONS = 4096
 
 @dataclass
 class CorpusConfig:
-    paths: list[str] = field(default_factory=list)  # files, directories or globs; empty = stdlib
-    dataset: str | None = None  # a `datasets.load_dataset` name: hub id, local path or builder
-    split: str = "train"
-    streaming: bool = False
-    text_field: str = "text"
+    paths: list[str] = option(
+        [], "directories (recursive), globs or .txt/.py/.md/.jsonl/.json/.parquet files; default: "
+            "the Python standard library's own .py files", flag="--corpus", metavar="PATH")
+    dataset: str | None = option(None, "a `datasets.load_dataset` name (hub id, local path or "
+                                       "builder) instead of --corpus (default: none)")
+    split: str = option("train", "dataset split")
+    streaming: bool = option(False, "stream the dataset")
+    text_field: str = option("text", "field holding the text in .jsonl/.json/.parquet/dataset "
+                                     "records")
+    dataset_config: str | None = option(None, "the --dataset's configuration name (load_dataset's "
+                                              "`name`; default: none)")
+    data_files: list[str] = option([], "the --dataset's data files (load_dataset's `data_files`; "
+                                       "default: all of it)", metavar="FILE")
+    revision: str | None = option(None, "the --dataset's revision: a hub branch, tag or commit "
+                                        "(default: the latest)")
+
+    def __post_init__(self) -> None:
+        if self.paths and self.dataset:
+            raise CorpusError("pass either --corpus or --dataset, not both")
+        if not self.dataset and (self.dataset_config or self.data_files or self.revision):
+            raise CorpusError("--dataset-config, --data-files and --revision need --dataset")
+
+    def dataset_options(self) -> dict[str, object]:
+        """load_dataset's arguments besides the split and streaming: those that are set."""
+        options = {"name": self.dataset_config, "data_files": self.data_files or None,
+                   "revision": self.revision}
+        return {key: value for key, value in options.items() if value is not None}
 
 
 @dataclass(frozen=True)
@@ -91,15 +114,18 @@ class Corpus:
         depends on, and not where the files lie (workers on other hosts agree). The stdlib's ~700
         files take well under a second. A `datasets` dataset: the same over its local data file
         or directory; None for a hub dataset (streamed or not), which only its description
-        (name, split, text field) identifies."""
+        (name, split, text field) identifies. A dataset's configuration name, data files and
+        revision, when set, are hashed first: another revision is another corpus."""
         files = self.files
+        digest = hashlib.sha256()
         if self.config.dataset:
+            if options := self.config.dataset_options():
+                digest.update(json.dumps(options, sort_keys=True).encode() + b"\n")
             local = Path(self.config.dataset)
             files = (sorted(p for p in local.rglob("*") if p.is_file()) if local.is_dir()
                      else [local] if local.is_file() else [])
-            if not files:
+            if not files and not options:
                 return None
-        digest = hashlib.sha256()
         for path in files:
             content = hashlib.sha256()
             with open(path, "rb") as stream:
@@ -220,7 +246,10 @@ class Corpus:
 
 def open_corpus(config: CorpusConfig) -> Corpus:
     if config.dataset:
-        return Corpus(f"dataset:{config.dataset}:{config.split}:{config.text_field}", [], config)
+        options = "".join(f":{key}={','.join(value) if isinstance(value, list) else value}"
+                          for key, value in config.dataset_options().items())
+        return Corpus(f"dataset:{config.dataset}:{config.split}:{config.text_field}{options}", [],
+                      config)
     if not config.paths:
         root = Path(sysconfig.get_paths()["stdlib"])
         version = ".".join(map(str, sys.version_info[:3]))
@@ -453,6 +482,7 @@ def _load_dataset(config: CorpusConfig):
                                                              Path(name).suffix.lstrip("."))
             return datasets.load_dataset(builder, data_files=name, split=config.split,
                                          streaming=config.streaming)
-        return datasets.load_dataset(name, split=config.split, streaming=config.streaming)
+        return datasets.load_dataset(name, split=config.split, streaming=config.streaming,
+                                     **config.dataset_options())
     except Exception as e:  # datasets raises many unrelated types; the user needs one line
         raise CorpusError(f"dataset {name} (split {config.split}): cannot load it ({e})") from e

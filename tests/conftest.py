@@ -125,6 +125,16 @@ def tiny_cache(tmp_path_factory: pytest.TempPathFactory, tiny_build_config) -> P
 
 
 @pytest.fixture(scope="session")
+def scored_cache(tmp_path_factory, tiny_build_config, tiny_reference_dir: Path) -> Path:
+    """The tiny cache built with the tiny reference R filling `score`. Copy it before changing."""
+    from teacher_cache.build import build_cache
+
+    out = tmp_path_factory.mktemp("scored") / "cache"
+    build_cache(tiny_build_config(out, reference=str(tiny_reference_dir)))
+    return out
+
+
+@pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory):
     """A tiny synthetic cache the training tests share (48 sequences of 16 tokens, top-4)."""
     path = tmp_path_factory.mktemp("cache")

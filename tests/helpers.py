@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -20,6 +21,7 @@ from kernels import IGNORE_INDEX
 from kernels.divergences import TAIL_EPS, KDSpec, KDTargets
 from student_train.config import TrainConfig
 from student_train.data import Batch
+from teacher_cache.dataclass_cli import leaves
 from teacher_cache.reader import TeacherCache, open_cache
 from teacher_cache.synth import write_synthetic_cache
 
@@ -152,6 +154,26 @@ def assert_matches_float64(got: tuple[Tensor, ...], want: tuple[Tensor, ...],
         assert relative_error(g, e) < tolerance.grad_rel
 
 
+# --- command lines ---
+
+
+def assert_documents_every_field(parser: argparse.ArgumentParser, cls: type,
+                                 skip: tuple[str, ...] = ()) -> None:
+    """Every field of `cls` but `skip` has a flag of `parser`; every flag has help that shows its
+    default (or says it has none), unless it is required; every flag is in the help text."""
+    text = " ".join(parser.format_help().split())
+    required = {leaf.dest for leaf in leaves(cls) if leaf.required}
+    actions = [a for a in parser._actions if not isinstance(a, argparse._HelpAction)]
+    missing = {leaf.dest for leaf in leaves(cls)} - {a.dest for a in actions} - set(skip)
+    assert not missing, f"fields without a flag: {missing}"
+    for action in actions:
+        assert action.help, f"{action.option_strings} has no help"
+        assert action.required or action.dest in required or "default" in action.help, (
+            f"{action.option_strings} shows no default")
+        for option in action.option_strings:
+            assert option in text
+
+
 # --- caches: synthetic cache factory ---
 
 
@@ -168,6 +190,19 @@ def synthetic_cache(path: str | os.PathLike, *, sequences: int = 40, seq_len: in
 def shard_bytes(path: Path) -> dict[str, bytes]:
     """Every shard file of a local cache (the .arrow and its .json) by name."""
     return {p.name: p.read_bytes() for p in sorted((path / "shards").glob("shard-*"))}
+
+
+def corrupt_shard(cache: Path, index: int, *, tail: bool = False) -> Path:
+    """Damage shard `index` of a local cache in place, its size kept: one byte in its middle
+    flipped, or (`tail`) its last 8 bytes zeroed. Returns the shard's path."""
+    shard = cache / "shards" / f"shard-{index:06d}.arrow"
+    data = bytearray(shard.read_bytes())
+    if tail:
+        data[-8:] = bytes(8)
+    else:
+        data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    return shard
 
 
 def crash_on_second_shard(monkeypatch) -> None:

@@ -1,20 +1,29 @@
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
+import pkgutil
 import shutil
 import signal
 import subprocess
 import sys
 import time
+import tomllib
+import typing
 from pathlib import Path
 
 import numpy as np
 import pytest
 from conftest import TINY_MAX_TOKENS, TINY_SEQ_LEN, TINY_SHARD_ROWS, TINY_TOP_K
-from helpers import brute_force_scores
+from helpers import assert_documents_every_field, brute_force_scores
 
 from teacher_cache import open_cache
-from teacher_cache.cli import _build_config, build_parser, main
+from teacher_cache.build import BuildConfig
+from teacher_cache.cli import build_parser, main
+from teacher_cache.corpus import CorpusConfig, open_corpus
+from teacher_cache.dataclass_cli import add_fields, from_args, leaves, option
+from teacher_cache.errors import CorpusError
 
 
 def tiny_args(out: Path, teacher: Path, corpus: Path | str) -> list[str]:
@@ -27,11 +36,14 @@ def tiny_args(out: Path, teacher: Path, corpus: Path | str) -> list[str]:
 def test_help_documents_every_build_flag():
     result = subprocess.run([sys.executable, "-m", "teacher_cache", "build", "--help"],
                             capture_output=True, text=True, check=True)
-    for flag in ("--corpus", "--teacher", "--out", "--max-tokens", "--seq-len", "--top-k",
-                 "--backend", "--dataset", "--split", "--streaming", "--text-field",
-                 "--batch-size", "--dtype", "--shard-rows", "--num-workers", "--worker-index",
-                 "--overwrite", "--reference"):
-        assert flag in result.stdout
+    assert "usage: python -m teacher_cache build" in result.stdout
+    commands = next(a for a in build_parser()._actions
+                    if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) == {"build", "finalize", "score", "synth", "verify"}
+    assert_documents_every_field(commands["build"], BuildConfig)
+    for name, command in commands.items():  # the others' flags too
+        assert_documents_every_field(command, BuildConfig, skip=tuple(
+            leaf.dest for leaf in leaves(BuildConfig)) if name != "build" else ())
 
 
 def test_build_then_finalize_from_the_command_line(tmp_path: Path, tiny_teacher_dir: Path,
@@ -115,7 +127,7 @@ def test_backend_options_reach_the_build_config(tmp_path: Path):
         "build", "--out", str(tmp_path), "--backend", "vllm",
         "--backend-option", "tensor_parallel_size=2", "--backend-option", "enforce_eager=true",
         "--backend-option", "kv_cache_dtype=fp8"])
-    assert _build_config(args).backend_options == {
+    assert from_args(args).backend_options == {
         "tensor_parallel_size": 2, "enforce_eager": True, "kv_cache_dtype": "fp8"}
 
 
@@ -144,3 +156,105 @@ def test_synth_writes_a_cache_of_the_real_format(tmp_path: Path, capsys, targets
     capsys.readouterr()
     assert main(["synth", "--out", str(out), "--tokens", "5000"]) == 2
     assert "already holds a cache" in capsys.readouterr().err
+
+
+def parse(*argv: str) -> BuildConfig:
+    return from_args(build_parser().parse_args(["build", *argv]))
+
+
+def test_a_config_file_sets_the_build_and_the_flags_given_override_it(tmp_path: Path):
+    (tmp_path / "cache.toml").write_text(
+        'out = "runs/cache"\nseq_len = 64\nbackend_options = {enforce_eager = true}\n'
+        '[corpus]\npaths = ["docs", "README.md"]\ntext_field = "body"\n')
+    config = parse("--config", str(tmp_path / "cache.toml"), "--seq-len", "128",
+                   "--backend-option", "tensor_parallel_size=2")
+    assert (config.out, config.seq_len) == ("runs/cache", 128)
+    assert config.corpus == CorpusConfig(paths=["docs", "README.md"], text_field="body")
+    assert config.backend_options == {"enforce_eager": True, "tensor_parallel_size": 2}
+
+
+@pytest.mark.parametrize("text, message", [
+    ('out = "c"\n[corpus]\npath = ["docs"]\n', "unknown key 'corpus.path'"),
+    ('out = "c"\ncorpus = "docs"\n', "key 'corpus': expected a table"),
+    ('out = "c"\nbackend = "jax"\n', "key 'backend': 'jax' is not one of torch, vllm"),
+    ('out = "c"\n[corpus]\npaths = "docs"\n', "key 'corpus.paths': expected a list"),
+])
+def test_a_bad_build_config_is_one_line_naming_the_file_and_the_key(tmp_path: Path, capsys, text,
+                                                                    message):
+    path = tmp_path / "cache.toml"
+    path.write_text(text)
+    assert main(["build", "--config", str(path)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --config {path}: ") and message in err[0]
+
+
+def test_build_json_records_the_config_and_a_build_repeated_from_it_resumes(
+        tmp_path: Path, tiny_cache: Path, tiny_build_config, capsys):
+    record = json.loads((tiny_cache / "build.json").read_text())
+    assert record["config"] == dataclasses.asdict(tiny_build_config(tiny_cache))
+    assert parse("--config", str(tiny_cache / "build.json")) == tiny_build_config(tiny_cache)
+    out = tmp_path / "cache"
+    shutil.copytree(tiny_cache, out)
+    assert main(["build", "--config", str(out / "build.json"), "--out", str(out)]) == 0
+    assert "built 0 shards" in capsys.readouterr().out
+
+
+def test_dataset_config_files_and_revision_reach_load_dataset_and_the_fingerprint(monkeypatch):
+    import datasets
+
+    calls = []
+    monkeypatch.setattr(datasets, "load_dataset",
+                        lambda *args, **kwargs: calls.append((args, kwargs)) or [{"text": "x"}])
+    monkeypatch.setattr("teacher_cache.corpus.hub_unreachable", lambda: None)
+    argv = ["--out", "c", "--dataset", "org/corpus", "--dataset-config", "en", "--data-files",
+            "a.jsonl", "b.jsonl", "--revision", "v1", "--split", "test"]
+    corpus = open_corpus(parse(*argv).corpus)
+    corpus.check_first_documents()
+    assert calls == [(("org/corpus",), {"split": "test", "streaming": False, "name": "en",
+                                        "data_files": ["a.jsonl", "b.jsonl"], "revision": "v1"})]
+    assert corpus.description == "dataset:org/corpus:test:text:name=en:data_files=a.jsonl,b.jsonl" \
+                                 ":revision=v1"
+    fingerprints = {open_corpus(parse(*argv[:-4], *changed).corpus).fingerprint()
+                    for changed in (["--revision", "v1"], ["--revision", "v2"], [])}
+    assert len(fingerprints) == 3 and corpus.fingerprint() in fingerprints
+    assert open_corpus(parse("--out", "c", "--dataset", "org/corpus").corpus).fingerprint() is None
+    with pytest.raises(CorpusError, match="need --dataset"):
+        parse("--out", "c", "--revision", "v1")
+
+
+def test_the_console_scripts_are_the_mains_of_python_m():
+    import student_train.__main__
+    import teacher_cache.cli
+
+    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())[
+        "project"]["scripts"]
+    assert pkgutil.resolve_name(scripts["distill-cache"]) is teacher_cache.cli.main
+    assert pkgutil.resolve_name(scripts["distill-train"]) is student_train.__main__.main
+
+
+@dataclasses.dataclass
+class Inner:
+    names: list[str] = option([], "names (default: none)")
+    level: int | None = option(None, "a level (default: none)")
+
+
+@dataclasses.dataclass
+class Outer:
+    path: str = option(help="where")
+    mode: typing.Literal["a", "b"] = option("a", "the mode")
+    ratio: float | None = option(None, "a ratio (default: none)")
+    options: dict[str, typing.Any] = option({}, "options (default: none)", flag="--option")
+    inner: Inner = dataclasses.field(default_factory=Inner)
+    quiet: bool = option(False, "say less")
+
+
+def test_the_generator_reads_resolved_optional_literal_list_map_and_nested_fields():
+    parser = argparse.ArgumentParser()
+    add_fields(parser, Outer)
+    args = parser.parse_args(["--path", "p", "--mode", "b", "--ratio", "0.5", "--option", "n=2",
+                              "--option", "s=x", "--names", "u", "v", "--level", "3", "--quiet"])
+    assert from_args(args) == Outer("p", "b", 0.5, {"n": 2, "s": "x"}, Inner(["u", "v"], 3), True)
+    assert from_args(parser.parse_args(["--path", "p"])) == Outer("p")
+    text = parser.format_help()
+    assert "--mode {a,b}" in text and "(default: --no-quiet)" in text
+    assert_documents_every_field(parser, Outer)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from helpers import synthetic_cache
+from helpers import corrupt_shard, synthetic_cache
 
 from student_train.data import TrainStream, split_rows
 from student_train.selection import Selection
@@ -14,10 +14,7 @@ from teacher_cache.format import CacheError
 def test_a_shard_corrupted_after_split_rows_fails_its_checksum_when_training_reads_it(tmp_path):
     cache = synthetic_cache(tmp_path, sequences=12, rows_per_shard=6)
     split = split_rows(cache, 0.0, Selection(), seed=0)  # verifies every shard once
-    shard = tmp_path / "shards" / "shard-000001.arrow"
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    shard.write_bytes(bytes(data))
+    corrupt_shard(tmp_path, 1)
 
     with pytest.raises(CacheError, match="shard-000001.arrow.*checksum"):
         cache.read_shard(1)

@@ -10,7 +10,6 @@ from helpers import brute_force_scores, crash_on_second_shard
 
 from teacher_cache import CacheError, open_cache
 from teacher_cache import score as score_module
-from teacher_cache.build import build_cache
 from teacher_cache.format import read_shard, score_stats
 from teacher_cache.score import rescore_cache, sequence_scores
 
@@ -38,13 +37,6 @@ def test_score_stats():
     assert stats["count"] == 4 and stats["mean"] == 2.5 and stats["min"] == 1 and stats["max"] == 4
     assert stats["quantiles"]["0.5"] == 2.5
     assert list(stats["quantiles"]) == [f"0.{i}" for i in range(1, 10)]
-
-
-@pytest.fixture(scope="module")
-def scored_cache(tmp_path_factory, tiny_build_config, tiny_reference_dir: Path) -> Path:
-    out = tmp_path_factory.mktemp("scored") / "cache"
-    build_cache(tiny_build_config(out, reference=str(tiny_reference_dir)))
-    return out
 
 
 def test_build_with_reference_fills_scores(scored_cache: Path, tiny_teacher_dir: Path,

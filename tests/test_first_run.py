@@ -134,20 +134,22 @@ def test_parameter_counts_match_the_built_model(name: str):
     assert parameter_count(PRESETS[name], 49152) == sum(p.numel() for p in model.parameters())
 
 
-def test_student_train_help_imports_neither_torch_nor_transformers():
-    script = textwrap.dedent("""
+@pytest.mark.parametrize("module, argv", [("student_train", ["--help"]),
+                                          ("teacher_cache", ["build", "--help"])])
+def test_help_imports_neither_torch_nor_transformers(module: str, argv: list[str]):
+    script = textwrap.dedent(f"""
         import runpy, sys
-        sys.argv = ["student_train", "--help"]
+        sys.argv = [{module!r}, *{argv!r}]
         try:
-            runpy.run_module("student_train", run_name="__main__")
+            runpy.run_module({module!r}, run_name="__main__")
         except SystemExit:
             pass
-        heavy = sorted({m.split(".")[0] for m in sys.modules} & {"torch", "transformers"})
+        heavy = sorted({{m.split(".")[0] for m in sys.modules}} & {{"torch", "transformers"}})
         print("heavy:", heavy, file=sys.stderr)
     """)
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
                             check=True)
-    assert "usage: python -m student_train" in result.stdout
+    assert f"usage: python -m {module}" in result.stdout
     assert "heavy: []" in result.stderr
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import crash_on_second_shard, synthetic_cache
+from helpers import corrupt_shard, crash_on_second_shard, synthetic_cache
 
 from teacher_cache import CacheError, open_cache
 from teacher_cache.build import build_cache
@@ -32,14 +32,6 @@ def edit_manifest(cache: Path, edit) -> None:
 
 def arrow_files(cache: Path) -> set[str]:
     return {p.name for p in (cache / "shards").glob("*.arrow")}
-
-
-@pytest.fixture(scope="module")
-def scored_cache(tmp_path_factory, tiny_build_config, tiny_reference_dir: Path) -> Path:
-    """The tiny cache built with the tiny reference R filling `score`. Copy it before changing."""
-    out = tmp_path_factory.mktemp("scored") / "cache"
-    build_cache(tiny_build_config(out, reference=str(tiny_reference_dir)))
-    return out
 
 
 def test_an_interrupted_score_changes_nothing_and_resumes_only_with_its_reference(
@@ -129,8 +121,7 @@ def test_verify_repair_drops_a_corrupt_shard_and_the_build_rebuilds_only_it(
         tmp_path: Path, tiny_cache: Path, tiny_build_config, capsys):
     out = tmp_path / "cache"
     shutil.copytree(tiny_cache, out)
-    shard = out / "shards" / "shard-000001.arrow"
-    shard.write_bytes(shard.read_bytes()[:-8] + b"\0" * 8)
+    corrupt_shard(out, 1, tail=True)
     with pytest.raises(CacheError, match="checksum mismatch.*verify --cache .* --repair"):
         open_cache(out).read_shard(1)
 

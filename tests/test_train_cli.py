@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import shutil
+import sys
+import types
 from pathlib import Path
 
 import pytest
-from helpers import TINY_ARGS
+from helpers import TINY_ARGS, assert_documents_every_field, corrupt_shard
 
+from student_train import pretrain
 from student_train.__main__ import build_parser, main
 from student_train.config import ConfigError, TrainConfig
+from teacher_cache.dataclass_cli import from_args
 from teacher_cache.synth import write_synthetic_cache
 
 
@@ -31,12 +37,10 @@ def test_help_documents_every_flag(capsys):
     with pytest.raises(SystemExit) as exit_info:
         build_parser().parse_args(["--help"])
     assert exit_info.value.code == 0
-    text = capsys.readouterr().out
-    for flag in ("--cache", "--student", "--out", "--max-steps", "--batch-size", "--grad-accum",
-                 "--lr", "--warmup", "--ce-weight", "--kd-weight", "--divergence",
-                 "--temperature", "--select", "--seed", "--eval-every", "--checkpoint-every",
-                 "--resume", "--set"):
-        assert flag in text
+    assert "usage: python -m student_train" in capsys.readouterr().out
+    assert_documents_every_field(build_parser(), TrainConfig)
+    assert_documents_every_field(pretrain.build_parser(), TrainConfig,
+                                 skip=("student", "init", "resume"))  # set per run
 
 
 def test_choices_come_from_the_config_types_and_fail_at_parse_time(capsys):
@@ -75,10 +79,7 @@ def test_vocabulary_mismatch(cli_cache_dir, tmp_path, capsys):
 def test_corrupt_shard(cli_cache_dir, tmp_path, capsys):
     cache = tmp_path / "cache"
     shutil.copytree(cli_cache_dir, cache)
-    shard = cache / "shards" / "shard-000001.arrow"
-    data = bytearray(shard.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    shard.write_bytes(bytes(data))
+    corrupt_shard(cache, 1)
     expect_error(capsys, run(cache, tmp_path / "out"), "shard-000001.arrow", "checksum")
 
 
@@ -110,8 +111,7 @@ def test_resume_of_a_finished_run_changes_nothing(cli_cache_dir, tmp_path):
 def test_a_corrupt_shard_read_by_a_dataloader_worker_is_one_line(tmp_path, capsys):
     write_synthetic_cache(tmp_path / "cache", sequences=40, seq_len=8, top_k=2, vocab_size=64,
                           rows_per_shard=4)
-    shard = tmp_path / "cache" / "shards" / "shard-000003.arrow"
-    shard.write_bytes(shard.read_bytes()[:-8] + bytes(8))
+    corrupt_shard(tmp_path / "cache", 3, tail=True)
     code = run(tmp_path / "cache", tmp_path / "out", "--workers", "2", "--max-steps", "30",
                "--eval-every", "0")
     assert code == 2
@@ -119,3 +119,120 @@ def test_a_corrupt_shard_read_by_a_dataloader_worker_is_one_line(tmp_path, capsy
     assert "Traceback" not in err and "DataLoader worker" not in err
     assert err.strip().splitlines()[-1].startswith("error: ")
     assert "shard-000003.arrow: checksum mismatch" in err and "verify" in err
+
+
+def parse(*argv: str) -> TrainConfig:
+    return from_args(build_parser().parse_args(list(argv)))
+
+
+def test_a_config_file_sets_what_the_flags_do_and_the_flags_given_override_it(tmp_path):
+    (tmp_path / "run.toml").write_text(
+        'cache = "c"\nout = "o"\nmax_steps = 3\nlr = 0.5\ndivergence = "rkl"\nresume = true\n'
+        '[overrides]\nhidden_size = "32"\n')
+    config = parse("--config", str(tmp_path / "run.toml"), "--max-steps", "5", "--no-resume",
+                   "--set", "num_hidden_layers=1")
+    assert (config.cache, config.out, config.max_steps, config.lr) == ("c", "o", 5, 0.5)
+    assert (config.divergence, config.resume) == ("rkl", False)
+    assert config.overrides == {"hidden_size": "32", "num_hidden_layers": "1"}
+    assert parse("--config", str(tmp_path / "run.toml"), "--out", "p").out == "p"
+
+
+@pytest.mark.parametrize("text, message", [
+    ('cache = "c"\nout = "o"\nmax_step = 3\n', "key 'max_step'"),
+    ('cache = "c"\nout = "o"\nmax_steps = "ten"\n', "key 'max_steps': expected int, got 'ten'"),
+    ('cache = "c"\nout = "o"\nlr = true\n', "key 'lr': expected float, got True"),
+    ('cache = "c"\nout = "o"\ndivergence = "kl"\n', "key 'divergence': 'kl' is not one of fkl"),
+    ('cache = "c"\nout = "o"\n[overrides]\nhidden_size = 32\n',
+     "key 'overrides': expected str, got 32"),
+    ("cache = \n", "not valid TOML"),
+])
+def test_a_bad_config_file_is_one_line_naming_the_file_and_the_key(tmp_path, capsys, text,
+                                                                   message):
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    assert main(["--config", str(path)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: --config {path}: "), err
+    assert message in err[0]
+
+
+def test_a_yaml_config_reads_like_the_toml_and_a_missing_file_is_one_line(tmp_path, capsys):
+    (tmp_path / "run.yaml").write_text("cache: c\nout: o\nlr: 1\noverrides: {hidden_size: '32'}\n")
+    config = parse("--config", str(tmp_path / "run.yaml"))
+    assert (config.cache, config.lr, config.overrides) == ("c", 1.0, {"hidden_size": "32"})
+    assert main(["--config", str(tmp_path / "nowhere.toml")]) == 2
+    assert capsys.readouterr().err == (f"error: --config {tmp_path / 'nowhere.toml'}: cannot read "
+                                       f"it (No such file or directory)\n")
+
+
+def test_required_flags_missing_from_flags_and_file_are_one_line(capsys):
+    assert main(["--max-steps", "2"]) == 2
+    assert capsys.readouterr().err == (
+        "error: --cache, --out: required (as a flag or in --config FILE)\n")
+
+
+def test_a_run_repeated_from_its_config_json_has_the_same_config(cli_cache_dir, tmp_path):
+    first, again = tmp_path / "first", tmp_path / "again"
+    assert run(cli_cache_dir, first, "--lr", "0.01", "--select", "random:0.5") == 0
+    recorded = json.loads((first / "config.json").read_text())
+    assert recorded == dataclasses.asdict(parse("--cache", str(cli_cache_dir), "--out", str(first),
+                                                "--max-steps", "2", "--batch-size", "2",
+                                                *TINY_ARGS, "--lr", "0.01",
+                                                "--select", "random:0.5"))
+    assert dataclasses.asdict(parse("--config", str(first / "config.json"))) == recorded
+    assert main(["--config", str(first / "config.json"), "--out", str(again)]) == 0
+    assert json.loads((again / "config.json").read_text()) == recorded | {"out": str(again)}
+    losses = [[json.loads(line).get("loss") for line in (run_dir / "metrics.jsonl").open()]
+              for run_dir in (first, again)]
+    assert losses[0] == losses[1]
+
+
+class FakeSummaryWriter:
+    """torch.utils.tensorboard.SummaryWriter's calls, recorded."""
+
+    instances: list[FakeSummaryWriter] = []
+
+    def __init__(self, log_dir: str):
+        self.log_dir, self.scalars, self.closed = log_dir, [], False
+        self.instances.append(self)
+
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        self.scalars.append((tag, value, step))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_report_to_tensorboard_gets_every_metrics_record(cli_cache_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard",
+                        types.SimpleNamespace(SummaryWriter=FakeSummaryWriter))
+    FakeSummaryWriter.instances.clear()
+    assert run(cli_cache_dir, tmp_path, "--report-to", "tensorboard", "--log-every", "1") == 0
+    (writer,) = FakeSummaryWriter.instances
+    assert writer.log_dir == str(tmp_path / "tensorboard") and writer.closed
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    want = [(key, value, r["step"]) for r in records for key, value in r.items()
+            if key != "step" and isinstance(value, int | float)]
+    assert writer.scalars == want
+    assert ("loss", records[1]["loss"], 1) in writer.scalars and ("val_ce", records[0]["val_ce"],
+                                                                    0) in writer.scalars
+
+
+def test_report_to_wandb_logs_each_record_at_its_step(cli_cache_dir, tmp_path, monkeypatch):
+    calls = []
+    fake = types.SimpleNamespace(init=lambda **kw: calls.append(("init", kw)),
+                                 log=lambda data, step: calls.append(("log", data, step)),
+                                 finish=lambda: calls.append(("finish",)))
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    assert run(cli_cache_dir, tmp_path, "--report-to", "wandb") == 0
+    assert calls[0] == ("init", {"project": "distill", "name": tmp_path.name, "config": json.loads(
+        (tmp_path / "config.json").read_text())})
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").open()]
+    assert [c[2] for c in calls if c[0] == "log"] == steps and calls[-1] == ("finish",)
+
+
+def test_report_to_a_tracker_not_installed_says_what_to_install(cli_cache_dir, tmp_path,
+                                                                 monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "trackio", None)  # import trackio raises ImportError
+    expect_error(capsys, run(cli_cache_dir, tmp_path, "--report-to", "trackio"),
+                 "--report-to trackio", "pip install trackio")
