@@ -17,7 +17,6 @@ hash of the identity that wrote it, and finalize refuses shards of another build
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -33,18 +32,20 @@ from teacher_cache.finalize import finalize_cache
 from teacher_cache.format import (
     BUILD_FILE,
     BUILD_ID_METADATA,
-    FORMAT_NAME,
     MANIFEST_FILE,
     PACKED_DIR,
     RESCORE_DIR,
     SHARD_DIR,
     WORKER_DIR,
+    BuildRecord,
     CacheBatch,
     CacheError,
     Manifest,
     WorkerReport,
     build_id,
     encode_batch,
+    read_build_record,
+    read_manifest_if_any,
     read_shard_info,
     read_worker_report,
     read_worker_reports,
@@ -55,7 +56,6 @@ from teacher_cache.format import (
 from teacher_cache.index import INDEX_PREFIX
 from teacher_cache.pack import PackedCorpus, StreamTotals
 from teacher_cache.packing import PackedSequence
-from teacher_cache.reader import read_manifest_if_any
 from teacher_cache.score import ReferenceScorer, reference_entry
 from teacher_cache.storage import STALE_TEMP_S, Location, remove_stale_temps, resolve
 from teacher_cache.teacher import Teacher, context_length, load_model_config, resolve_teacher
@@ -208,7 +208,7 @@ def build_cache(config: BuildConfig) -> BuildSummary:
             compute_s=0.0, wall_s=time.perf_counter() - started, manifest=None,
             **_packing_counts(packed))
 
-    run = _WorkerRun(config, location, teacher, reference, build_id(record["identity"]))
+    run = _WorkerRun(config, location, teacher, reference, build_id(record.identity))
     try:
         run.process(packed)
         run.writer.wait()  # every shard on storage before the report and the manifest
@@ -237,12 +237,12 @@ def build_cache(config: BuildConfig) -> BuildSummary:
         wall_s=time.perf_counter() - started, manifest=manifest, **_packing_counts(packed))
 
 
-def _pack_source(record: dict, corpus: Corpus) -> dict:
+def _pack_source(record: BuildRecord, corpus: Corpus) -> dict:
     """What the packed tokens depend on besides the partition bounds."""
-    identity = record["identity"]
+    identity = record.identity
     return {"corpus": identity["corpus"], "fingerprint": identity["corpus.fingerprint"],
             "tokenizer": identity["tokenizer.sha256"],
-            "eos_token_id": record["manifest"].tokenizer["eos_token_id"],
+            "eos_token_id": record.manifest.tokenizer["eos_token_id"],
             "streaming": corpus.config.streaming}
 
 
@@ -417,8 +417,7 @@ def check_out(location: Location) -> None:
 
 
 def _build_record(config: BuildConfig, teacher: Teacher, reference: Teacher | None, tokenizer,
-                  corpus: Corpus, model_config) -> dict:
-    """build.json: the identity a rerun must match, and the manifest fields known up front."""
+                  corpus: Corpus, model_config) -> BuildRecord:
     targets = config.target_spec()
     skeleton = Manifest(
         seq_len=config.seq_len, top_k=targets.k, vocab_size=model_config.vocab_size,
@@ -431,49 +430,37 @@ def _build_record(config: BuildConfig, teacher: Teacher, reference: Teacher | No
         "corpus.fingerprint": corpus.fingerprint(),
         "max_tokens": config.max_tokens, "backend": config.backend, "dtype": config.dtype,
         "reference.weights_sha256": reference.weights_sha256 if reference else None}
-    return {"identity": identity, "manifest": skeleton,
-            "reference": reference_entry(reference) if reference else None}
+    return BuildRecord(identity, skeleton, reference_entry(reference) if reference else None)
 
 
-def claim_build(location: Location, record: dict) -> None:
+def claim_build(location: Location, record: BuildRecord) -> None:
     """Create build.json, or check that the one already there describes the same build. The
     create is exclusive: of two builds started together, the second finds the first's claim."""
-    manifest = json.loads(record["manifest"].to_json())
-    text = json.dumps({**record, "manifest": manifest}, indent=2) + "\n"
-    if location.create_exclusive(text.encode(), BUILD_FILE):
+    if location.create_exclusive(record.to_json().encode(), BUILD_FILE):
         return
-    existing = _read_claim(location)["identity"]
-    fingerprint = record["identity"]["corpus.fingerprint"]
+    claimed = read_build_record(location)
+    if claimed is None:
+        raise CacheError(f"{location.uri}: another build is starting over in this directory "
+                         f"(--overwrite); rerun once it has started")
+    existing = claimed.identity
+    fingerprint = record.identity["corpus.fingerprint"]
     if "corpus.fingerprint" in existing and existing["corpus.fingerprint"] != fingerprint:
         raise CacheError(f"{location.uri} was started on other corpus content: the files of "
-                         f"{record['identity']['corpus']} changed since (their size and sha256 "
+                         f"{record.identity['corpus']} changed since (their size and sha256 "
                          f"fingerprint differs); resuming would mix old and new text. Restore the "
                          f"corpus to resume, or pass --overwrite to start over")
     differences = [f"{key}: {existing.get(key)!r} in the cache, {value!r} now"
-                   for key, value in record["identity"].items() if existing.get(key) != value]
+                   for key, value in record.identity.items() if existing.get(key) != value]
     if differences:
         raise CacheError(f"{location.uri} holds a different build ({'; '.join(differences)}); "
                          f"rerun with the same settings to resume it, or pass --overwrite")
-
-
-def _read_claim(location: Location) -> dict:
-    """build.json as written by claim_build; a CacheError if it is anything else."""
-    try:
-        record = json.loads(location.read_bytes(BUILD_FILE))
-        if record["manifest"]["format"] == FORMAT_NAME and isinstance(record["identity"], dict):
-            return record
-    except (ValueError, KeyError, TypeError):
-        pass
-    raise CacheError(f"{location.uri}/{BUILD_FILE} is not the build record of a teacher cache; "
-                     f"pick another --out")
 
 
 def owns_cache(location: Location) -> bool:
     """Whether the directory holds this tool's build.json or manifest.json."""
     if location.exists(BUILD_FILE):
         try:
-            _read_claim(location)
-            return True
+            return read_build_record(location) is not None
         except CacheError:
             return False
     return read_manifest_if_any(location) is not None

@@ -25,6 +25,7 @@ from teacher_cache.format import (
     Manifest,
     ShardInfo,
     shard_name,
+    write_manifest,
 )
 from teacher_cache.storage import Location, confined
 
@@ -87,7 +88,7 @@ def publish_manifest(location: Location, manifest: Manifest, scores: np.ndarray)
     manifest.index = {"path": index_name(sha256), "rows": len(scores), "sha256": sha256,
                       "bytes": len(data)}
     location.write_bytes_atomic(data, manifest.index["path"])
-    location.write_bytes_atomic(manifest.to_json().encode(), MANIFEST_FILE)
+    write_manifest(location, manifest)
     for name in location.list():
         if name.startswith(INDEX_PREFIX) and name != manifest.index["path"]:
             location.delete(name)

@@ -18,6 +18,7 @@ from teacher_cache.format import (
     ShardMissing,
     Targets,
     decode_batch,
+    read_manifest,
     read_shard,
 )
 from teacher_cache.index import IndexMissing, RowIndex, manifest_rows, read_index
@@ -155,22 +156,6 @@ def same_sequences(manifest: Manifest) -> tuple:
     """What two versions of a cache share when they differ only by `score`."""
     shards = [(s.index, s.rows, s.first_seq_id, s.tokens) for s in manifest.shards]
     return manifest.build_identity(), manifest.vocab_size, shards
-
-
-def read_manifest(location: Location) -> Manifest:
-    if not location.exists(MANIFEST_FILE):
-        raise CacheError(f"{location.uri}: no {MANIFEST_FILE} here; is this a teacher cache? "
-                         f"Build one with `python -m teacher_cache build --out {location.uri}`")
-    text = location.read_bytes(MANIFEST_FILE).decode("utf-8")
-    return Manifest.from_json(text, source=f"{location.uri.rstrip('/')}/{MANIFEST_FILE}")
-
-
-def read_manifest_if_any(location: Location) -> Manifest | None:
-    """The manifest a build or finalize would replace, if there is a readable one."""
-    try:
-        return read_manifest(location) if location.exists(MANIFEST_FILE) else None
-    except CacheError:  # damaged: the caller writes a new one
-        return None
 
 
 def open_cache(path: str | os.PathLike, *, verify: bool = True, batch_size: int = 8,

@@ -23,7 +23,6 @@ from tqdm.auto import tqdm
 
 from teacher_cache.backends import BackendConfig, Targets, TeacherBackend, create_backend
 from teacher_cache.format import (
-    BUILD_FILE,
     JOURNAL_FILE,
     RESCORE_DIR,
     SCORE_REFERENCE_KEY,
@@ -32,6 +31,8 @@ from teacher_cache.format import (
     CacheError,
     Manifest,
     ShardInfo,
+    read_build_record,
+    read_manifest,
     read_shard,
     rescore_dir,
     rescored_shard_name,
@@ -40,7 +41,6 @@ from teacher_cache.format import (
     shard_info_name,
 )
 from teacher_cache.index import publish_manifest, read_score_column
-from teacher_cache.reader import read_manifest
 from teacher_cache.storage import Location, resolve
 from teacher_cache.teacher import Teacher, resolve_teacher
 
@@ -246,10 +246,9 @@ def _clean_up_after_switch(location: Location, manifest: Manifest) -> None:
 
 def _build_reference(location: Location) -> str | None:
     """The weights sha256 of the reference the build scored with, None if it had none."""
-    if not location.exists(BUILD_FILE):
-        return None
-    return (json.loads(location.read_bytes(BUILD_FILE)).get("reference") or {}).get(
-        "weights_sha256")
+    record = read_build_record(location)
+    reference = record.reference if record else None
+    return (reference or {}).get("weights_sha256")
 
 
 def _rescore_shard(location: Location, manifest: Manifest, info: ShardInfo, table: pa.Table,

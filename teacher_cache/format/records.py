@@ -1,5 +1,6 @@
-"""The JSON records of a cache: Targets, ShardInfo, WorkerReport, Manifest (docs/cache-format.md,
-"Manifest")."""
+"""The JSON records of a cache, each with its reader and writer: Targets, ShardInfo, WorkerReport,
+Manifest, BuildRecord (docs/cache-format.md, "Manifest"). A record that is not what it should be
+is a CacheError of one line naming the file and the field."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 from teacher_cache.errors import CacheError
 from teacher_cache.format.codec import COMPRESSION, MAX_K, TargetKind, column_types
-from teacher_cache.format.layout import MANIFEST_FILE, WORKER_DIR, worker_report_name
+from teacher_cache.format.layout import BUILD_FILE, MANIFEST_FILE, WORKER_DIR, worker_report_name
 from teacher_cache.storage import Location, confined
 
 # 64x the largest vocabularies in use (262k): a larger one is a damaged manifest, not a model.
@@ -75,6 +76,42 @@ FORMAT_VERSION = 3
 READABLE_VERSIONS = (1, 2, 3)
 
 
+def _parse(text: str | bytes, source: str, repair: str) -> object:
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CacheError(f"{source}: not valid JSON ({e}); {repair}") from None
+
+
+class _Fields:
+    """The checks of a JSON record's fields: names, required ones, types (int where `types` names
+    none). Precomputed, as a manifest checks up to ~10^5 shard entries."""
+
+    def __init__(self, record: type, noun: str, types: dict[str, tuple[type, ...]],
+                 repair: str = "the cache is damaged, rebuild it"):
+        self.names = {f.name: None for f in fields(record)}.keys()  # ordered, for the message
+        self.required = {f.name for f in fields(record)
+                         if f.default is MISSING and f.default_factory is MISSING}
+        self.noun, self.types, self.repair = noun, types, repair
+
+    def check(self, raw: object, source: str) -> None:
+        """CacheError (one line naming `source` and the field) unless `raw` is such a record."""
+        if not isinstance(raw, dict) or not self.required <= raw.keys() <= self.names:
+            optional = [name for name in self.names if name not in self.required]
+            required = f"all but {' and '.join(optional)} required" if optional else "all required"
+            found = (f"got {str(raw)[:120]}" if not isinstance(raw, dict) else
+                     ", ".join([f"missing {name}" for name in self.names
+                                if name in self.required and name not in raw]
+                               + [f"unknown {name}" for name in raw if name not in self.names]))
+            raise CacheError(f"{source}: a {self.noun} entry has the fields "
+                             f"{', '.join(self.names)} ({required}); {found}; {self.repair}")
+        for name, value in raw.items():
+            expected = self.types.get(name, (int,))
+            if type(value) not in expected:
+                raise CacheError(f"{source}: {self.noun} field {name} = {value!r} is not of type "
+                                 f"{expected[0].__name__}; {self.repair}")
+
+
 @dataclass
 class ShardInfo:
     index: int
@@ -96,36 +133,20 @@ class ShardInfo:
 
     @classmethod
     def from_json(cls, text: str | bytes, source: str = "shard marker") -> ShardInfo:
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise CacheError(f"{source}: not valid JSON ({e}); delete it and rerun") from None
-        return cls.from_dict(raw, source)
+        return cls.from_dict(_parse(text, source, "delete it and rerun"), source)
 
     @classmethod
     def from_dict(cls, raw: object, source: str) -> ShardInfo:
-        # A manifest lists up to ~10^5 shards: the field checks are precomputed (_SHARD_FIELDS).
-        names, required, types = _SHARD_FIELDS
-        if not isinstance(raw, dict) or not required <= raw.keys() <= names:
-            raise CacheError(f"{source}: a shard entry has the fields {', '.join(names)} (all "
-                             f"but build and uncovered_mass required); got {str(raw)[:120]}; the "
-                             f"cache is damaged, rebuild it")
-        for name, value in raw.items():
-            expected = types.get(name, (int,))
-            if type(value) not in expected:
-                raise CacheError(f"{source}: shard field {name} = {value!r} is not of type "
-                                 f"{expected[0].__name__}; the cache is damaged, rebuild it")
+        _SHARD_FIELDS.check(raw, source)
         try:
             return cls(**raw)
         except CacheError as e:
             raise CacheError(f"{source}: shard {raw['index']} path {e}") from None
 
 
-_SHARD_FIELDS = (
-    {f.name: None for f in fields(ShardInfo)}.keys(),  # ordered, for the message
-    {f.name for f in fields(ShardInfo) if f.default is MISSING},
-    {"path": (str,), "sha256": (str,), "build": (str, type(None)),
-     "uncovered_mass": (float, type(None))})
+_SHARD_FIELDS = _Fields(ShardInfo, "shard", {
+    "path": (str,), "sha256": (str,), "build": (str, type(None)),
+    "uncovered_mass": (float, type(None))})
 
 
 @dataclass
@@ -145,8 +166,15 @@ class WorkerReport:
         return json.dumps(asdict(self), indent=2) + "\n"
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> WorkerReport:
-        return cls(**json.loads(text))
+    def from_json(cls, text: str | bytes, source: str) -> WorkerReport:
+        raw = _parse(text, source, _WORKER_FIELDS.repair)
+        _WORKER_FIELDS.check(raw, source)
+        return cls(**raw)
+
+
+_WORKER_FIELDS = _Fields(WorkerReport, "worker report", {
+    "skipped_files": (list,), "capped": (bool,), "compute_s": (float, int),
+    "dtype": (str, type(None))}, repair="delete it and rerun that worker")
 
 
 def write_worker_report(location: Location, report: WorkerReport) -> None:
@@ -160,12 +188,17 @@ def read_worker_report(location: Location, worker_index: int,
     name = worker_report_name(worker_index, num_workers)
     if not location.exists(WORKER_DIR, name):
         return None
-    return WorkerReport.from_json(location.read_bytes(WORKER_DIR, name))
+    return _read_worker_report(location, name)
 
 
 def read_worker_reports(location: Location) -> list[WorkerReport]:
-    return [WorkerReport.from_json(location.read_bytes(WORKER_DIR, name))
+    return [_read_worker_report(location, name)
             for name in location.list(WORKER_DIR) if name.endswith(".json")]
+
+
+def _read_worker_report(location: Location, name: str) -> WorkerReport:
+    return WorkerReport.from_json(location.read_bytes(WORKER_DIR, name),
+                                  f"{location.uri.rstrip('/')}/{WORKER_DIR}/{name}")
 
 
 @dataclass
@@ -203,12 +236,11 @@ class Manifest:
         return json.dumps(asdict(self), indent=2, sort_keys=False) + "\n"
 
     @classmethod
-    def from_json(cls, text: str, source: str = MANIFEST_FILE) -> Manifest:
-        try:
-            raw = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise CacheError(f"{source}: not valid JSON ({e}); the cache is damaged, rebuild it"
-                             ) from e
+    def from_json(cls, text: str | bytes, source: str = MANIFEST_FILE) -> Manifest:
+        return cls.from_dict(_parse(text, source, "the cache is damaged, rebuild it"), source)
+
+    @classmethod
+    def from_dict(cls, raw: object, source: str) -> Manifest:
         if not isinstance(raw, dict):
             raise CacheError(f"{source}: a manifest is a JSON object, not {type(raw).__name__}; "
                              f"the cache is damaged, rebuild it")
@@ -269,4 +301,57 @@ def _check_shard_order(shards: list[ShardInfo], source: str) -> None:
             raise CacheError(f"{source}: shards[{i}] (shard {shard.index}, seq_ids from "
                              f"{shard.first_seq_id}) repeats or overlaps shards[{i - 1}] (shard "
                              f"{before.index}); the cache is damaged, rebuild it")
+
+
+def read_manifest(location: Location) -> Manifest:
+    if not location.exists(MANIFEST_FILE):
+        raise CacheError(f"{location.uri}: no {MANIFEST_FILE} here; is this a teacher cache? "
+                         f"Build one with `python -m teacher_cache build --out {location.uri}`")
+    return Manifest.from_json(location.read_bytes(MANIFEST_FILE),
+                              source=f"{location.uri.rstrip('/')}/{MANIFEST_FILE}")
+
+
+def read_manifest_if_any(location: Location) -> Manifest | None:
+    """The manifest a build or finalize would replace, if there is a readable one."""
+    try:
+        return read_manifest(location) if location.exists(MANIFEST_FILE) else None
+    except CacheError:  # damaged: the caller writes a new one
+        return None
+
+
+def write_manifest(location: Location, manifest: Manifest) -> None:
+    """The one write of `manifest.json`, atomic: readers see the old manifest or the new one."""
+    location.write_bytes_atomic(manifest.to_json().encode(), MANIFEST_FILE)
+
+
+@dataclass
+class BuildRecord:
+    """`build.json`: the identity a rerun must match, the manifest fields known up front, and the
+    reference that fills `score` (None: no reference)."""
+
+    identity: dict[str, Any]
+    manifest: Manifest
+    reference: dict[str, Any] | None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+
+_BUILD_FIELDS = _Fields(BuildRecord, "build record", {
+    "identity": (dict,), "manifest": (dict,), "reference": (dict, type(None))},
+    repair=f"it is not the {BUILD_FILE} of a teacher cache build; delete it and rerun the build, "
+           f"or pick another --out")
+
+
+def read_build_record(location: Location) -> BuildRecord | None:
+    """`build.json`, None if there is none; CacheError (one line) if it is not one a build wrote."""
+    try:
+        text = location.read_bytes(BUILD_FILE)
+    except FileNotFoundError:
+        return None
+    source = f"{location.uri.rstrip('/')}/{BUILD_FILE}"
+    raw = _parse(text, source, _BUILD_FIELDS.repair)
+    _BUILD_FIELDS.check(raw, source)
+    return BuildRecord(raw["identity"], Manifest.from_dict(raw["manifest"], f"{source}: manifest"),
+                       raw["reference"])
 
