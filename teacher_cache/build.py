@@ -60,7 +60,6 @@ from teacher_cache.score import ReferenceScorer, reference_entry
 from teacher_cache.storage import STALE_TEMP_S, Location, remove_stale_temps, resolve
 from teacher_cache.teacher import Teacher, context_length, load_model_config, resolve_teacher
 
-DEFAULT_TARGETS = "sample:8"
 # Tokens per shard by default (--shard-rows: SHARD_TOKENS // seq_len rows). A 10B-token cache then
 # has 76k shards and a ~25 MB manifest that parses in about a second (BENCHMARKS.md, "Scale"); a
 # kill loses at most two shards of teacher work, ~5 s of a 1B teacher on one GPU; and each of 256
@@ -75,8 +74,8 @@ class BuildConfig:
     corpus: CorpusConfig = field(default_factory=CorpusConfig)
     max_tokens: int | None = None
     seq_len: int = 512
-    targets: str | None = None  # "sample:K" or "topk:K"; None: topk:top_k if top_k is set, else
-    # DEFAULT_TARGETS
+    # "sample:K" or "topk:K"; None: topk:top_k if top_k is set, else Targets()
+    targets: str | None = None
     top_k: int | None = None  # alias of targets="topk:K" (--top-k)
     sample_temperature: float = 1.0
     seed: int = 0  # of the draws of sampled targets, recorded in the manifest
@@ -117,10 +116,10 @@ class BuildConfig:
         return self.shard_rows or max(1, SHARD_TOKENS // self.seq_len)
 
     def target_spec(self) -> Targets:
-        """The targets to compute: `targets`, or its alias `top_k`, or DEFAULT_TARGETS."""
+        """The targets to compute: `targets`, or its alias `top_k`, or the default Targets()."""
         alias = None if self.top_k is None else Targets("top_k", self.top_k)
         if self.targets is None:
-            spec = alias or Targets.parse(DEFAULT_TARGETS)
+            spec = alias or Targets()
         else:
             spec = Targets.parse(self.targets)
             if alias is not None and alias != spec:

@@ -8,11 +8,11 @@ import json
 from collections.abc import Sequence
 
 from teacher_cache.backends import BACKENDS
-from teacher_cache.build import DEFAULT_TARGETS, SHARD_TOKENS, BuildConfig, build_cache
+from teacher_cache.build import SHARD_TOKENS, BuildConfig, build_cache
 from teacher_cache.corpus import CorpusConfig
 from teacher_cache.errors import CacheError, CorpusError, reports_user_errors
 from teacher_cache.finalize import finalize_cache
-from teacher_cache.format import MANIFEST_FILE, MAX_K
+from teacher_cache.format import MANIFEST_FILE, MAX_K, Targets
 from teacher_cache.score import describe_score_stats, rescore_cache
 from teacher_cache.storage import resolve
 from teacher_cache.synth import write_synthetic_cache
@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"teacher targets kept per position: sample:K, the distinct tokens of "
                             f"K draws from the teacher and their counts (K <= {MAX_K}), or topk:K, "
                             f"its K most likely tokens and their logprobs; default: "
-                            f"{DEFAULT_TARGETS}")
+                            f"{Targets().spec}")
     build.add_argument("--top-k", type=int, metavar="K", help="alias of --targets topk:K")
     build.add_argument("--sample-temperature", type=float, default=DEFAULTS.sample_temperature,
                        help="temperature of the teacher distribution sampled by sample:K (the "
@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
              "targets), to size storage, start-up and the data loader before paying for one")
     synth.add_argument("--out", required=True, help="cache directory (must not hold a cache)")
     synth.add_argument("--tokens", type=int, required=True, help="tokens in the cache")
-    synth.add_argument("--targets", default=DEFAULT_TARGETS, help="sample:K or topk:K")
+    synth.add_argument("--targets", default=Targets().spec, help="sample:K or topk:K")
     synth.add_argument("--seq-len", type=int, default=DEFAULTS.seq_len, help="tokens per sequence")
     synth.add_argument("--shard-rows", type=int,
                        help=f"sequences per shard (default: {SHARD_TOKENS:,} tokens' worth)")

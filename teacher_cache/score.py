@@ -74,8 +74,8 @@ class ReferenceScorer:
                  batch_size: int = 8, dtype: str = "auto"):
         check_same_tokenizer(reference, tokenizer_sha256)
         self.backend: TeacherBackend = create_backend(
-            backend, BackendConfig(reference.path, targets=Targets(k=1), batch_size=batch_size,
-                                   dtype=dtype))
+            backend, BackendConfig(reference.path, targets=Targets("top_k", 1),
+                                   batch_size=batch_size, dtype=dtype))
 
     def score(self, input_ids: np.ndarray, teacher_target: np.ndarray) -> np.ndarray:
         reference_target = self.backend.predict(input_ids).target_logprobs

@@ -24,10 +24,11 @@ TARGET_PREFIXES: dict[str, TargetKind] = {"topk": "top_k", "sample": "sample"}
 class Targets:
     """What the cache holds per position besides the logprob of the actual next token:
     `top_k`, the teacher's k most likely next tokens, or `sample`, k draws with replacement from
-    the teacher at `temperature`, a pure function of (`seed`, sequence id, position)."""
+    the teacher at `temperature`, a pure function of (`seed`, sequence id, position). The
+    defaults are those of a build (`--targets`)."""
 
-    kind: TargetKind = "top_k"
-    k: int = 64
+    kind: TargetKind = "sample"
+    k: int = 8
     temperature: float = 1.0  # sampling temperature (kind "sample" only)
     seed: int = 0  # kind "sample" only
 
