@@ -15,9 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from student_train.config import ConfigError
 from student_train.evaluate import LOGIT_CHUNK_ROWS
 from teacher_cache.corpus import CorpusConfig, open_corpus, package_sources
+from teacher_cache.errors import ConfigError
 from teacher_cache.packing import Packer, tokenize_documents
 from teacher_cache.reader import TeacherCache
 

@@ -29,12 +29,12 @@ from typing import Any
 
 import numpy as np
 
-from student_train.config import ConfigError, add_arguments, config_from_args
+from student_train.config import add_arguments, config_from_args
 from student_train.presets import PRESETS, describe_presets
 from student_train.prune import PruneSpec
 from student_train.students import PresetStudent, parse_student
 from teacher_cache import open_cache
-from teacher_cache.errors import reports_user_errors
+from teacher_cache.errors import ConfigError, reports_user_errors
 from teacher_cache.storage import write_json
 from teacher_cache.teacher import quiet_transformers_bars
 

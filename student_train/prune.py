@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from student_train.config import ConfigError
 from student_train.data import ShardRows
 from student_train.heldout import HeldoutText, text_ce
+from teacher_cache.errors import ConfigError
 from teacher_cache.reader import TeacherCache
 
 PRUNABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")

@@ -12,9 +12,8 @@ import torch
 import torch.distributed as dist
 from transformers import PreTrainedModel
 
-from student_train.config import ConfigError
 from student_train.model import decoder_of
-from teacher_cache.errors import UserError
+from teacher_cache.errors import ConfigError, UserError
 
 T = TypeVar("T")
 

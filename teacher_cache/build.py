@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from teacher_cache.backends import BackendConfig, Targets, TeacherBackend, create_backend
 from teacher_cache.corpus import Corpus, CorpusConfig, open_corpus
+from teacher_cache.errors import CacheError
 from teacher_cache.finalize import finalize_cache
 from teacher_cache.format import (
     BUILD_FILE,
@@ -39,7 +40,6 @@ from teacher_cache.format import (
     WORKER_DIR,
     BuildRecord,
     CacheBatch,
-    CacheError,
     Manifest,
     WorkerReport,
     build_id,

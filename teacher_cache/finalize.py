@@ -15,10 +15,10 @@ import math
 
 import numpy as np
 
+from teacher_cache.errors import CacheError
 from teacher_cache.format import (
     BUILD_FILE,
     SHARD_DIR,
-    CacheError,
     Manifest,
     ShardInfo,
     WorkerReport,

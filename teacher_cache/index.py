@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from teacher_cache.errors import CacheError
+from teacher_cache.errors import CacheError, IndexMissing
 from teacher_cache.format import (
     COMPRESSION,
     FORMAT_VERSION,
@@ -122,10 +122,6 @@ def read_index(location: Location, manifest: Manifest) -> RowIndex:
                          f"rows of the manifest's shards; {repair}")
     scores = table.column("score").to_numpy(zero_copy_only=False).astype(np.float32)
     return RowIndex(seq_ids, shard, scores)
-
-
-class IndexMissing(CacheError):
-    """The index file a manifest names is gone (a reader may find a newer manifest)."""
 
 
 def is_rescored(info: ShardInfo) -> bool:

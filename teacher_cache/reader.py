@@ -8,20 +8,19 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 
+from teacher_cache.errors import CacheError, IndexMissing, ShardMissing
 from teacher_cache.format import (
     MANIFEST_FILE,
     SHARD_DIR,
     CacheBatch,
-    CacheError,
     Manifest,
     ShardInfo,
-    ShardMissing,
     Targets,
     decode_batch,
     read_manifest,
     read_shard,
 )
-from teacher_cache.index import IndexMissing, RowIndex, manifest_rows, read_index
+from teacher_cache.index import RowIndex, manifest_rows, read_index
 from teacher_cache.storage import Location, refuse_writable_by_others, resolve
 
 

@@ -22,13 +22,13 @@ import pyarrow.fs as pafs
 from tqdm.auto import tqdm
 
 from teacher_cache.backends import BackendConfig, Targets, TeacherBackend, create_backend
+from teacher_cache.errors import CacheError
 from teacher_cache.format import (
     JOURNAL_FILE,
     RESCORE_DIR,
     SCORE_REFERENCE_KEY,
     SHARD_DIR,
     TRAINING_FILE,
-    CacheError,
     Manifest,
     ShardInfo,
     read_build_record,

@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from teacher_cache.errors import CacheError
+from teacher_cache.errors import CacheError, ShardError
 from teacher_cache.format import (
     SHARD_DIR,
-    ShardError,
     read_manifest,
     read_shard,
     shard_info_name,

@@ -11,12 +11,13 @@ import torch
 from conftest import TINY_SEQ_LEN
 from helpers import shard_bytes
 
-from student_train.config import ConfigError, TrainConfig
+from student_train.config import TrainConfig
 from student_train.train import train
 from teacher_cache import CacheError, open_cache
 from teacher_cache import build as build_module
 from teacher_cache.build import build_cache
 from teacher_cache.cli import main
+from teacher_cache.errors import ConfigError
 from teacher_cache.finalize import finalize_cache
 from teacher_cache.format import FORMAT_VERSION, Targets, counts_to_logprobs, logprobs_to_counts
 from teacher_cache.sampling import sample_targets

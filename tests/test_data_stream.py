@@ -11,7 +11,6 @@ from helpers import synthetic_cache
 from torch.utils.data import DataLoader
 
 from kernels import IGNORE_INDEX
-from student_train.config import ConfigError
 from student_train.data import (
     EpochRows,
     StreamLayout,
@@ -26,6 +25,7 @@ from student_train.data import (
     window_shuffle,
 )
 from student_train.selection import Selection
+from teacher_cache.errors import ConfigError
 from teacher_cache.reader import TeacherCache, open_cache
 
 SEQUENCES, SEQ_LEN, TOP_K, VOCAB, ROWS_PER_SHARD = 120, 8, 3, 64, 5

@@ -9,7 +9,8 @@ import pytest
 from helpers import TINY_ARGS
 
 from student_train.__main__ import build_parser, main
-from student_train.config import ConfigError, TrainConfig
+from student_train.config import TrainConfig
+from teacher_cache.errors import ConfigError
 from teacher_cache.synth import write_synthetic_cache
 
 

@@ -9,12 +9,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from student_train.config import ConfigError
 from student_train.heldout import HeldoutText, load_heldout_text, text_ce
 from student_train.presets import llama_config, resolve_preset
 from teacher_cache import open_cache
 from teacher_cache.corpus import package_sources
-from teacher_cache.errors import CorpusError
+from teacher_cache.errors import ConfigError, CorpusError
 from tests.helpers import TINY
 
 

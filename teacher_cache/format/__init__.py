@@ -3,10 +3,9 @@
 The contract, for people and for readers in other languages, is docs/cache-format.md. Here:
 `layout` names every file of a cache, `codec` holds a shard's Arrow schema and the codec of its
 rows, `records` the JSON records (Targets, ShardInfo, WorkerReport, Manifest), `shards` shard
-I/O and its errors, `stats` the score statistics. Version 1 and 2 caches are still read.
+I/O, `stats` the score statistics. Version 1 and 2 caches are still read.
 """
 
-from teacher_cache.errors import CacheError
 from teacher_cache.format.codec import (
     COLUMNS,
     COMPRESSION,
@@ -65,8 +64,6 @@ from teacher_cache.format.records import (
 )
 from teacher_cache.format.shards import (
     RECORD_BATCH_ROWS,
-    ShardError,
-    ShardMissing,
     read_shard,
     read_shard_info,
     serialize_shard,
@@ -79,13 +76,11 @@ __all__ = [
     "JOURNAL_FILE", "MANIFEST_FILE", "MAX_K", "MAX_VOCAB", "PACKED_DIR", "READABLE_VERSIONS",
     "RECORD_BATCH_ROWS", "RESCORE_DIR", "SAMPLE_COLUMNS", "SCORE_QUANTILES", "SCORE_REFERENCE_KEY",
     "SHARD_DIR", "TARGET_PREFIXES", "TOP_K_COLUMNS", "TRAINING_FILE", "WORKER_DIR", "BuildRecord",
-    "CacheBatch",
-    "CacheError", "Column", "Manifest", "ShardError", "ShardInfo", "ShardMissing", "TargetKind",
-    "Targets", "WorkerReport", "build_id", "column_types", "counts_to_logprobs", "decode_batch",
-    "encode_batch", "logprobs_to_counts", "partition_info_name", "partition_name",
-    "read_build_record", "read_manifest", "read_manifest_if_any", "read_shard", "read_shard_info",
-    "read_worker_report", "read_worker_reports", "rescore_dir",
-    "rescored_shard_name", "schema", "score_stats", "serialize_shard", "shard_info_name",
-    "shard_name", "unscored", "worker_report_name", "write_manifest", "write_shard",
-    "write_worker_report",
+    "CacheBatch", "Column", "Manifest", "ShardInfo", "TargetKind", "Targets", "WorkerReport",
+    "build_id", "column_types", "counts_to_logprobs", "decode_batch", "encode_batch",
+    "logprobs_to_counts", "partition_info_name", "partition_name", "read_build_record",
+    "read_manifest", "read_manifest_if_any", "read_shard", "read_shard_info", "read_worker_report",
+    "read_worker_reports", "rescore_dir", "rescored_shard_name", "schema", "score_stats",
+    "serialize_shard", "shard_info_name", "shard_name", "unscored", "worker_report_name",
+    "write_manifest", "write_shard", "write_worker_report",
 ]

@@ -6,7 +6,7 @@ import hashlib
 
 import pyarrow as pa
 
-from teacher_cache.errors import CacheError
+from teacher_cache.errors import ShardError, ShardMissing
 from teacher_cache.format.codec import COMPRESSION
 from teacher_cache.format.layout import BUILD_ID_METADATA, SHARD_DIR, shard_info_name, shard_name
 from teacher_cache.format.records import ShardInfo
@@ -49,20 +49,6 @@ def read_shard_info(location: Location, index: int) -> ShardInfo | None:
         return None
     return ShardInfo.from_json(location.read_bytes(SHARD_DIR, shard_info_name(index)),
                                f"{location.uri.rstrip('/')}/{SHARD_DIR}/{shard_info_name(index)}")
-
-
-class ShardError(CacheError):
-    """A shard that cannot be read as its ShardInfo says: `problem` says why, in one line."""
-
-    def __init__(self, location: Location, info: ShardInfo, problem: str):
-        self.info, self.problem = info, problem
-        super().__init__(f"{location.uri.rstrip('/')}/{info.path}: {problem}; `python -m "
-                         f"teacher_cache verify --cache {location.uri} --repair` drops it, then "
-                         f"the same build command rebuilds it")
-
-
-class ShardMissing(ShardError):
-    """A shard file the manifest lists is not there (a reader may find a newer manifest)."""
 
 
 def read_shard(location: Location, info: ShardInfo, verify: bool = True) -> pa.Table:
