@@ -284,13 +284,12 @@ def format_comparison(results: list[dict[str, Any]], teacher_ce: float | None,
 @reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    import torch  # after argument errors, so --help stays fast
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # after argument errors: --help stays fast
 
     from student_train.heldout import load_heldout_text, text_ce
     from student_train.model_card import write_model_card
-    from student_train.runtime import resolve_device
     from student_train.train import STUDENT_DIR, train
+    from teacher_cache.backends.torch_backend import resolve_device
 
     out = Path(args.out)
     students = args.students.split()
@@ -315,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     cache = open_cache(base.cache) if args.heldout_package else None
     text = (load_heldout_text(cache, args.heldout_package, args.heldout_tokens)
             if cache is not None else None)
-    device = torch.device(resolve_device(base.device))
+    device = resolve_device(base.device)
     results, run_dirs = [], {}
     for (student, variant), name in zip(runs, names, strict=True):
         run_dirs[name] = out / name
