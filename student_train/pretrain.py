@@ -40,9 +40,9 @@ from teacher_cache.teacher import quiet_transformers_bars
 
 RESULTS_FILE = "results.json"
 PLOT_FILE = "val_ce.png"
+ALL_STUDENTS = "all"  # --baseline or --random-init with no value: every student
 # Sized for the default cache (256 x 512 tokens) on 2 CPU cores: 200 steps of 2 sequences are 1.6
 # epochs, about 1 minute of training for xs and 3 to 5 for s (benchmarks/bench_train.py).
-ALL_STUDENTS = "all"
 DRIVER_DEFAULTS = {"batch_size": 2, "eval_every": 40, "checkpoint_every": 50, "log_every": 5}
 
 
