@@ -52,6 +52,7 @@ from teacher_cache.errors import CheckpointError, ConfigError, TrainingDiverged
 from teacher_cache.format import Manifest, build_id
 from teacher_cache.reader import open_cache
 from teacher_cache.storage import atomic_output, write_json
+from teacher_cache.version import distill_version
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig,
@@ -459,6 +460,7 @@ class Trainer:
             "select": config.select, "seed": config.seed, "rows_per_step": config.rows_per_step,
             "held_out_fraction": config.val_fraction,
             **{k: v for k, v in last_eval.items() if k.startswith("val_")},
+            "distill_version": distill_version(),
         }
         if env.is_main:
             save_student(self.student, self.out / STUDENT_DIR, self.manifest, training=summary,

@@ -12,6 +12,7 @@ from teacher_cache.errors import CacheError
 from teacher_cache.format.codec import COMPRESSION, MAX_K, TargetKind, column_types
 from teacher_cache.format.layout import BUILD_FILE, MANIFEST_FILE, WORKER_DIR, worker_report_name
 from teacher_cache.storage import Location, confined
+from teacher_cache.version import distill_version
 
 # 64x the largest vocabularies in use (262k): a larger one is a damaged manifest, not a model.
 MAX_VOCAB = 2**24
@@ -222,6 +223,7 @@ class Manifest:
     version: int = FORMAT_VERSION
     compression: str = COMPRESSION
     columns: dict[str, str] | None = None  # None: those of the target kind
+    distill_version: str | None = None  # of the distill that wrote it (absent in older caches)
 
     def __post_init__(self) -> None:
         if self.targets is None:  # version 1, or a writer that predates sampled targets
@@ -322,6 +324,7 @@ def read_manifest_if_any(location: Location) -> Manifest | None:
 
 def write_manifest(location: Location, manifest: Manifest) -> None:
     """The one write of `manifest.json`, atomic: readers see the old manifest or the new one."""
+    manifest.distill_version = distill_version()
     location.write_bytes_atomic(manifest.to_json().encode(), MANIFEST_FILE)
 
 
