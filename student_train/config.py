@@ -93,7 +93,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.overrides = dict(self.overrides or {})
         if self.lr is None:
-            from student_train.students import default_learning_rate  # imports torch, and this
+            from student_train.students import default_learning_rate  # imports torch and this
 
             self.lr = default_learning_rate(self.student, self.init)  # None fails where built
         for name, choices in CHOICES.items():
