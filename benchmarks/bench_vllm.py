@@ -193,7 +193,7 @@ def run_child(engine: str, args: argparse.Namespace) -> dict[str, float]:
     """Seconds per row of one engine ("vllm" or "torch"), in this process."""
     ids = token_ids(args)
     options = {"enforce_eager": True} if args.enforce_eager and engine == "vllm" else {}
-    config = BackendConfig(teacher_path(args), targets=Targets(k=args.top_k),
+    config = BackendConfig(teacher_path(args), targets=Targets("top_k", args.top_k),
                            batch_size=args.batch_size, dtype=args.dtype, options=options)
     if engine == "torch":
         return {row: time_backend("torch", sampled(config, args.sample_k)

@@ -13,11 +13,12 @@ from torch import Tensor
 from kernels.autograd import GradientsInForward, LMHeadGradients, LossTotals
 from kernels.divergences import KDSpec, KDTargets, row_terms, row_weights
 
-# Rows per chunk are chosen so one float32 [rows, V] logits buffer stays under this size.
-CHUNK_BYTES = 256 * 1024 * 1024
+# The most bytes one float32 [rows, V] logits block may take.
+LOGITS_BLOCK_BYTES = 256 * 1024 * 1024
 
 
-def chunk_rows(num_rows: int, vocab: int, budget_bytes: int = CHUNK_BYTES) -> int:
+def logits_block_rows(num_rows: int, vocab: int, budget_bytes: int = LOGITS_BLOCK_BYTES) -> int:
+    """Rows of a float32 [rows, vocab] logits block within `budget_bytes` (1 to `num_rows`)."""
     return max(1, min(num_rows, budget_bytes // (4 * vocab)))
 
 
@@ -73,5 +74,5 @@ def sparse_kd_loss_reference(
 ) -> tuple[Tensor, Tensor]:
     """Torch implementation of `kernels.sparse_kd_loss` (inputs already validated): (loss, terms)
     as `GradientsInForward` returns them."""
-    rows = rows_per_chunk or chunk_rows(hidden.shape[0], weight.shape[0])
+    rows = rows_per_chunk or logits_block_rows(hidden.shape[0], weight.shape[0])
     return GradientsInForward.apply(hidden, weight, targets, spec, rows, _chunked_loss)

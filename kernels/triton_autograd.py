@@ -22,16 +22,16 @@ from kernels.triton_kernels import chunk_statistics, softmax_gradient_, sparse_d
 
 # The logits buffer of one chunk: at most this size (4096 rows of a 128k bf16 vocabulary, the
 # chunk the issue's prototype ran with), and at most a quarter of the free memory.
-MAX_CHUNK_BYTES = 1 << 30
+MAX_LOGITS_BUFFER_BYTES = 1 << 30
 FREE_MEMORY_SHARE = 4
 # Rows per chunk are rounded to this multiple (GEMM-friendly) when that stays within the budget.
 ROW_MULTIPLE = 128
 
 
-def chunk_rows(num_rows: int, vocab: int, itemsize: int, free_bytes: int) -> int:
-    """Rows per chunk: as few chunks as the buffer budget allows, of (nearly) equal size so the
-    last chunk is not a sliver, each at least one row."""
-    budget = min(MAX_CHUNK_BYTES, free_bytes // FREE_MEMORY_SHARE)
+def logits_buffer_rows(num_rows: int, vocab: int, itemsize: int, free_bytes: int) -> int:
+    """Rows of the [rows, vocab] logits buffer within its budget of bytes: as few chunks as it
+    allows, of (nearly) equal size so the last chunk is not a sliver, each at least one row."""
+    budget = min(MAX_LOGITS_BUFFER_BYTES, free_bytes // FREE_MEMORY_SHARE)
     max_rows = max(1, budget // (vocab * itemsize))
     chunks = -(-num_rows // max_rows)
     rows = -(-num_rows // chunks)
@@ -96,6 +96,6 @@ def sparse_kd_loss_triton(
 ) -> tuple[Tensor, Tensor]:
     """Triton implementation of `kernels.sparse_kd_loss` (inputs validated, contiguous): (loss,
     terms) as `GradientsInForward` returns them."""
-    rows = rows_per_chunk or chunk_rows(hidden.shape[0], weight.shape[0], hidden.element_size(),
-                                        free_memory(hidden.device))
+    rows = rows_per_chunk or logits_buffer_rows(hidden.shape[0], weight.shape[0],
+                                                hidden.element_size(), free_memory(hidden.device))
     return GradientsInForward.apply(hidden, weight, targets, spec, rows, _fused_loss)

@@ -15,16 +15,12 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 
-from student_train.config import ConfigError
+from teacher_cache.errors import CheckpointError
 from teacher_cache.storage import atomic_output
 
 CHECKPOINT_FILE = "checkpoint.pt"
 # 2: loadable with weights_only=True. Version 1 (pickled numpy state) is refused, never unpickled.
 CHECKPOINT_FORMAT = 2
-
-
-class CheckpointError(ConfigError):
-    """A checkpoint that cannot be resumed from; says which file and what to do."""
 
 
 def rng_state() -> dict[str, Any]:

@@ -8,12 +8,7 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 from kernels import Divergence, Impl
 from teacher_cache.dataclass_cli import option as _opt
-from teacher_cache.errors import UserError
-
-
-class ConfigError(UserError):
-    """A configuration that cannot run (bad flag, student/cache mismatch); says what to fix."""
-
+from teacher_cache.errors import ConfigError
 
 Precision = Literal["auto", "fp32", "bf16"]
 CompileMode = Literal["auto", "on", "off"]
@@ -100,7 +95,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         self.overrides = dict(self.overrides or {})
         if self.lr is None:
-            from student_train.students import default_learning_rate  # imports ConfigError
+            from student_train.students import default_learning_rate  # imports torch and this
 
             self.lr = default_learning_rate(self.student, self.init)  # None fails where built
         for name, choices in CHOICES.items():
@@ -119,7 +114,7 @@ class TrainConfig:
             raise ConfigError(f"--lr {self.lr}: the learning rate must be positive")
         if self.val_max_rows < 0:
             raise ConfigError("--val-max-rows must be at least 0")
-        from student_train.data import window_rows  # data imports ConfigError from here
+        from student_train.data import window_rows  # imports torch: not for --help
 
         window_rows(self.shuffle_buffer, 1)
         if not 0 <= self.val_fraction < 1:

@@ -26,11 +26,10 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from kernels import IGNORE_INDEX
-from student_train.config import ConfigError
 from student_train.quantity import SIZE_UNITS, parse_quantity
 from student_train.selection import Selection
-from teacher_cache.errors import UserError, one_line
-from teacher_cache.format import CacheBatch, CacheError, Manifest, ShardInfo
+from teacher_cache.errors import CacheError, ConfigError, UserError, one_line
+from teacher_cache.format import CacheBatch, Manifest, ShardInfo
 from teacher_cache.reader import TeacherCache, open_cache
 
 # Changes whenever a checkpoint's stream position would mean other rows: 2 = sharded streams.

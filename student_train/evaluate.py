@@ -12,10 +12,9 @@ import torch.distributed as dist
 from transformers import PreTrainedModel
 
 from kernels import IGNORE_INDEX, sparse_kd_loss
+from kernels.reference import logits_block_rows
 from student_train.data import Batch
 from student_train.model import final_hidden, output_weight
-
-LOGIT_CHUNK_ROWS = 1024  # [rows, vocab] float32 logits per chunk: 200 MB at vocab 49152
 
 
 @dataclass
@@ -43,8 +42,9 @@ def _batch_totals(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
                               return_terms=True)
     ce, kl = terms.tolist()
     agree = 0
-    for start in range(0, hidden.shape[0], LOGIT_CHUNK_ROWS):
-        rows = slice(start, start + LOGIT_CHUNK_ROWS)
+    block = logits_block_rows(hidden.shape[0], weight.shape[0])
+    for start in range(0, hidden.shape[0], block):
+        rows = slice(start, start + block)
         argmax = (hidden[rows] @ weight.T).argmax(dim=-1)
         agree += int(((argmax == topk_ids[rows, 0]) & valid[rows]).sum())
     return torch.tensor([ce * tokens, kl * tokens, agree, tokens], dtype=torch.float64)

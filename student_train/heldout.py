@@ -15,9 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from student_train.config import ConfigError
-from student_train.evaluate import LOGIT_CHUNK_ROWS
+from kernels.reference import logits_block_rows
 from teacher_cache.corpus import CorpusConfig, open_corpus, package_sources
+from teacher_cache.errors import ConfigError
 from teacher_cache.packing import Packer, tokenize_documents
 from teacher_cache.reader import TeacherCache
 
@@ -78,8 +78,9 @@ def text_ce(student, text: HeldoutText, device: torch.device, batch_size: int = 
         batch = batch.to(device)
         hidden = student.model(input_ids=batch, use_cache=False).last_hidden_state[:, :-1]
         hidden, labels = hidden.flatten(0, 1), batch[:, 1:].flatten()
-        for start in range(0, len(labels), LOGIT_CHUNK_ROWS):
-            rows = slice(start, start + LOGIT_CHUNK_ROWS)
+        block = logits_block_rows(len(labels), weight.shape[0])
+        for start in range(0, len(labels), block):
+            rows = slice(start, start + block)
             logits = (hidden[rows] @ weight.T).float()
             total += float(F.cross_entropy(logits, labels[rows], reduction="sum"))
         count += labels.numel()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, replace
 from typing import TYPE_CHECKING
 
-from student_train.config import ConfigError
+from teacher_cache.errors import ConfigError
 
 if TYPE_CHECKING:  # transformers is imported where a config is built, so --help stays fast
     from transformers import LlamaConfig

@@ -29,21 +29,21 @@ from typing import Any
 
 import numpy as np
 
-from student_train.config import ConfigError, TrainConfig
+from student_train.config import TrainConfig
 from student_train.presets import PRESETS, describe_presets
 from student_train.prune import PruneSpec
 from student_train.students import PresetStudent, parse_student
 from teacher_cache import open_cache
 from teacher_cache.dataclass_cli import add_fields, from_args
-from teacher_cache.errors import reports_user_errors
+from teacher_cache.errors import ConfigError, reports_user_errors
 from teacher_cache.storage import write_json
 from teacher_cache.teacher import quiet_transformers_bars
 
 RESULTS_FILE = "results.json"
 PLOT_FILE = "val_ce.png"
+ALL_STUDENTS = "all"  # --baseline or --random-init with no value: every student
 # Sized for the default cache (256 x 512 tokens) on 2 CPU cores: 200 steps of 2 sequences are 1.6
 # epochs, about 1 minute of training for xs and 3 to 5 for s (benchmarks/bench_train.py).
-ALL_STUDENTS = "all"
 DRIVER_DEFAULTS = {"batch_size": 2, "eval_every": 40, "checkpoint_every": 50, "log_every": 5}
 
 
@@ -287,14 +287,13 @@ def format_comparison(results: list[dict[str, Any]], teacher_ce: float | None,
 @reports_user_errors
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    import torch  # after argument errors, so --help stays fast
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM  # after argument errors: --help stays fast
 
     from student_train.heldout import load_heldout_text, text_ce
     from student_train.model_card import write_model_card
     from student_train.run_dir import STUDENT_DIR
-    from student_train.runtime import resolve_device
     from student_train.train import train
+    from teacher_cache.backends.torch_backend import resolve_device
 
     out = Path(args.out)
     students = args.students.split()
@@ -319,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     cache = open_cache(base.cache) if args.heldout_package else None
     text = (load_heldout_text(cache, args.heldout_package, args.heldout_tokens)
             if cache is not None else None)
-    device = torch.device(resolve_device(base.device))
+    device = resolve_device(base.device)
     results, run_dirs = [], {}
     for (student, variant), name in zip(runs, names, strict=True):
         run_dirs[name] = out / name

@@ -32,10 +32,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from student_train.config import ConfigError
 from student_train.data import ShardRows
 from student_train.heldout import HeldoutText, text_ce
 from student_train.quantity import COUNT_UNITS, parse_quantity
+from teacher_cache.errors import ConfigError
 from teacher_cache.reader import TeacherCache
 
 PRUNABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")

@@ -19,7 +19,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from student_train.checkpoint import CHECKPOINT_FILE, is_checkpoint
-from student_train.config import ConfigError, TrainConfig
+from student_train.config import TrainConfig
+from teacher_cache.errors import ConfigError
 from teacher_cache.format import TRAINING_FILE
 
 METRICS_FILE = "metrics.jsonl"

@@ -12,9 +12,9 @@ import torch
 import torch.distributed as dist
 from transformers import PreTrainedModel
 
-from student_train.config import ConfigError
 from student_train.model import decoder_of
-from teacher_cache.errors import UserError
+from teacher_cache.backends.torch_backend import resolve_device
+from teacher_cache.errors import ConfigError, UserError
 
 T = TypeVar("T")
 
@@ -28,13 +28,6 @@ class Distributed:
     @property
     def is_main(self) -> bool:
         return self.rank == 0
-
-
-def resolve_device(device: str) -> str:
-    """TrainConfig.device: "auto" is cuda where available, else cpu."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def on_main(env: Distributed, action: Callable[[], T]) -> T | None:
@@ -61,7 +54,7 @@ def init_distributed(device: str) -> Distributed:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0")))
     device = resolve_device(device)
-    target = torch.device(f"cuda:{local_rank}" if device == "cuda" else device)
+    target = torch.device(f"cuda:{local_rank}") if device == torch.device("cuda") else device
     if target.type == "cuda":
         torch.cuda.set_device(target)
     if world_size > 1 and not dist.is_initialized():

@@ -10,8 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from student_train.config import ConfigError
-from teacher_cache.format import CacheError
+from teacher_cache.errors import ConfigError
 
 MODES = ("none", "top", "random")
 _RANDOM_SALT = 0x5E1EC7  # keeps the selection's RNG stream apart from the data order's
@@ -45,9 +44,9 @@ class Selection:
         if self.mode == "top":
             unscored = int(np.isnan(scores).sum())
             if unscored:
-                raise CacheError(f"--select top: {unscored} of {len(seq_ids)} training rows have "
-                                 f"no score; score the cache first or use --select random:"
-                                 f"{self.fraction:g}")
+                raise ConfigError(f"--select top: {unscored} of {len(seq_ids)} training rows have "
+                                  f"no score; score the cache first or use --select random:"
+                                  f"{self.fraction:g}")
             order = np.lexsort((seq_ids, -scores))  # highest score first, ties by lower seq_id
             return np.sort(seq_ids[order[:keep]])
         rng = np.random.default_rng([seed, _RANDOM_SALT])

@@ -26,7 +26,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-from student_train.config import ConfigError, InitMode
+from student_train.config import InitMode
 from student_train.model import build_student, final_hidden, set_special_tokens
 from student_train.presets import LEARNING_RATES, PRESETS, llama_config, resolve_preset
 from student_train.prune import (
@@ -41,6 +41,7 @@ from student_train.prune import (
     prune_record,
     resolve_shape,
 )
+from teacher_cache.errors import ConfigError
 from teacher_cache.format import Manifest
 from teacher_cache.reader import TeacherCache
 from teacher_cache.teacher import WEIGHT_SUFFIXES, _files_sha256, quiet_transformers_bars

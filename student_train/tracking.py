@@ -10,8 +10,9 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from student_train.config import ConfigError, TrainConfig
+from student_train.config import TrainConfig
 from student_train.run_dir import TENSORBOARD_DIR
+from teacher_cache.errors import ConfigError
 
 PROJECT = "distill"
 # What each tracker imports, and the pip requirement that provides it.

@@ -20,13 +20,12 @@ from tqdm import tqdm
 
 from student_train.checkpoint import (
     CHECKPOINT_FILE,
-    CheckpointError,
     load_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
 )
-from student_train.config import RESUMABLE_CHANGES, ConfigError, TrainConfig
+from student_train.config import RESUMABLE_CHANGES, TrainConfig
 from student_train.data import (
     DATA_ORDER,
     RowSplit,
@@ -57,13 +56,11 @@ from student_train.runtime import (
 from student_train.selection import Selection
 from student_train.students import BuildContext, create_student, restore_student
 from student_train.tracking import Tracker, open_tracker
+from teacher_cache.errors import CheckpointError, ConfigError, TrainingDiverged
 from teacher_cache.format import Manifest, build_id
 from teacher_cache.reader import open_cache
 from teacher_cache.storage import atomic_output, write_json
-
-
-class TrainingDiverged(ConfigError):
-    """A loss, gradient or weight that is not finite: the run stops before writing any of it."""
+from teacher_cache.version import distill_version
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig,
@@ -483,6 +480,7 @@ class Trainer:
             "select": config.select, "seed": config.seed, "rows_per_step": config.rows_per_step,
             "held_out_fraction": config.val_fraction,
             **{k: v for k, v in last_eval.items() if k.startswith("val_")},
+            "distill_version": distill_version(),
         }
         if env.is_main:
             save_student(self.student, self.out / STUDENT_DIR, self.manifest, training=summary,

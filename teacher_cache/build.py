@@ -17,7 +17,6 @@ hash of the identity that wrote it, and finalize refuses shards of another build
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -31,23 +30,25 @@ from tqdm.auto import tqdm
 from teacher_cache.backends import BACKENDS, BackendConfig, Targets, TeacherBackend, create_backend
 from teacher_cache.corpus import Corpus, CorpusConfig, open_corpus
 from teacher_cache.dataclass_cli import option
+from teacher_cache.errors import CacheError
 from teacher_cache.finalize import finalize_cache
 from teacher_cache.format import (
     BUILD_FILE,
     BUILD_ID_METADATA,
-    FORMAT_NAME,
     MANIFEST_FILE,
     MAX_K,
     PACKED_DIR,
     RESCORE_DIR,
     SHARD_DIR,
     WORKER_DIR,
+    BuildRecord,
     CacheBatch,
-    CacheError,
     Manifest,
     WorkerReport,
     build_id,
     encode_batch,
+    read_build_record,
+    read_manifest_if_any,
     read_shard_info,
     read_worker_report,
     read_worker_reports,
@@ -58,12 +59,10 @@ from teacher_cache.format import (
 from teacher_cache.index import INDEX_PREFIX
 from teacher_cache.pack import PackedCorpus, StreamTotals
 from teacher_cache.packing import PackedSequence
-from teacher_cache.reader import read_manifest_if_any
 from teacher_cache.score import ReferenceScorer, reference_entry
 from teacher_cache.storage import STALE_TEMP_S, Location, remove_stale_temps, resolve
 from teacher_cache.teacher import Teacher, context_length, load_model_config, resolve_teacher
 
-DEFAULT_TARGETS = "sample:8"
 # Tokens per shard by default (--shard-rows: SHARD_TOKENS // seq_len rows). A 10B-token cache then
 # has 76k shards and a ~25 MB manifest that parses in about a second (BENCHMARKS.md, "Scale"); a
 # kill loses at most two shards of teacher work, ~5 s of a 1B teacher on one GPU; and each of 256
@@ -85,7 +84,7 @@ class BuildConfig:
     targets: str | None = option(
         None, f"teacher targets kept per position: sample:K, the distinct tokens of K draws from "
               f"the teacher and their counts (K <= {MAX_K}), or topk:K, its K most likely tokens "
-              f"and their logprobs; default: topk:K with --top-k K, else {DEFAULT_TARGETS}",
+              f"and their logprobs; default: topk:K with --top-k K, else {Targets().spec}",
         metavar="KIND:K")
     top_k: int | None = option(None, "alias of --targets topk:K (default: none)", metavar="K")
     sample_temperature: float = option(1.0, "temperature of the teacher distribution sampled by "
@@ -144,10 +143,10 @@ class BuildConfig:
         return self.shard_rows or max(1, SHARD_TOKENS // self.seq_len)
 
     def target_spec(self) -> Targets:
-        """The targets to compute: `targets`, or its alias `top_k`, or DEFAULT_TARGETS."""
+        """The targets to compute: `targets`, or its alias `top_k`, or the default Targets()."""
         alias = None if self.top_k is None else Targets("top_k", self.top_k)
         if self.targets is None:
-            spec = alias or Targets.parse(DEFAULT_TARGETS)
+            spec = alias or Targets()
         else:
             spec = Targets.parse(self.targets)
             if alias is not None and alias != spec:
@@ -234,7 +233,7 @@ def build_cache(config: BuildConfig) -> BuildSummary:
             compute_s=0.0, wall_s=time.perf_counter() - started, manifest=None,
             **_packing_counts(packed))
 
-    run = _WorkerRun(config, location, teacher, reference, build_id(record["identity"]))
+    run = _WorkerRun(config, location, teacher, reference, build_id(record.identity))
     try:
         run.process(packed)
         run.writer.wait()  # every shard on storage before the report and the manifest
@@ -263,12 +262,12 @@ def build_cache(config: BuildConfig) -> BuildSummary:
         wall_s=time.perf_counter() - started, manifest=manifest, **_packing_counts(packed))
 
 
-def _pack_source(record: dict, corpus: Corpus) -> dict:
+def _pack_source(record: BuildRecord, corpus: Corpus) -> dict:
     """What the packed tokens depend on besides the partition bounds."""
-    identity = record["identity"]
+    identity = record.identity
     return {"corpus": identity["corpus"], "fingerprint": identity["corpus.fingerprint"],
             "tokenizer": identity["tokenizer.sha256"],
-            "eos_token_id": record["manifest"].tokenizer["eos_token_id"],
+            "eos_token_id": record.manifest.tokenizer["eos_token_id"],
             "streaming": corpus.config.streaming}
 
 
@@ -443,9 +442,7 @@ def check_out(location: Location) -> None:
 
 
 def _build_record(config: BuildConfig, teacher: Teacher, reference: Teacher | None, tokenizer,
-                  corpus: Corpus, model_config) -> dict:
-    """build.json: the identity a rerun must match, the manifest fields known up front, and the
-    claiming worker's configuration (`--config CACHE/build.json` repeats it)."""
+                  corpus: Corpus, model_config) -> BuildRecord:
     targets = config.target_spec()
     skeleton = Manifest(
         seq_len=config.seq_len, top_k=targets.k, vocab_size=model_config.vocab_size,
@@ -458,50 +455,38 @@ def _build_record(config: BuildConfig, teacher: Teacher, reference: Teacher | No
         "corpus.fingerprint": corpus.fingerprint(),
         "max_tokens": config.max_tokens, "backend": config.backend, "dtype": config.dtype,
         "reference.weights_sha256": reference.weights_sha256 if reference else None}
-    return {"identity": identity, "manifest": skeleton,
-            "reference": reference_entry(reference) if reference else None,
-            "config": asdict(config)}
+    return BuildRecord(identity, skeleton, reference_entry(reference) if reference else None,
+                       asdict(config))
 
 
-def claim_build(location: Location, record: dict) -> None:
+def claim_build(location: Location, record: BuildRecord) -> None:
     """Create build.json, or check that the one already there describes the same build. The
     create is exclusive: of two builds started together, the second finds the first's claim."""
-    manifest = json.loads(record["manifest"].to_json())
-    text = json.dumps({**record, "manifest": manifest}, indent=2) + "\n"
-    if location.create_exclusive(text.encode(), BUILD_FILE):
+    if location.create_exclusive(record.to_json().encode(), BUILD_FILE):
         return
-    existing = _read_claim(location)["identity"]
-    fingerprint = record["identity"]["corpus.fingerprint"]
+    claimed = read_build_record(location)
+    if claimed is None:
+        raise CacheError(f"{location.uri}: another build is starting over in this directory "
+                         f"(--overwrite); rerun once it has started")
+    existing = claimed.identity
+    fingerprint = record.identity["corpus.fingerprint"]
     if "corpus.fingerprint" in existing and existing["corpus.fingerprint"] != fingerprint:
         raise CacheError(f"{location.uri} was started on other corpus content: the files of "
-                         f"{record['identity']['corpus']} changed since (their size and sha256 "
+                         f"{record.identity['corpus']} changed since (their size and sha256 "
                          f"fingerprint differs); resuming would mix old and new text. Restore the "
                          f"corpus to resume, or pass --overwrite to start over")
     differences = [f"{key}: {existing.get(key)!r} in the cache, {value!r} now"
-                   for key, value in record["identity"].items() if existing.get(key) != value]
+                   for key, value in record.identity.items() if existing.get(key) != value]
     if differences:
         raise CacheError(f"{location.uri} holds a different build ({'; '.join(differences)}); "
                          f"rerun with the same settings to resume it, or pass --overwrite")
-
-
-def _read_claim(location: Location) -> dict:
-    """build.json as written by claim_build; a CacheError if it is anything else."""
-    try:
-        record = json.loads(location.read_bytes(BUILD_FILE))
-        if record["manifest"]["format"] == FORMAT_NAME and isinstance(record["identity"], dict):
-            return record
-    except (ValueError, KeyError, TypeError):
-        pass
-    raise CacheError(f"{location.uri}/{BUILD_FILE} is not the build record of a teacher cache; "
-                     f"pick another --out")
 
 
 def owns_cache(location: Location) -> bool:
     """Whether the directory holds this tool's build.json or manifest.json."""
     if location.exists(BUILD_FILE):
         try:
-            _read_claim(location)
-            return True
+            return read_build_record(location) is not None
         except CacheError:
             return False
     return read_manifest_if_any(location) is not None

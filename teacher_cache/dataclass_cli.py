@@ -24,7 +24,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from teacher_cache.errors import UserError, one_line
+from teacher_cache.errors import ConfigError, one_line
 
 # The namespace attribute holding what from_args needs to know about the parser's fields.
 FIELDS_DEST = "_dataclass_fields"
@@ -120,7 +120,7 @@ def from_args(args: argparse.Namespace, **fixed: Any) -> Any:
     missing = [leaf.flag for leaf in spec.leaves()
                if leaf.required and leaf.dest not in values and leaf.dest not in fixed]
     if missing:
-        raise UserError(f"{', '.join(missing)}: required"
+        raise ConfigError(f"{', '.join(missing)}: required"
                         + (f" (as a flag or in {CONFIG_FLAG} FILE)" if spec.config_file else ""))
     return _build(spec.cls, values, fixed)
 
@@ -144,7 +144,8 @@ def read_config(path: str, spec: _Fields) -> dict[str, Any]:
     try:
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{where}: cannot read it ({getattr(e, 'strerror', None) or e})") from None
+        reason = getattr(e, "strerror", None) or e
+        raise ConfigError(f"{where}: cannot read it ({reason})") from None
     suffix = Path(path).suffix
     if suffix in (".yaml", ".yml"):
         data = _read_yaml(text, where)
@@ -152,11 +153,11 @@ def read_config(path: str, spec: _Fields) -> dict[str, Any]:
         try:
             data = tomllib.loads(text) if suffix == ".toml" else json.loads(text)
         except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-            raise UserError(f"{where}: not valid {suffix[1:].upper()} ({one_line(e)})") from None
+            raise ConfigError(f"{where}: not valid {suffix[1:].upper()} ({one_line(e)})") from None
     else:
-        raise UserError(f"{where}: expected a .toml, .json or .yaml file")
+        raise ConfigError(f"{where}: expected a .toml, .json or .yaml file")
     if not isinstance(data, dict):
-        raise UserError(f"{where}: expected a table of settings, got {type(data).__name__}")
+        raise ConfigError(f"{where}: expected a table of settings, got {type(data).__name__}")
     names = {f.name for f in dataclasses.fields(spec.cls)}
     if isinstance(data.get(CONFIG_KEY), dict) and CONFIG_KEY not in names:
         data = data[CONFIG_KEY]
@@ -169,7 +170,7 @@ def _read_yaml(text: str, where: str) -> Any:
     try:
         return yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise UserError(f"{where}: not valid YAML ({one_line(e)})") from None
+        raise ConfigError(f"{where}: not valid YAML ({one_line(e)})") from None
 
 
 def _flatten(data: Mapping[str, Any], cls: type, where: str, dests: set[str],
@@ -181,11 +182,11 @@ def _flatten(data: Mapping[str, Any], cls: type, where: str, dests: set[str],
     for key, value in data.items():
         dest = prefix + key
         if key not in known:
-            raise UserError(f"{where}: unknown key {dest!r}; known keys: "
+            raise ConfigError(f"{where}: unknown key {dest!r}; known keys: "
                             f"{', '.join(sorted(prefix + k for k in known))}")
         if dataclasses.is_dataclass(hints[key]):
             if not isinstance(value, dict):
-                raise UserError(f"{where}: key {dest!r}: expected a table, got {value!r}")
+                raise ConfigError(f"{where}: key {dest!r}: expected a table, got {value!r}")
             out |= _flatten(value, hints[key], where, dests, dest + ".")
         else:
             out[dest] = _checked(value, hints[key], f"{where}: key {dest!r}")
@@ -193,7 +194,7 @@ def _flatten(data: Mapping[str, Any], cls: type, where: str, dests: set[str],
 
 
 def _checked(value: Any, hint: Any, where: str) -> Any:
-    """`value` as of type `hint`, or a UserError naming `where`."""
+    """`value` as of type `hint`, or a ConfigError naming `where`."""
     inner, optional = _unwrap_optional(hint)
     origin, args = get_origin(inner), get_args(inner)
     ok = value is None and optional
@@ -209,14 +210,14 @@ def _checked(value: Any, hint: Any, where: str) -> Any:
         ok = ok or isinstance(value, str)
     elif origin is Literal:
         if not ok and value not in args:
-            raise UserError(f"{where}: {value!r} is not one of {', '.join(map(str, args))}")
+            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, args))}")
         ok = True
     elif origin is list and isinstance(value, list):
         return [_checked(item, args[0], where) for item in value]
     elif origin is dict and isinstance(value, dict):
         return {str(k): _checked(v, args[1], where) for k, v in value.items()}
     if not ok:
-        raise UserError(f"{where}: expected {_type_name(inner)}, got {value!r}")
+        raise ConfigError(f"{where}: expected {_type_name(inner)}, got {value!r}")
     return value
 
 

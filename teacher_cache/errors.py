@@ -1,8 +1,7 @@
 """User errors: input a person can fix, which every command line reports as one line, exit code 2.
 
-The home of the whole family and of the helper the mains share; it lives in teacher_cache because
-student_train imports teacher_cache, never the reverse (`student_train.config.ConfigError` is
-a UserError too).
+The home of the whole family, the trainer's included, and of the helper the mains share; it lives
+in teacher_cache because student_train imports teacher_cache, never the reverse.
 """
 
 from __future__ import annotations
@@ -10,7 +9,11 @@ from __future__ import annotations
 import functools
 import sys
 from collections.abc import Callable
-from typing import ParamSpec
+from typing import TYPE_CHECKING, ParamSpec
+
+if TYPE_CHECKING:
+    from teacher_cache.format import ShardInfo
+    from teacher_cache.storage import Location
 
 P = ParamSpec("P")
 EXIT_USER_ERROR = 2
@@ -32,6 +35,37 @@ class CorpusError(CacheError):
 
 class TeacherError(CacheError):
     """A teacher or reference model that cannot be found, loaded or run with the given settings."""
+
+
+class ShardError(CacheError):
+    """A shard that cannot be read as its ShardInfo says: `problem` says why, in one line."""
+
+    def __init__(self, location: Location, info: ShardInfo, problem: str):
+        self.info, self.problem = info, problem
+        super().__init__(f"{location.uri.rstrip('/')}/{info.path}: {problem}; `python -m "
+                         f"teacher_cache verify --cache {location.uri} --repair` drops it, then "
+                         f"the same build command rebuilds it")
+
+
+class ShardMissing(ShardError):
+    """A shard file the manifest lists is not there (a reader may find a newer manifest)."""
+
+
+class IndexMissing(CacheError):
+    """The index file a manifest names is gone (a reader may find a newer manifest)."""
+
+
+class ConfigError(UserError):
+    """A configuration that cannot run (bad flag or config file, student/cache mismatch); says
+    what to fix."""
+
+
+class CheckpointError(ConfigError):
+    """A checkpoint that cannot be resumed from; says which file and what to do."""
+
+
+class TrainingDiverged(ConfigError):
+    """A loss, gradient or weight that is not finite: the run stops before writing any of it."""
 
 
 def one_line(error: BaseException) -> str:

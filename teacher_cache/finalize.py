@@ -11,19 +11,20 @@ of shards that hold scores, so its cost does not grow with the cache's bytes.
 
 from __future__ import annotations
 
-import json
 import math
 
 import numpy as np
 
+from teacher_cache.errors import CacheError
 from teacher_cache.format import (
     BUILD_FILE,
     SHARD_DIR,
-    CacheError,
     Manifest,
     ShardInfo,
     WorkerReport,
     build_id,
+    read_build_record,
+    read_manifest_if_any,
     read_shard_info,
     read_worker_reports,
     score_stats,
@@ -31,7 +32,6 @@ from teacher_cache.format import (
 )
 from teacher_cache.index import is_rescored, publish_manifest, read_score_column
 from teacher_cache.pack import drop_packed_tokens
-from teacher_cache.reader import read_manifest_if_any
 from teacher_cache.storage import Location, resolve
 
 
@@ -39,17 +39,17 @@ def finalize_cache(out: str) -> Manifest:
     """Check that all shards are there (markers, rows, build) and write the index and
     `manifest.json`."""
     location = resolve(out)
-    if not location.exists(BUILD_FILE):
+    record = read_build_record(location)
+    if record is None:
         raise CacheError(f"{location.uri}: no {BUILD_FILE}; nothing was built here yet "
                          f"(run `python -m teacher_cache build --out {location.uri}` first)")
-    record = json.loads(location.read_bytes(BUILD_FILE))
     reports = _worker_reports(location)
-    manifest = Manifest.from_json(json.dumps(record["manifest"]), source=BUILD_FILE)
+    manifest = record.manifest
     sequences = reports[0].sequences
     infos = _finished_shards(location, sequences, manifest.rows_per_shard, reports[0].num_workers)
-    _check_same_build(location, infos, build_id(record["identity"]))
+    _check_same_build(location, infos, build_id(record.identity))
 
-    scored_build = bool(record.get("reference"))
+    scored_build = bool(record.reference)
     scores = []
     for info in infos:
         expected_rows = min(manifest.rows_per_shard, sequences - info.first_seq_id)
@@ -85,7 +85,7 @@ def finalize_cache(out: str) -> Manifest:
                       "tokens_per_s": round(computed / compute_s, 1) if compute_s else None}
     previous = read_manifest_if_any(location)
     if scored_build:
-        manifest.score = {"reference": record["reference"], "stats": score_stats(scores)}
+        manifest.score = {"reference": record.reference, "stats": score_stats(scores)}
     elif previous is not None and previous.score and previous.shards == infos:
         manifest.score = previous.score  # `score` rescored these very files since the build
     manifest.complete = True

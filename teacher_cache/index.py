@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from teacher_cache.errors import CacheError
+from teacher_cache.errors import CacheError, IndexMissing
 from teacher_cache.format import (
     COMPRESSION,
     FORMAT_VERSION,
@@ -25,6 +25,7 @@ from teacher_cache.format import (
     Manifest,
     ShardInfo,
     shard_name,
+    write_manifest,
 )
 from teacher_cache.storage import Location, confined
 
@@ -87,7 +88,7 @@ def publish_manifest(location: Location, manifest: Manifest, scores: np.ndarray)
     manifest.index = {"path": index_name(sha256), "rows": len(scores), "sha256": sha256,
                       "bytes": len(data)}
     location.write_bytes_atomic(data, manifest.index["path"])
-    location.write_bytes_atomic(manifest.to_json().encode(), MANIFEST_FILE)
+    write_manifest(location, manifest)
     for name in location.list():
         if name.startswith(INDEX_PREFIX) and name != manifest.index["path"]:
             location.delete(name)
@@ -121,10 +122,6 @@ def read_index(location: Location, manifest: Manifest) -> RowIndex:
                          f"rows of the manifest's shards; {repair}")
     scores = table.column("score").to_numpy(zero_copy_only=False).astype(np.float32)
     return RowIndex(seq_ids, shard, scores)
-
-
-class IndexMissing(CacheError):
-    """The index file a manifest names is gone (a reader may find a newer manifest)."""
 
 
 def is_rescored(info: ShardInfo) -> bool:

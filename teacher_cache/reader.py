@@ -8,19 +8,19 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 
+from teacher_cache.errors import CacheError, IndexMissing, ShardMissing
 from teacher_cache.format import (
     MANIFEST_FILE,
     SHARD_DIR,
     CacheBatch,
-    CacheError,
     Manifest,
     ShardInfo,
-    ShardMissing,
     Targets,
     decode_batch,
+    read_manifest,
     read_shard,
 )
-from teacher_cache.index import IndexMissing, RowIndex, manifest_rows, read_index
+from teacher_cache.index import RowIndex, manifest_rows, read_index
 from teacher_cache.storage import Location, refuse_writable_by_others, resolve
 
 
@@ -155,22 +155,6 @@ def same_sequences(manifest: Manifest) -> tuple:
     """What two versions of a cache share when they differ only by `score`."""
     shards = [(s.index, s.rows, s.first_seq_id, s.tokens) for s in manifest.shards]
     return manifest.build_identity(), manifest.vocab_size, shards
-
-
-def read_manifest(location: Location) -> Manifest:
-    if not location.exists(MANIFEST_FILE):
-        raise CacheError(f"{location.uri}: no {MANIFEST_FILE} here; is this a teacher cache? "
-                         f"Build one with `python -m teacher_cache build --out {location.uri}`")
-    text = location.read_bytes(MANIFEST_FILE).decode("utf-8")
-    return Manifest.from_json(text, source=f"{location.uri.rstrip('/')}/{MANIFEST_FILE}")
-
-
-def read_manifest_if_any(location: Location) -> Manifest | None:
-    """The manifest a build or finalize would replace, if there is a readable one."""
-    try:
-        return read_manifest(location) if location.exists(MANIFEST_FILE) else None
-    except CacheError:  # damaged: the caller writes a new one
-        return None
 
 
 def open_cache(path: str | os.PathLike, *, verify: bool = True, batch_size: int = 8,

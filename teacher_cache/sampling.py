@@ -12,8 +12,9 @@ token by inverse CDF: the smallest id whose running sum of exp(x / T - max) (sum
 exceeds u times the row total. So a row's draws are a pure function of (seed, sequence id,
 position, the row's logits), independent of batch size, row order, the other rows, workers,
 reruns and resumes. Logits are read once per chunk of rows ([rows, V] float32 + float64 scratch
-under CHUNK_BYTES); no [N, V] log-softmax is materialised. At T = 1 the same pass yields each row's
-logsumexp (max + log of the exp-sum), which the builder needs for the true token's logprob.
+under DRAW_SCRATCH_BYTES); no [N, V] log-softmax is materialised. At T = 1 the same pass yields
+each row's logsumexp (max + log of the exp-sum), which the builder needs for the true token's
+logprob.
 
 Why inverse CDF and not Gumbel-max (argmax over V of x / T + Gumbel(hash(..., j, v))): Gumbel-max
 needs K * V hashes per position, inverse CDF one exp and one cumsum pass over V plus K binary
@@ -37,7 +38,7 @@ from torch import Tensor
 from teacher_cache.format import MAX_K, Targets
 
 # Scratch per chunk of rows: float32 exp + float64 cumsum, 12 bytes per logit.
-CHUNK_BYTES = 64 * 1024 * 1024
+DRAW_SCRATCH_BYTES = 64 * 1024 * 1024
 
 _MASK64 = (1 << 64) - 1
 
@@ -128,7 +129,7 @@ def sample_rows(logits: Tensor, seed: int, sequence_ids: Tensor, positions: Tens
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0; got {temperature}")
     u = uniforms(seed, sequence_ids.to(logits.device), positions.to(logits.device), k)
-    rows = max(1, CHUNK_BYTES // (12 * vocab))
+    rows = max(1, DRAW_SCRATCH_BYTES // (12 * vocab))
     chunks = [_draw(logits[start:start + rows], u[start:start + rows], temperature)
               for start in range(0, n, rows)]
     if not chunks:

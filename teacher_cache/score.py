@@ -22,16 +22,17 @@ import pyarrow.fs as pafs
 from tqdm.auto import tqdm
 
 from teacher_cache.backends import BackendConfig, Targets, TeacherBackend, create_backend
+from teacher_cache.errors import CacheError
 from teacher_cache.format import (
-    BUILD_FILE,
     JOURNAL_FILE,
     RESCORE_DIR,
     SCORE_REFERENCE_KEY,
     SHARD_DIR,
     TRAINING_FILE,
-    CacheError,
     Manifest,
     ShardInfo,
+    read_build_record,
+    read_manifest,
     read_shard,
     rescore_dir,
     rescored_shard_name,
@@ -40,7 +41,6 @@ from teacher_cache.format import (
     shard_info_name,
 )
 from teacher_cache.index import publish_manifest, read_score_column
-from teacher_cache.reader import read_manifest
 from teacher_cache.storage import Location, resolve
 from teacher_cache.teacher import Teacher, resolve_teacher
 
@@ -74,8 +74,8 @@ class ReferenceScorer:
                  batch_size: int = 8, dtype: str = "auto"):
         check_same_tokenizer(reference, tokenizer_sha256)
         self.backend: TeacherBackend = create_backend(
-            backend, BackendConfig(reference.path, targets=Targets(k=1), batch_size=batch_size,
-                                   dtype=dtype))
+            backend, BackendConfig(reference.path, targets=Targets("top_k", 1),
+                                   batch_size=batch_size, dtype=dtype))
 
     def score(self, input_ids: np.ndarray, teacher_target: np.ndarray) -> np.ndarray:
         reference_target = self.backend.predict(input_ids).target_logprobs
@@ -246,10 +246,9 @@ def _clean_up_after_switch(location: Location, manifest: Manifest) -> None:
 
 def _build_reference(location: Location) -> str | None:
     """The weights sha256 of the reference the build scored with, None if it had none."""
-    if not location.exists(BUILD_FILE):
-        return None
-    return (json.loads(location.read_bytes(BUILD_FILE)).get("reference") or {}).get(
-        "weights_sha256")
+    record = read_build_record(location)
+    reference = record.reference if record else None
+    return (reference or {}).get("weights_sha256")
 
 
 def _rescore_shard(location: Location, manifest: Manifest, info: ShardInfo, table: pa.Table,

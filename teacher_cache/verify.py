@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import numpy as np
 
-from teacher_cache.errors import CacheError
-from teacher_cache.format import MANIFEST_FILE, SHARD_DIR, ShardError, read_shard, shard_info_name
+from teacher_cache.errors import CacheError, ShardError
+from teacher_cache.format import (
+    SHARD_DIR,
+    read_manifest,
+    read_shard,
+    shard_info_name,
+    write_manifest,
+)
 from teacher_cache.index import publish_manifest, read_index
-from teacher_cache.reader import read_manifest
 from teacher_cache.storage import resolve
 
 
@@ -33,7 +38,7 @@ def verify_cache(cache: str, repair: bool = False) -> list[ShardError]:
             bad.append(e)
     if repair and bad:
         manifest.complete = False
-        location.write_bytes_atomic(manifest.to_json().encode(), MANIFEST_FILE)
+        write_manifest(location, manifest)
         for error in bad:
             location.delete(SHARD_DIR, shard_info_name(error.info.index))
             location.delete(error.info.path)

@@ -236,8 +236,8 @@ def test_rerun_of_a_finished_build_keeps_its_teacher_throughput(tmp_path: Path,
 def test_a_backend_computes_the_targets_its_config_names(tiny_teacher_dir: Path):
     from teacher_cache.backends import BackendConfig, Targets, create_backend
 
-    backend = create_backend("torch", BackendConfig(str(tiny_teacher_dir), targets=Targets(k=3),
-                                                    dtype="fp32"))
+    backend = create_backend("torch", BackendConfig(str(tiny_teacher_dir),
+                                                    targets=Targets("top_k", 3), dtype="fp32"))
     output = backend.predict(np.arange(2 * 16).reshape(2, 16))
     backend.close()
     assert output.topk_ids.shape == output.topk_logprobs.shape == (2, 16, 3)

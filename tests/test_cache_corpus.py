@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from teacher_cache.corpus import CorpusConfig, open_corpus
-from teacher_cache.format import CacheError
+from teacher_cache.errors import CacheError
 
 
 def read_all(config: CorpusConfig) -> list[str]:

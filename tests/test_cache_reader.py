@@ -8,7 +8,7 @@ from helpers import corrupt_shard, synthetic_cache
 
 from student_train.data import TrainStream, split_rows
 from student_train.selection import Selection
-from teacher_cache.format import CacheError
+from teacher_cache.errors import CacheError
 
 
 def test_a_shard_corrupted_after_split_rows_fails_its_checksum_when_training_reads_it(tmp_path):

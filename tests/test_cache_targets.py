@@ -2,23 +2,32 @@
 
 from __future__ import annotations
 
+import json
 import shutil
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import TINY_SEQ_LEN
-from helpers import shard_bytes
+from helpers import shard_bytes, synthetic_cache
 
-from student_train.config import ConfigError, TrainConfig
+from student_train.config import TrainConfig
 from student_train.train import train
 from teacher_cache import CacheError, open_cache
 from teacher_cache import build as build_module
 from teacher_cache.build import build_cache
 from teacher_cache.cli import main
+from teacher_cache.errors import ConfigError
 from teacher_cache.finalize import finalize_cache
-from teacher_cache.format import FORMAT_VERSION, Targets, counts_to_logprobs, logprobs_to_counts
+from teacher_cache.format import (
+    FORMAT_VERSION,
+    TRAINING_FILE,
+    Targets,
+    counts_to_logprobs,
+    logprobs_to_counts,
+)
 from teacher_cache.sampling import sample_targets
 
 K = 8
@@ -210,6 +219,16 @@ def test_a_version_1_cache_opens_decodes_and_trains(tmp_path: Path):
     assert (np.diff(rows.topk_logprobs[:, :-1], axis=-1) <= 0).all()  # sorted descending
     summary = train(train_config(V1_CACHE, tmp_path / "run"))
     assert np.isfinite(summary["val_ce"]) and summary["tokens_seen"] == 2 * 2 * 16
+
+
+def test_the_distill_version_is_recorded_in_the_manifest_and_the_training_record(
+        tmp_path: Path):
+    assert open_cache(V1_CACHE).manifest.distill_version is None  # from before it was recorded
+    cache = synthetic_cache(tmp_path / "cache", sequences=12, seq_len=16, top_k=4, vocab_size=64)
+    assert cache.manifest.distill_version == version("distill")
+    summary = train(train_config(tmp_path / "cache", tmp_path / "run"))
+    training = json.loads((tmp_path / "run" / "student" / TRAINING_FILE).read_text())
+    assert summary["distill_version"] == training["distill_version"] == version("distill")
 
 
 def test_the_trainer_trains_on_sampled_targets_only_as_rs_kd(sampled_cache: Path,

@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 from helpers import synthetic_cache
 
-from student_train.config import ConfigError
 from student_train.data import split_rows
 from student_train.selection import Selection
-from teacher_cache.format import CacheError
+from teacher_cache.errors import ConfigError
 from teacher_cache.reader import open_cache
 
 SEQUENCES = 40
@@ -54,5 +53,5 @@ def test_none_keeps_every_training_row(tmp_path):
 
 
 def test_top_on_an_unscored_cache_is_a_clear_error(tmp_path):
-    with pytest.raises(CacheError, match="no score"):
+    with pytest.raises(ConfigError, match="no score"):
         split_rows(synthetic_cache(tmp_path), 0.2, Selection.parse("top:0.5"), seed=0)

@@ -11,7 +11,6 @@ from helpers import synthetic_cache
 from torch.utils.data import DataLoader
 
 from kernels import IGNORE_INDEX
-from student_train.config import ConfigError
 from student_train.data import (
     EpochRows,
     StreamLayout,
@@ -27,6 +26,7 @@ from student_train.data import (
 )
 from student_train.quantity import COUNT_UNITS, SIZE_UNITS, parse_quantity
 from student_train.selection import Selection
+from teacher_cache.errors import ConfigError
 from teacher_cache.reader import TeacherCache, open_cache
 
 SEQUENCES, SEQ_LEN, TOP_K, VOCAB, ROWS_PER_SHARD = 120, 8, 3, 64, 5

@@ -31,9 +31,9 @@ from kernels.autograd import LMHeadGradients  # noqa: E402
 from kernels.divergences import KDSpec  # noqa: E402
 from kernels.reference import sparse_kd_loss_reference  # noqa: E402
 from kernels.triton_autograd import (  # noqa: E402
-    MAX_CHUNK_BYTES,
-    chunk_rows,
+    MAX_LOGITS_BUFFER_BYTES,
     free_memory,
+    logits_buffer_rows,
     sparse_kd_loss_triton,
 )
 from kernels.triton_kernels import (  # noqa: E402
@@ -206,23 +206,23 @@ def test_any_chunk_size_gives_the_same_result(chunk: int) -> None:
     assert_close_to_float64(tuple(t.cpu() for t in got), expected(inputs, spec), grad_tol=1e-5)
 
 
-def test_chunk_rows_follows_the_memory_budget() -> None:
+def test_logits_buffer_rows_follows_the_memory_budget() -> None:
     gib = 1 << 30
     # Plenty of memory: 1 GiB buffers, equal chunks, GEMM-friendly row counts.
-    assert chunk_rows(16384, 128256, 2, 80 * gib) == 4096
-    assert chunk_rows(16384, 128256, 4, 80 * gib) == 2048
-    assert chunk_rows(8192, 262144, 2, 80 * gib) == 2048
-    assert chunk_rows(16384, 32768, 2, 80 * gib) == 16384  # one chunk holds everything
+    assert logits_buffer_rows(16384, 128256, 2, 80 * gib) == 4096
+    assert logits_buffer_rows(16384, 128256, 4, 80 * gib) == 2048
+    assert logits_buffer_rows(8192, 262144, 2, 80 * gib) == 2048
+    assert logits_buffer_rows(16384, 32768, 2, 80 * gib) == 16384  # one chunk holds everything
     # Little memory: a quarter of it, and never less than a row.
-    assert chunk_rows(16384, 128256, 2, gib) * 128256 * 2 <= gib // 4
-    assert chunk_rows(100, 128256, 2, 0) == 1
+    assert logits_buffer_rows(16384, 128256, 2, gib) * 128256 * 2 <= gib // 4
+    assert logits_buffer_rows(100, 128256, 2, 0) == 1
     # A batch of 5000 rows in two near-equal chunks (2560 + 2440), not 4096 + 904.
-    assert chunk_rows(5000, 128256, 2, 80 * gib) == 2560
+    assert logits_buffer_rows(5000, 128256, 2, 80 * gib) == 2560
     for n, v, itemsize, free in [(70, 1000, 4, 10**6), (16383, 50257, 2, 8 * gib),
                                  (3, 7, 4, 100), (12345, 151936, 4, 40 * gib)]:
-        rows = chunk_rows(n, v, itemsize, free)
+        rows = logits_buffer_rows(n, v, itemsize, free)
         assert 1 <= rows <= n
-        assert rows == 1 or rows * v * itemsize <= min(MAX_CHUNK_BYTES, free // 4)
+        assert rows == 1 or rows * v * itemsize <= min(MAX_LOGITS_BUFFER_BYTES, free // 4)
 
 
 def test_free_memory_is_positive() -> None:

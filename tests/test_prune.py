@@ -9,7 +9,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PhiConfig
 
-from student_train.config import ConfigError
 from student_train.model import count_parameters
 from student_train.prune import (
     Layout,
@@ -21,6 +20,7 @@ from student_train.prune import (
     measure_importance,
     resolve_shape,
 )
+from teacher_cache.errors import ConfigError
 
 VOCAB = 96
 

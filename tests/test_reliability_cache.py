@@ -8,6 +8,7 @@ import errno
 import http.server
 import json
 import os
+import re
 import shutil
 import threading
 import time
@@ -22,7 +23,7 @@ from teacher_cache.cli import main
 from teacher_cache.corpus import CorpusConfig, open_corpus
 from teacher_cache.errors import CacheError
 from teacher_cache.finalize import finalize_cache
-from teacher_cache.format import BUILD_FILE, MANIFEST_FILE, Manifest
+from teacher_cache.format import BUILD_FILE, MANIFEST_FILE, BuildRecord, Manifest
 from teacher_cache.reader import open_cache
 from teacher_cache.storage import Location, atomic_output, resolve
 from tests.conftest import TINY_MAX_TOKENS, TINY_SEQ_LEN, TINY_SHARD_ROWS, TINY_TOP_K
@@ -42,11 +43,11 @@ def one_error_line(capsys) -> str:
     return lines[0]
 
 
-def build_record(teacher_sha: str) -> dict:
+def build_record(teacher_sha: str) -> BuildRecord:
     manifest = Manifest(seq_len=8, top_k=2, vocab_size=16, teacher={"weights_sha256": teacher_sha},
                         tokenizer={"sha256": "t"}, corpus={"description": "c"}, rows_per_shard=4)
     identity = manifest.build_identity() | {"corpus.fingerprint": "f"}
-    return {"identity": identity, "manifest": manifest, "reference": None}
+    return BuildRecord(identity, manifest, None)
 
 
 def claimed_teacher(location: Location) -> str:
@@ -98,6 +99,51 @@ def test_finalize_refuses_shards_another_build_wrote(tmp_path: Path, tiny_cache:
     with pytest.raises(CacheError, match=r"4 shards were written by another build .*"
                                          r"shards/shard-000000\.arrow"):
         finalize_cache(str(out))
+
+
+DAMAGED_BUILD_RECORDS = {
+    "not JSON": ("{", r"build\.json: not valid JSON"),
+    "a field missing": ('{"identity": {}, "reference": null}', r"build\.json: .*missing manifest"),
+    "a field mistyped": ('{"identity": [], "manifest": {}, "reference": null}',
+                         r"build\.json: build record field identity = \[\] is not of type dict"),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGED_BUILD_RECORDS)
+def test_finalize_with_a_damaged_build_record_is_one_line(damage: str, tmp_path: Path,
+                                                          tiny_cache: Path, capsys):
+    out = tmp_path / "cache"
+    shutil.copytree(tiny_cache, out)
+    text, message = DAMAGED_BUILD_RECORDS[damage]
+    (out / BUILD_FILE).write_text(text)
+    assert main(["finalize", "--out", str(out)]) == 2
+    assert re.search(message, one_error_line(capsys))
+
+
+def test_score_with_a_damaged_build_record_is_one_line(tmp_path: Path, tiny_cache: Path,
+                                                       tiny_reference_dir: Path, capsys):
+    out = tmp_path / "cache"
+    shutil.copytree(tiny_cache, out)
+    argv = ["score", "--cache", str(out), "--reference", str(tiny_reference_dir), "--dtype",
+            "fp32", "--no-progress"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    # Scored by this reference already: score asks build.json whether the build scored it.
+    (out / BUILD_FILE).write_text('{"identity": {}, "manifest": {}, "reference": 7}')
+    assert main(argv) == 2
+    assert re.search(r"build\.json: build record field reference = 7 is not of type dict",
+                     one_error_line(capsys))
+
+
+def test_finalize_with_a_damaged_worker_report_is_one_line(tmp_path: Path, tiny_cache: Path,
+                                                           capsys):
+    out = tmp_path / "cache"
+    shutil.copytree(tiny_cache, out)
+    report = out / "workers" / "worker-0-of-1.json"
+    report.write_text(json.dumps(json.loads(report.read_text()) | {"sequences": "14"}))
+    assert main(["finalize", "--out", str(out)]) == 2
+    assert re.search(r"workers/worker-0-of-1\.json: worker report field sequences = '14' is not "
+                     r"of type int; delete it and rerun that worker", one_error_line(capsys))
 
 
 # --- 3. corpus edited between a kill and the rerun ---

@@ -23,8 +23,8 @@ import teacher_cache.synth as synth_module
 from kernels import sparse_kd_loss
 from kernels.choices import DIVERGENCES
 from student_train.checkpoint import load_checkpoint, save_checkpoint
-from student_train.config import ConfigError
 from student_train.run_dir import RunLock, check_run_dir_path
+from teacher_cache.errors import ConfigError
 from teacher_cache.synth import write_synthetic_cache
 
 

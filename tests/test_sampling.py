@@ -116,7 +116,7 @@ def test_a_rows_draws_do_not_depend_on_the_rest_of_the_batch(monkeypatch) -> Non
     assert torch.equal(one_ids, ids[5:6])
 
     # Chunks of 3 rows (not dividing 40) instead of one chunk.
-    monkeypatch.setattr(sampling, "CHUNK_BYTES", 3 * 12 * logits.shape[1])
+    monkeypatch.setattr(sampling, "DRAW_SCRATCH_BYTES", 3 * 12 * logits.shape[1])
     c_ids, c_counts = sample_targets(logits, 3, seqs, pos, 12)
     assert torch.equal(c_ids, ids) and torch.equal(c_counts, counts)
 

@@ -14,8 +14,9 @@ from helpers import TINY_ARGS, assert_documents_every_field, corrupt_shard
 
 from student_train import pretrain
 from student_train.__main__ import build_parser, main
-from student_train.config import ConfigError, TrainConfig
+from student_train.config import TrainConfig
 from teacher_cache.dataclass_cli import from_args
+from teacher_cache.errors import ConfigError
 from teacher_cache.synth import write_synthetic_cache
 
 

@@ -9,12 +9,11 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
-from student_train.config import ConfigError
 from student_train.heldout import HeldoutText, load_heldout_text, text_ce
 from student_train.presets import llama_config, resolve_preset
 from teacher_cache import open_cache
 from teacher_cache.corpus import package_sources
-from teacher_cache.errors import CorpusError
+from teacher_cache.errors import ConfigError, CorpusError
 from tests.helpers import TINY
 
 
@@ -49,7 +48,8 @@ def test_text_ce_matches_a_float64_oracle(batch_size: int, monkeypatch) -> None:
     torch.manual_seed(0)
     student = LlamaForCausalLM(llama_config(preset, vocab_size=300, seq_len=12)).train()
     ids = torch.randint(0, 300, (5, 12), generator=torch.Generator().manual_seed(1))
-    monkeypatch.setattr("student_train.heldout.LOGIT_CHUNK_ROWS", 7)  # ragged logit chunks
+    monkeypatch.setattr("student_train.heldout.logits_block_rows",
+                        lambda rows, vocab: 7)  # ragged logit chunks
     got = text_ce(student, HeldoutText("random", ids), torch.device("cpu"), batch_size)
     with torch.no_grad():
         logits = student.double()(input_ids=ids).logits[:, :-1]

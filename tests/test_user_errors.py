@@ -10,10 +10,15 @@ import torch
 
 from student_train import __main__ as train_cli
 from student_train import pretrain
-from student_train.config import ConfigError
 from teacher_cache import cli as cache_cli
 from teacher_cache.backends.torch_backend import resolve_dtype
-from teacher_cache.errors import CacheError, TeacherError, UserError, reports_user_errors
+from teacher_cache.errors import (
+    CacheError,
+    ConfigError,
+    TeacherError,
+    UserError,
+    reports_user_errors,
+)
 
 USER_ERRORS = {
     "cache build": (cache_cli.main, ["build", "--out", "{tmp}/cache", "--corpus", "{tmp}",

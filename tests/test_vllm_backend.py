@@ -40,7 +40,7 @@ if __name__ == "__main__":
     input_ids = np.load(ids_file)
     results = {}
     for dtype, variants in json.loads(runs).items():
-        config = BackendConfig(model, targets=Targets(k=8), dtype=dtype,
+        config = BackendConfig(model, targets=Targets("top_k", 8), dtype=dtype,
                                options=json.loads(options))
         backend = create_backend("vllm", config)
         for variant in variants:
@@ -266,7 +266,8 @@ def test_vllm_and_torch_backends_agree(tmp_path: Path, vllm_teacher_dir: Path,
     for t in range(32, 64):
         input_ids[0, t] = reference_logprobs(input_ids[:1, :t])[0, -1].argmax()
     full = reference_logprobs(input_ids)[:, :-1]  # position L - 1 is masked
-    expected = create_backend("torch", BackendConfig(str(vllm_teacher_dir), targets=Targets(k=8),
+    expected = create_backend("torch", BackendConfig(str(vllm_teacher_dir),
+                                                     targets=Targets("top_k", 8),
                                                      dtype="fp32")).predict(input_ids)
 
     np.save(tmp_path / "ids.npy", input_ids)

@@ -76,7 +76,7 @@ MUTATIONS = [
              "return read_shard(self.location, self.shards[position], verify=False)\n"
              "        except ShardMissing:",
              ("tests/test_cache_reader.py", "tests/test_train_cli.py::test_corrupt_shard")),
-    Mutation("format.read_shard does not verify checksums", "teacher_cache/format.py",
+    Mutation("format.read_shard does not verify checksums", "teacher_cache/format/shards.py",
              "if verify and (len(data) != info.bytes",
              "if False and (len(data) != info.bytes",
              ("tests/test_train_cli.py::test_corrupt_shard",)),

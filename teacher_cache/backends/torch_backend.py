@@ -22,6 +22,7 @@ from teacher_cache.teacher import quiet_transformers_bars
 
 
 def resolve_device(device: str) -> torch.device:
+    """"auto" is cuda where available, else cpu; anything else as torch spells it ("cuda:1")."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
