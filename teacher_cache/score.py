@@ -199,8 +199,7 @@ def _refuse_other_rescores(location: Location, journal: str) -> None:
     for entry in location.fs.get_file_info(selector):
         name = f"{RESCORE_DIR}/{entry.base_name}"
         if entry.type == pafs.FileType.Directory and name != journal:
-            started = json.loads(location.read_bytes(name, JOURNAL_FILE)) if location.exists(
-                name, JOURNAL_FILE) else {}
+            started = _read_journal(location, name) or {}
             raise CacheError(
                 f"{location.uri}: an interrupted `score` with reference "
                 f"{started.get('reference', {}).get('path', entry.base_name)} is pending in "
@@ -214,10 +213,20 @@ def _start_journal(location: Location, manifest: Manifest, reference: Teacher,
     rebuilt or repaired since) is discarded with the files it made."""
     base = {"reference": reference.identity(), "base": [s.sha256 for s in manifest.shards]}
     if location.exists(journal, JOURNAL_FILE):
-        if json.loads(location.read_bytes(journal, JOURNAL_FILE)) == base:
+        if _read_journal(location, journal) == base:
             return
         _clean_up_after_switch(location, manifest)
     location.write_bytes_atomic(json.dumps(base).encode(), journal, JOURNAL_FILE)
+
+
+def _read_journal(location: Location, journal: str) -> dict | None:
+    """The journal's record; None if there is none or it is damaged (it is written atomically, so
+    only something else damages it: then this rescore starts over, as from another base)."""
+    try:
+        record = json.loads(location.read_bytes(journal, JOURNAL_FILE))
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return record if isinstance(record, dict) else None
 
 
 def _already_switched(location: Location, manifest: Manifest, journal: str) -> bool:

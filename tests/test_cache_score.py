@@ -101,6 +101,24 @@ def test_rescore_resumes_after_a_crash(tmp_path: Path, tiny_cache: Path, scored_
     assert manifest.score["stats"] == expected.manifest.score["stats"]
 
 
+def test_a_damaged_rescore_journal_is_one_line_or_a_fresh_start(
+        tmp_path: Path, tiny_cache: Path, scored_cache: Path, tiny_teacher_dir: Path,
+        tiny_reference_dir: Path, monkeypatch):
+    out = tmp_path / "cache"
+    shutil.copytree(tiny_cache, out)
+    crash_on_second_shard(monkeypatch)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        rescore_cache(str(out), str(tiny_reference_dir), dtype="fp32", progress=False)
+    monkeypatch.undo()
+    [journal] = (out / "rescore").glob("*/started.json")
+    journal.write_text("{not json")
+    with pytest.raises(CacheError, match="an interrupted `score` with reference .* is pending"):
+        rescore_cache(str(out), str(tiny_teacher_dir), dtype="fp32", progress=False)
+    rescore_cache(str(out), str(tiny_reference_dir), dtype="fp32", progress=False)
+    np.testing.assert_array_equal(open_cache(out).read_scores()[1],
+                                  open_cache(scored_cache).read_scores()[1])
+
+
 def test_reference_with_another_tokenizer_is_refused(tmp_path: Path, tiny_cache: Path,
                                                      tiny_teacher_dir: Path):
     other = tmp_path / "other"
