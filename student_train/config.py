@@ -21,6 +21,7 @@ InitMode = Literal["auto", "random", "pretrained"]
 # aot_eager traces and differentiates like inductor but runs the ops eagerly: no C++ compiler
 # needed, so it checks the compiled path anywhere (tests), without inductor's speed.
 CompileBackend = Literal["inductor", "aot_eager"]
+DocMaskMode = Literal["auto", "on", "off"]
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -94,6 +95,12 @@ class TrainConfig:
                                 "on for CUDA, off on CPU, where compiling costs more than it "
                                 "saves on short runs (BENCHMARKS.md)")
     compile_backend: CompileBackend = _opt("inductor", "torch.compile backend of --compile")
+    doc_mask: DocMaskMode = _opt("auto", "attend only within each document of a packed row "
+                                 "(position ids restarting at every document start, so that "
+                                 "transformers masks block-causally); auto: on where the "
+                                 "student's attention keeps to the documents (sdpa, eager, "
+                                 "flex_attention, flash_attention_* on architectures that mask "
+                                 "from position ids: Llama, Qwen2, Mistral...), off elsewhere")
 
     def __post_init__(self) -> None:
         self.overrides = dict(self.overrides or {})
