@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import TINY, tiny_config
+from helpers import TINY, TRAINING_FIGURES, assert_same_run, tiny_config, train_until_killed
 from transformers import AutoModelForCausalLM, BloomConfig, MistralConfig, Qwen2Config
 
 from kernels import IGNORE_INDEX
@@ -191,6 +191,16 @@ def test_a_config_only_qwen2_student_masks_and_records_it(tmp_path):
     assert summary["doc_mask"] is True
     assert json.loads((tmp_path / "run" / "student" / "training.json").read_text())["doc_mask"]
     assert load_checkpoint(tmp_path / "run")["config"]["doc_mask"] == "auto"
+
+
+def test_a_killed_masked_run_resumes_exactly(tmp_path, monkeypatch):
+    packed = packed_cache(tmp_path / "packed", boundaries=True)
+    train(tiny_config(packed, tmp_path / "straight"))
+    train_until_killed(tiny_config(packed, tmp_path / "resumed"), monkeypatch)
+    train(tiny_config(packed, tmp_path / "resumed", resume=True))
+    assert_same_run(tmp_path / "straight", tmp_path / "resumed", (*TRAINING_FIGURES, "val_ce"),
+                    rel=1e-5, atol=1e-6)
+    assert json.loads((tmp_path / "resumed" / "summary.json").read_text())["doc_mask"] is True
 
 
 def test_changing_the_mask_is_refused_on_resume(tmp_path):
