@@ -98,9 +98,10 @@ class TrainConfig:
     doc_mask: DocMaskMode = _opt("auto", "attend only within each document of a packed row "
                                  "(position ids restarting at every document start, so that "
                                  "transformers masks block-causally); auto: on where the "
-                                 "student's attention keeps to the documents (sdpa, eager, "
-                                 "flex_attention, flash_attention_* on architectures that mask "
-                                 "from position ids: Llama, Qwen2, Mistral...), off elsewhere")
+                                 "student's attention keeps to the documents, checked at start "
+                                 "(sdpa, eager, flex_attention on architectures that mask from "
+                                 "position ids: Llama, Qwen2, Mistral...), off elsewhere "
+                                 "(flash_attention_* too); on: refused elsewhere")
 
     def __post_init__(self) -> None:
         self.overrides = dict(self.overrides or {})

@@ -60,17 +60,18 @@ def final_hidden(student: PreTrainedModel, input_ids: torch.Tensor,
 
 @torch.no_grad()
 def keeps_to_documents(student: PreTrainedModel) -> bool:
-    """Whether restarting position ids confine the student's attention to each document: the
-    second of two packed documents gets the hidden states it gets alone. transformers derives a
-    block-causal mask from them (masking_utils, packed sequences) for sdpa, eager and
-    flex_attention, and varlen attention for flash_attention_*, on the architectures that pass
-    position ids to their mask creation (Llama, Qwen2, Mistral and most others)."""
+    """Whether restarting position ids confine the student's attention to each document: in a
+    batch of two rows of two documents each, every second document gets the hidden states it gets
+    alone. transformers derives a block-causal mask from them (masking_utils, packed sequences)
+    for sdpa, eager and flex_attention on the architectures that pass position ids to their mask
+    creation (Llama, Qwen2, Mistral and most others); flash_attention_* takes them as varlen
+    boundaries for a batch of one row only, hence the two rows."""
     was_training = student.training
     student.eval()
     device = student.get_input_embeddings().weight.device
     vocab_size = student.config.get_text_config().vocab_size
-    input_ids = (torch.arange(8, device=device)[None] * 7 + 1) % vocab_size
-    position_ids = torch.arange(8, device=device)[None] % 4
+    input_ids = (torch.arange(16, device=device).view(2, 8) * 7 + 1) % vocab_size
+    position_ids = torch.arange(8, device=device).expand(2, -1) % 4
     packed = final_hidden(student, input_ids, position_ids)[:, 4:]
     alone = final_hidden(student, input_ids[:, 4:])
     student.train(was_training)
