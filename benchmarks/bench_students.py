@@ -50,10 +50,11 @@ def run_one(args: argparse.Namespace, text, student: str, init: str, lr: float |
     result = {"run": name, "student": student, "init": init, "lr": config.lr, "seed": seed,
               "kd": not ce_only, "steps": args.steps, "parameters": trainer.parameters,
               "build_seconds": build_seconds, "val_ce_0": trainer.evaluate()["val_ce"],
-              "text_ce_0": text_ce(trainer.student, text, device)}
+              "text_ce_0": text_ce(trainer.student, text, device, doc_mask=trainer.doc_mask)}
     if args.steps:
         summary = trainer.run()
-        result |= {"val_ce": summary["val_ce"], "text_ce": text_ce(trainer.student, text, device),
+        result |= {"val_ce": summary["val_ce"],
+                   "text_ce": text_ce(trainer.student, text, device, doc_mask=trainer.doc_mask),
                    "tokens_per_s": summary["tokens_per_s"], "tokens": summary["tokens_seen"]}
     for heavy in (out / "checkpoint.pt", out / "student" / "model.safetensors"):
         heavy.unlink(missing_ok=True)

@@ -17,6 +17,7 @@ InitMode = Literal["auto", "random", "pretrained"]
 # needed, so it checks the compiled path anywhere (tests), without inductor's speed.
 CompileBackend = Literal["inductor", "aot_eager"]
 Tracker = Literal["none", "tensorboard", "wandb", "trackio"]
+DocMaskMode = Literal["auto", "on", "off"]
 
 
 @dataclass
@@ -91,6 +92,13 @@ class TrainConfig:
     report_to: Tracker = _opt("none", "also send the metrics.jsonl records to this tracker, from "
                               "rank 0 (pip install 'distill[NAME]'); tensorboard writes into "
                               "OUT/tensorboard")
+    doc_mask: DocMaskMode = _opt("auto", "attend only within each document of a packed row "
+                                 "(position ids restarting at every document start, so that "
+                                 "transformers masks block-causally); auto: on where the "
+                                 "student's attention keeps to the documents, checked at start "
+                                 "(sdpa, eager, flex_attention on architectures that mask from "
+                                 "position ids: Llama, Qwen2, Mistral...), off elsewhere "
+                                 "(flash_attention_* too); on: refused elsewhere")
 
     def __post_init__(self) -> None:
         self.overrides = dict(self.overrides or {})

@@ -84,6 +84,12 @@ class Batch:
     topk_ids: torch.Tensor  # int64 [B, L, k]: the teacher's targets for the next token
     # float32 [B, L, k]: their logprobs (topk:K) or log draw frequencies (sample:K; -inf: unused)
     topk_logprobs: torch.Tensor
+    position_ids: torch.Tensor  # int64 [B, L]: each token's offset in its document (row_positions)
+
+    def positions(self, doc_mask: bool) -> torch.Tensor | None:
+        """The position ids the student takes: restarting at each document with --doc-mask, else
+        None (each row one sequence)."""
+        return self.position_ids if doc_mask else None
 
     @property
     def num_tokens(self) -> int:
@@ -99,6 +105,17 @@ class Batch:
         return [getattr(self, f.name) for f in fields(self)]
 
 
+def row_positions(doc_starts: list[np.ndarray], seq_len: int) -> np.ndarray:
+    """int64 [B, L]: each token's offset from the last document start at or before it, or from
+    the row's start (a row's first tokens may continue a document begun in the row before)."""
+    starts = np.zeros((len(doc_starts), seq_len), dtype=bool)
+    starts[:, 0] = True
+    for row, offsets in enumerate(doc_starts):
+        starts[row, offsets] = True
+    positions = np.arange(seq_len)
+    return positions - np.maximum.accumulate(np.where(starts, positions, 0), axis=1)
+
+
 def make_batch(rows: list[CacheBatch]) -> Batch:
     """One training batch from cache rows (each a CacheBatch of one or more rows)."""
 
@@ -108,8 +125,10 @@ def make_batch(rows: list[CacheBatch]) -> Batch:
     input_ids = stack("input_ids")
     labels = torch.full_like(input_ids, IGNORE_INDEX)
     labels[:, :-1] = input_ids[:, 1:]
+    position_ids = row_positions([d for r in rows for d in r.doc_starts], input_ids.shape[1])
     return Batch(seq_ids=stack("seq_ids"), input_ids=input_ids, labels=labels,
-                 topk_ids=stack("topk_ids"), topk_logprobs=stack("topk_logprobs"))
+                 topk_ids=stack("topk_ids"), topk_logprobs=stack("topk_logprobs"),
+                 position_ids=torch.from_numpy(position_ids))
 
 
 def shard_of(shards: list[ShardInfo], seq_ids: np.ndarray) -> np.ndarray:

@@ -52,15 +52,16 @@ def _batch_totals(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
 
 @torch.no_grad()
 def evaluate(student: PreTrainedModel, batches: Iterable[Batch], device: torch.device,
-             impl: str = "auto") -> EvalMetrics:
-    """Token-weighted metrics over `batches`, summed over ranks when running distributed."""
+             impl: str = "auto", doc_mask: bool = False) -> EvalMetrics:
+    """Token-weighted metrics over `batches`, summed over ranks when running distributed;
+    `doc_mask`: each document attends only to itself, as the student trained (--doc-mask)."""
     was_training = student.training
     student.eval()
     weight = output_weight(student)
     totals = torch.zeros(4, dtype=torch.float64)  # CE sum, KL sum, agreements, tokens
     for batch in batches:
         batch = batch.to(device)
-        hidden = final_hidden(student, batch.input_ids)
+        hidden = final_hidden(student, batch.input_ids, batch.positions(doc_mask))
         totals += _batch_totals(hidden.flatten(0, 1), weight,
                                 batch.labels.flatten(), batch.topk_ids.flatten(0, 1),
                                 batch.topk_logprobs.flatten(0, 1), impl)

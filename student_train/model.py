@@ -17,6 +17,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from kernels import IGNORE_INDEX, sparse_kd_loss
+from student_train.config import ConfigError
 from student_train.model_card import write_model_card
 from teacher_cache.errors import CacheError
 from teacher_cache.format import TRAINING_FILE, Manifest
@@ -49,8 +50,47 @@ def output_weight(student: PreTrainedModel) -> torch.Tensor:
     return student.get_output_embeddings().weight
 
 
-def final_hidden(student: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
-    return decoder_of(student)(input_ids=input_ids, use_cache=False).last_hidden_state
+def final_hidden(student: PreTrainedModel, input_ids: torch.Tensor,
+                 position_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """The decoder's output; with `position_ids` restarting at document starts (data.row_positions)
+    each document attends only to itself where `keeps_to_documents`."""
+    return decoder_of(student)(input_ids=input_ids, position_ids=position_ids,
+                               use_cache=False).last_hidden_state
+
+
+@torch.no_grad()
+def keeps_to_documents(student: PreTrainedModel) -> bool:
+    """Whether restarting position ids confine the student's attention to each document: in a
+    batch of two rows of two documents each, every second document gets the hidden states it gets
+    alone. transformers derives a block-causal mask from them (masking_utils, packed sequences)
+    for sdpa, eager and flex_attention on the architectures that pass position ids to their mask
+    creation (Llama, Qwen2, Mistral and most others); flash_attention_* takes them as varlen
+    boundaries for a batch of one row only, hence the two rows."""
+    was_training = student.training
+    student.eval()
+    device = student.get_input_embeddings().weight.device
+    vocab_size = student.config.get_text_config().vocab_size
+    input_ids = (torch.arange(16, device=device).view(2, 8) * 7 + 1) % vocab_size
+    position_ids = torch.arange(8, device=device).expand(2, -1) % 4
+    packed = final_hidden(student, input_ids, position_ids)[:, 4:]
+    alone = final_hidden(student, input_ids[:, 4:])
+    student.train(was_training)
+    return torch.allclose(packed.float(), alone.float(), rtol=1e-4, atol=1e-5)
+
+
+def resolve_doc_mask(mode: str, student: PreTrainedModel, where: str) -> bool:
+    """TrainConfig.doc_mask: on (or auto) where `keeps_to_documents`; on elsewhere is refused."""
+    if mode == "off":
+        return False
+    if keeps_to_documents(student):
+        return True
+    if mode == "on":
+        config = student.config
+        raise ConfigError(f"--doc-mask on: {where} ({type(student).__name__}, "
+                          f"{config._attn_implementation} attention) attends across the documents "
+                          f"of a packed row even with restarting position ids; use --doc-mask "
+                          f"off (auto turns it off for this student)")
+    return False
 
 
 class DistillationObjective(nn.Module):
@@ -68,9 +108,11 @@ class DistillationObjective(nn.Module):
                                  ignore_index=IGNORE_INDEX, impl=impl)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, topk_ids: torch.Tensor,
-                topk_logprobs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(loss, its detached terms [CE, divergence]) as `sparse_kd_loss` returns them."""
-        hidden = final_hidden(self.student, input_ids)
+                topk_logprobs: torch.Tensor, position_ids: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(loss, its detached terms [CE, divergence]) as `sparse_kd_loss` returns them;
+        `position_ids` as final_hidden takes them (None: one sequence per row)."""
+        hidden = final_hidden(self.student, input_ids, position_ids)
         # The loss is the LM head and applies autocast to it, as a Linear would.
         return sparse_kd_loss(hidden.flatten(0, 1), output_weight(self.student), labels.flatten(),
                               topk_ids.flatten(0, 1), topk_logprobs.flatten(0, 1),

@@ -339,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
         if text is not None:
             with quiet_transformers_bars():
                 trained = AutoModelForCausalLM.from_pretrained(run_dirs[name] / STUDENT_DIR)
-            result["heldout_ce"] = text_ce(trained, text, device)
+            result["heldout_ce"] = text_ce(trained, text, device, doc_mask=summary["doc_mask"])
             write_model_card(run_dirs[name] / STUDENT_DIR, cache.manifest, summary,
                              (text.description, result["heldout_ce"]))
         results.append(result)

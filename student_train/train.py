@@ -8,7 +8,7 @@ import math
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -37,7 +37,12 @@ from student_train.data import (
     stream_position,
 )
 from student_train.evaluate import EvalMetrics, evaluate
-from student_train.model import DistillationObjective, count_parameters, save_student
+from student_train.model import (
+    DistillationObjective,
+    count_parameters,
+    resolve_doc_mask,
+    save_student,
+)
 from student_train.run_dir import (
     CONFIG_FILE,
     METRICS_FILE,
@@ -140,13 +145,22 @@ class MetricsLog:
 
 
 def check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
-    saved = {"init": "auto"} | saved  # before --init, every student was built as auto builds it
+    # Before --init every student was built as auto builds it; before --doc-mask every row was
+    # attended as one sequence.
+    saved = {"init": "auto", "doc_mask": "off"} | saved
     changed = [f.name for f in fields(TrainConfig)
                if f.name not in RESUMABLE_CHANGES and saved.get(f.name) != getattr(config, f.name)]
     if changed:
         details = ", ".join(f"{n}: {saved.get(n)!r} -> {getattr(config, n)!r}" for n in changed)
         raise ConfigError(f"{config.out}: --resume with a different configuration ({details}); "
                           f"use the checkpoint's settings, --overwrite or a new --out")
+
+
+def continue_as_saved(saved: dict[str, Any], config: TrainConfig) -> TrainConfig:
+    """A run from before --doc-mask attended across documents: `auto` resumes it that way."""
+    if "doc_mask" not in saved and config.doc_mask == "auto":
+        return replace(config, doc_mask="off")
+    return config
 
 
 def stream_layout(config: TrainConfig, world_size: int,
@@ -230,6 +244,7 @@ class Trainer:
         selection = Selection.parse(config.select)
         checkpoint = load_checkpoint(self.out) if config.resume else None
         if checkpoint is not None:
+            config = self.config = continue_as_saved(checkpoint["config"], config)
             check_resumable(checkpoint["config"], config)
         self.layout = stream_layout(config, env.world_size, checkpoint)
         self.split = split_rows(self.cache, config.val_fraction, selection, config.seed,
@@ -245,6 +260,9 @@ class Trainer:
                       create_student(config.student, config.init,
                                      BuildContext(config.seed, config.overrides, self.cache,
                                                   self.split.train, env.device)))
+        # Probed on the CPU, where every student is built, before it moves or compiles.
+        self.doc_mask = resolve_doc_mask(config.doc_mask, self.built.model,
+                                         f"student {config.student}")
         self.student = self.built.model.to(env.device)
         self.parameters = count_parameters(self.student)
         objective = DistillationObjective(
@@ -314,7 +332,7 @@ class Trainer:
                 with torch.autocast(self.env.device.type, dtype=torch.bfloat16,
                                     enabled=self.bf16):
                     loss, terms = self.model(batch.input_ids, batch.labels, batch.topk_ids,
-                                             batch.topk_logprobs)
+                                             batch.topk_logprobs, batch.positions(self.doc_mask))
                     loss = loss / config.grad_accum
                 loss.backward()
             figures += torch.cat([loss.detach()[None], terms / config.grad_accum])
@@ -367,7 +385,7 @@ class Trainer:
         # Eager: a no-grad graph and the last, smaller batch would each cost another compile.
         with torch.compiler.set_stance("force_eager"):
             result = evaluate(self.student, iter(self._val_batches), env.device,
-                              impl=self.config.loss_impl)
+                              impl=self.config.loss_impl, doc_mask=self.doc_mask)
         record = {"step": self.step, "tokens": self.step * self.tokens_per_step,
                   **result.as_record()}
         if not all(map(math.isfinite, asdict(result).values())):
@@ -446,7 +464,12 @@ class Trainer:
                   f"{len(self.split.train)} training / {len(self.split.val)} held-out sequences, "
                   f"{self.tokens_per_step} tokens per step, {env.world_size} rank(s) on "
                   f"{env.device}{', bf16 autocast' if self.bf16 else ''}"
-                  f"{', compiled decoder' if self.compiled else ''}")
+                  f"{', compiled decoder' if self.compiled else ''}"
+                  f"{', attention within documents' if self.doc_mask else ''}")
+            if config.doc_mask == "auto" and not self.doc_mask:
+                print(f"note: --doc-mask auto is off for this student: its attention "
+                      f"({self.student.config._attn_implementation}) does not keep to the "
+                      f"documents of a packed row", file=sys.stderr)
             if len(self.split.val) == 0:
                 print("warning: no held-out sequences (--val-fraction, --val-max-rows): no "
                       "validation figures, null in summary.json", file=sys.stderr)
@@ -478,6 +501,7 @@ class Trainer:
             "lr": config.lr, "ce_weight": config.ce_weight,
             "kd_weight": config.kd_weight, "divergence": config.divergence,
             "select": config.select, "seed": config.seed, "rows_per_step": config.rows_per_step,
+            "doc_mask": self.doc_mask,
             "held_out_fraction": config.val_fraction,
             **{k: v for k, v in last_eval.items() if k.startswith("val_")},
             "distill_version": distill_version(),

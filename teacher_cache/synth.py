@@ -12,6 +12,7 @@ constant memory, and any size can be generated.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -75,9 +76,11 @@ def _sampled_targets(rng: np.random.Generator, tokens: np.ndarray, k: int,
 def write_synthetic_cache(path: str | os.PathLike, *, sequences: int, seq_len: int, top_k: int,
                           vocab_size: int, rows_per_shard: int, seed: int = 0,
                           scores: np.ndarray | None = None, complete: bool = True,
-                          kind: TargetKind = "top_k", progress: bool = False) -> Manifest:
+                          kind: TargetKind = "top_k", progress: bool = False,
+                          doc_starts: Sequence[Sequence[int]] | None = None) -> Manifest:
     """Write a cache of `sequences` rows (top_k: the chain's top-k; sample: `top_k` draws per
-    position); `scores` (one per row) fills the score column."""
+    position); `scores` (one per row) fills the score column, `doc_starts` (one list per row) the
+    document starts (default: each row one document, starting at 0)."""
     targets = Targets(kind, top_k)
     location = resolve(path)
     manifest = Manifest(
@@ -104,7 +107,8 @@ def write_synthetic_cache(path: str | os.PathLike, *, sequences: int, seq_len: i
         batch = CacheBatch(
             seq_ids=np.arange(start, start + rows), input_ids=tokens, topk_ids=ids,
             topk_logprobs=logprobs, target_logprobs=target, score=all_scores[start:start + rows],
-            doc_starts=[np.zeros(1, np.int32)] * rows, target_kind=kind)
+            doc_starts=[np.zeros(1, np.int32)] * rows if doc_starts is None else
+            [np.asarray(d, np.int32) for d in doc_starts[start:start + rows]], target_kind=kind)
         manifest.shards.append(write_shard(location, index, [encode_batch(batch)],
                                            rows_per_shard))
     manifest.totals = {"sequences": sequences, "tokens": sequences * seq_len,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
@@ -40,6 +41,23 @@ def test_heldout_text_is_packed_like_the_cache(tiny_cache: Path, tiny_teacher_di
     assert "json .py sources" in text.description and f"{3 * seq_len:,} tokens" in text.description
     with pytest.raises(ConfigError, match="less than one sequence"):
         load_heldout_text(cache, "json", seq_len - 1)
+
+
+def test_heldout_positions_restart_at_each_source_file(tiny_cache: Path,
+                                                        tiny_teacher_dir: Path) -> None:
+    cache = open_cache(tiny_cache)
+    seq_len = cache.manifest.seq_len
+    tokenizer = AutoTokenizer.from_pretrained(tiny_teacher_dir)
+    lengths = [len(tokenizer(f.read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"])
+               + 1 for f in package_sources("json")]  # + EOS
+    text = load_heldout_text(cache, "json", sum(lengths))
+    starts = np.cumsum([0, *lengths[:-1]])
+    at = np.arange(text.position_ids.numel())
+    in_document = at - starts[np.searchsorted(starts, at, side="right") - 1]
+    # A row that continues a document counts from the row's start.
+    want = np.minimum(in_document, at % seq_len).reshape(-1, seq_len)
+    assert (want[:, 1:] == 0).any(), "a boundary inside a row"
+    assert text.position_ids.tolist() == want.tolist()
 
 
 @pytest.mark.parametrize("batch_size", [1, 3])

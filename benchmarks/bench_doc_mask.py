@@ -1,0 +1,98 @@
+"""What `--doc-mask` costs a training step: the same student on the same rows, with and without it.
+
+    python benchmarks/bench_doc_mask.py [--presets xs s] [--steps 8] [--batch-size 2]
+        [--seq-len 512] [--doc-tokens 128]
+
+A synthetic cache shaped like the default one (vocabulary 49152, top-64) whose rows are packed from
+documents of geometric lengths with mean `--doc-tokens` (every row but a rare one has a boundary:
+the masked case). Per preset two trainers, `--doc-mask off` and `on`, take their steps in turn
+(interleaved, in alternating order), so load from other processes hits both alike; each one's
+first step is a warm-up, left out. Reported: median and best wall seconds per step, median
+process CPU seconds per step (less sensitive to other processes than wall time), and the on / off
+ratios of the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from bench_train import describe_machine, synchronize
+
+from student_train.config import TrainConfig
+from student_train.train import Trainer
+from teacher_cache.synth import write_synthetic_cache
+
+
+def document_starts(rows: int, seq_len: int, mean_tokens: int, seed: int) -> list[list[int]]:
+    """Each row's document starts when documents of geometric lengths (mean `mean_tokens`) are
+    packed end to end, as teacher_cache.packing lays them out."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.geometric(1 / mean_tokens, size=rows * seq_len // mean_tokens * 2 + 1)
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    starts = starts[starts < rows * seq_len]
+    return [(starts[(starts >= r * seq_len) & (starts < (r + 1) * seq_len)] - r * seq_len).tolist()
+            for r in range(rows)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", nargs="+", default=["xs", "s"])
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--doc-tokens", type=int, default=128)
+    args = parser.parse_args()
+
+    describe_machine()
+    with tempfile.TemporaryDirectory() as scratch:
+        cache_dir = str(Path(scratch) / "cache")
+        rows = 64
+        starts = document_starts(rows, args.seq_len, args.doc_tokens, seed=0)
+        write_synthetic_cache(cache_dir, sequences=rows, seq_len=args.seq_len, top_k=64,
+                              vocab_size=49152, rows_per_shard=16, doc_starts=starts)
+        boundaries = sum(len([s for s in row if s > 0]) for row in starts)
+        print(f"cache: {rows} sequences x seq_len {args.seq_len}, top-64, vocab 49152; "
+              f"{boundaries / rows:.1f} document boundaries per row (mean document "
+              f"{args.doc_tokens} tokens), {sum(all(s == 0 for s in r) for r in starts)} rows "
+              f"without one; batch {args.batch_size} sequences per step")
+        print(f"\n{'preset':<8}{'params':>10}{'doc mask':>10}{'s/step':>9}{'best':>8}"
+              f"{'CPU s/step':>12}{'on / off':>10}{'CPU on / off':>14}")
+        for preset in args.presets:
+            trainers = {}
+            for mode in ("off", "on"):
+                trainers[mode] = trainer = Trainer(TrainConfig(
+                    cache=cache_dir, out=str(Path(scratch) / f"{preset}-{mode}"), student=preset,
+                    max_steps=args.steps + 1, batch_size=args.batch_size, warmup=1,
+                    doc_mask=mode))
+                assert trainer.doc_mask == (mode == "on")
+                trainer.train_step()  # warm-up: first-call allocations, thread start
+            wall = {mode: [] for mode in trainers}
+            cpu = {mode: [] for mode in trainers}
+            for step in range(args.steps):
+                # off, on, on, off, ...: neither mode always follows the other
+                for mode in ("off", "on") if step % 2 == 0 else ("on", "off"):
+                    trainer = trainers[mode]
+                    synchronize()
+                    started, started_cpu = time.perf_counter(), time.process_time()
+                    trainer.train_step()
+                    synchronize()
+                    wall[mode].append(time.perf_counter() - started)
+                    cpu[mode].append(time.process_time() - started_cpu)
+            for mode, trainer in trainers.items():
+                ratios = [statistics.median(t[mode]) / statistics.median(t["off"])
+                          for t in (wall, cpu)]
+                print(f"{preset:<8}{trainer.parameters / 1e6:>9.2f}M{mode:>10}"
+                      f"{statistics.median(wall[mode]):>9.3f}{min(wall[mode]):>8.3f}"
+                      f"{statistics.median(cpu[mode]):>12.3f}{ratios[0]:>9.3f}x"
+                      f"{ratios[1]:>13.3f}x", flush=True)
+    print(f"\nload average now {os.getloadavg()[0]:.1f}")
+
+
+if __name__ == "__main__":
+    main()
