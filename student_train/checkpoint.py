@@ -1,7 +1,9 @@
 """Atomic training checkpoints: everything needed to continue a run as if it never stopped.
 
 A checkpoint holds tensors, plain containers and numbers only, so it loads with
-`torch.load(weights_only=True)`: resuming never runs code a crafted file carries.
+`torch.load(weights_only=True)`: resuming never runs code a crafted file carries. A sharded (FSDP)
+run's checkpoint.pt holds the trainer's state and names a torch.distributed.checkpoint folder in
+SHARDS_DIR with the weights and optimizer states, which every rank writes its part of.
 """
 
 from __future__ import annotations
@@ -9,11 +11,18 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import re
+import secrets
+import shutil
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from student_train.config import ConfigError
 from teacher_cache.storage import atomic_output
@@ -21,6 +30,8 @@ from teacher_cache.storage import atomic_output
 CHECKPOINT_FILE = "checkpoint.pt"
 # 2: loadable with weights_only=True. Version 1 (pickled numpy state) is refused, never unpickled.
 CHECKPOINT_FORMAT = 2
+SHARDS_DIR = "checkpoint-shards"
+SHARDS_NAME = re.compile(r"step-\d+-[0-9a-f]{8}\Z")  # one folder per sharded checkpoint
 
 
 class CheckpointError(ConfigError):
@@ -81,6 +92,44 @@ def save_checkpoint(run_dir: str | os.PathLike, state: dict[str, Any]) -> Path:
                 raise
             raise file.error from None  # atomic_output turns it into its one line
     return target
+
+
+def save_sharded_checkpoint(run_dir: str | os.PathLike, state: dict[str, Any], model: nn.Module,
+                            optimizer: torch.optim.Optimizer, rank: int) -> None:
+    """On every rank: MODEL's and OPTIMIZER's shards into a new folder of RUN_DIR/SHARDS_DIR (no
+    rank gathers the whole model), then on rank 0 `state` naming that folder into checkpoint.pt
+    (save_checkpoint). checkpoint.pt names the folder only once every rank has written its part
+    (dcp.save returns on rank 0 after the others): a kill at any moment leaves the previous
+    checkpoint or the new one. The folders no checkpoint names go once a new one is written."""
+    shards = Path(run_dir) / SHARDS_DIR
+    name = [f"step-{state['step']}-{secrets.token_hex(4)}"]
+    dist.broadcast_object_list(name, src=0)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    shards.mkdir(exist_ok=True)
+    dcp.save({"model": model_state, "optimizer": optimizer_state},
+             checkpoint_id=shards / name[0])
+    if rank == 0:
+        save_checkpoint(run_dir, {**state, "shards": name[0]})
+        for entry in os.scandir(shards):
+            if entry.name != name[0]:
+                shutil.rmtree(entry.path)
+
+
+def load_sharded_checkpoint(run_dir: str | os.PathLike, checkpoint: dict[str, Any],
+                            model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """The weights and optimizer states CHECKPOINT names into MODEL and OPTIMIZER, resharded to
+    this run's ranks, whatever their number when it was written."""
+    path = Path(run_dir) / SHARDS_DIR / checkpoint["shards"]
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    try:
+        dcp.load(state, checkpoint_id=path)
+    except Exception as e:  # a missing or torn folder: DCP wraps each rank's error in its own
+        raise CheckpointError(f"{path}: the sharded weights of {Path(run_dir) / CHECKPOINT_FILE} "
+                              f"are unreadable ({str(e).strip().splitlines()[0]}); start over "
+                              f"(--overwrite or a new --out)") from None
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"])
 
 
 def load_checkpoint(run_dir: str | os.PathLike) -> dict[str, Any] | None:

@@ -21,6 +21,8 @@ InitMode = Literal["auto", "random", "pretrained"]
 # aot_eager traces and differentiates like inductor but runs the ops eagerly: no C++ compiler
 # needed, so it checks the compiled path anywhere (tests), without inductor's speed.
 CompileBackend = Literal["inductor", "aot_eager"]
+Parallel = Literal["ddp", "fsdp"]
+ActivationCheckpointing = Literal["none", "full", "selective"]
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -94,6 +96,14 @@ class TrainConfig:
                                 "on for CUDA, off on CPU, where compiling costs more than it "
                                 "saves on short runs (BENCHMARKS.md)")
     compile_backend: CompileBackend = _opt("inductor", "torch.compile backend of --compile")
+    parallel: Parallel = _opt("ddp", "how the ranks under torchrun share the student: ddp (each "
+                              "holds all of it) or fsdp (FSDP2: weights, gradients and optimizer "
+                              "states sharded over the ranks; also on one process). "
+                              "docs/training-at-scale.md")
+    activation_checkpointing: ActivationCheckpointing = _opt(
+        "none", "recompute activations in the backward instead of keeping them: full (each "
+        "decoder layer keeps only its input) or selective (each layer keeps its matmul and "
+        "attention outputs and recomputes the rest). docs/training-at-scale.md")
 
     def __post_init__(self) -> None:
         self.overrides = dict(self.overrides or {})
@@ -163,6 +173,7 @@ RESUMABLE_CHANGES = frozenset({
     "out", "cache", "max_steps", "eval_every", "checkpoint_every", "log_every", "resume",
     "overwrite", "device", "workers", "eval_batch_size", "compile", "compile_backend",
     "chat_template",  # what the saved student's tokenizer carries, not what it learned
+    "activation_checkpointing",  # recomputes the same activations
     "data_parts", "data_slots"})  # these two: checked against the checkpoint's stream layout
 
 

@@ -16,7 +16,7 @@ import socket
 import weakref
 from pathlib import Path
 
-from student_train.checkpoint import CHECKPOINT_FILE, is_checkpoint
+from student_train.checkpoint import CHECKPOINT_FILE, SHARDS_DIR, SHARDS_NAME, is_checkpoint
 from student_train.config import ConfigError, TrainConfig
 from teacher_cache.format import TRAINING_FILE
 
@@ -24,7 +24,7 @@ METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 STUDENT_DIR = "student"
 LOCK_FILE = "run.lock"
-RUN_FILES = (CHECKPOINT_FILE, STUDENT_DIR, SUMMARY_FILE, METRICS_FILE)
+RUN_FILES = (CHECKPOINT_FILE, SHARDS_DIR, STUDENT_DIR, SUMMARY_FILE, METRICS_FILE)
 # The temp names of atomic writes (teacher_cache.storage: `.tmp-<12 hex>-NAME`) of RUN_FILES; the
 # student is written into such a folder too (student_train.model.save_student).
 STALE_TEMP = re.compile(r"\.tmp-[0-9a-f]{12}-(" + "|".join(map(re.escape, RUN_FILES)) + r")\Z")
@@ -122,6 +122,9 @@ def foreign(path: Path) -> str | None:
         return f"a folder without the {TRAINING_FILE} of a student this tool saved"
     if path.name == CHECKPOINT_FILE and not is_checkpoint(path):
         return "not a checkpoint of this version of student_train"
+    if path.name == SHARDS_DIR and not (path.is_dir() and all(
+            SHARDS_NAME.match(entry.name) for entry in os.scandir(path))):
+        return "not a folder of sharded checkpoints of student_train"
     return None
 
 
@@ -175,7 +178,8 @@ def prepare_run_dir(config: TrainConfig) -> None:
             raise ConfigError(f"{out / name}: {why}, not what a run of student_train wrote; "
                               f"{flag} only that: move it away or choose another --out")
     if config.overwrite:
-        if (out / STUDENT_DIR).exists():
-            shutil.rmtree(out / STUDENT_DIR)
+        for name in (STUDENT_DIR, SHARDS_DIR):
+            if (out / name).exists():
+                shutil.rmtree(out / name)
         for name in (CHECKPOINT_FILE, SUMMARY_FILE, METRICS_FILE):
             (out / name).unlink(missing_ok=True)
