@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from kernels import IGNORE_INDEX
 from student_train.checkpoint import (
     CHECKPOINT_FILE,
     CheckpointError,
@@ -390,15 +391,17 @@ class Trainer:
 
     def _padded_to_longest(self, batches: list[Batch]) -> list[Batch]:
         """Every FSDP forward gathers weights from all ranks: each runs as many held-out batches
-        as the rank with most, its extra ones of no rows (which add nothing to the figures)."""
+        as the rank with most, its extra ones a row whose labels are all ignored (which adds
+        nothing to the figures)."""
         count = torch.tensor(len(batches), device=self.env.device)
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
-        shape = (0, self.manifest.seq_len)
-        ids = torch.zeros(shape, dtype=torch.int64)
+        shape = (1, self.manifest.seq_len)
         targets = torch.zeros((*shape, self.manifest.top_k))
-        empty = Batch(seq_ids=torch.zeros(0, dtype=torch.int64), input_ids=ids, labels=ids,
-                      topk_ids=targets.long(), topk_logprobs=targets)
-        return batches + [empty] * (int(count) - len(batches))
+        ignored = Batch(seq_ids=torch.zeros(1, dtype=torch.int64),
+                        input_ids=torch.zeros(shape, dtype=torch.int64),
+                        labels=torch.full(shape, IGNORE_INDEX), topk_ids=targets.long(),
+                        topk_logprobs=targets)
+        return batches + [ignored] * (int(count) - len(batches))
 
     def save_checkpoint(self) -> None:
         self.check_finite()
