@@ -60,9 +60,9 @@ def final_hidden(student: PreTrainedModel, input_ids: torch.Tensor) -> torch.Ten
 
 class DistillationObjective(nn.Module):
     """CE on the true next token plus a divergence to the teacher's cached targets (its sampled
-    ids or its top-k), as one module so DistributedDataParallel wraps the whole step. The full
-    [tokens, vocab] logits never exist: the loss kernel takes the final hidden states and the
-    output layer's weight."""
+    ids or its top-k), as one module so DistributedDataParallel (or FSDP, as its root) wraps the
+    whole step. The full [tokens, vocab] logits never exist: the loss kernel takes the final hidden
+    states and the output layer's weight."""
 
     def __init__(self, student: PreTrainedModel, *, divergence: str, temperature: float,
                  ce_weight: float, kd_weight: float, impl: str = "auto"):

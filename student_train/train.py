@@ -471,11 +471,14 @@ class Trainer:
                       f"(--overwrite retrains it)")
             return self.finished
         if env.is_main:
+            checkpointing = ("" if config.activation_checkpointing == "none" else
+                             f", {config.activation_checkpointing} activation checkpointing")
             print(f"student {config.student} ({self.built.record['init']} init): "
                   f"{self.parameters / 1e6:.2f}M parameters, "
                   f"{len(self.split.train)} training / {len(self.split.val)} held-out sequences, "
                   f"{self.tokens_per_step} tokens per step, {env.world_size} rank(s) on "
-                  f"{env.device}{', bf16 autocast' if self.bf16 else ''}"
+                  f"{env.device}{', FSDP' if self.sharded else ''}"
+                  f"{', bf16 autocast' if self.bf16 else ''}{checkpointing}"
                   f"{', compiled decoder' if self.compiled else ''}")
             if len(self.split.val) == 0:
                 print("warning: no held-out sequences (--val-fraction, --val-max-rows): no "

@@ -41,7 +41,8 @@ def test_fsdp_matches_ddp_and_one_process_with_and_without_activation_checkpoint
             "fsdp-selective": {"parallel": "fsdp", "activation_checkpointing": "selective"},
             "ddp-full": {"activation_checkpointing": "full"}}
     for name, options in runs.items():
-        torchrun(tiny_config(cache_dir, tmp_path / name, **SETTINGS, **options))
+        result = torchrun(tiny_config(cache_dir, tmp_path / name, **SETTINGS, **options))
+        assert ("2 rank(s) on cpu, FSDP" in result.stdout) == name.startswith("fsdp")
     # Measured: at most 1.2e-7 relative on the figures (grad_norm included: the global norm over
     # the shards) and 2.0e-7 absolute on the weights, against one process and between FSDP and
     # DDP (the ranks' float sums in another order); the bounds are ~15x that.
