@@ -38,7 +38,8 @@ def test_fsdp_matches_ddp_and_one_process_with_and_without_activation_checkpoint
     # One process reading the two data parts that two ranks read.
     train(tiny_config(cache_dir, tmp_path / "single", data_parts=2, **SETTINGS))
     runs = {"fsdp": {"parallel": "fsdp"},
-            "fsdp-selective": {"parallel": "fsdp", "activation_checkpointing": "selective"},
+            "fsdp-selective-compiled": {"parallel": "fsdp", "activation_checkpointing": "selective",
+                                        "compile": "on", "compile_backend": "aot_eager"},
             "ddp-full": {"activation_checkpointing": "full"}}
     for name, options in runs.items():
         result = torchrun(tiny_config(cache_dir, tmp_path / name, **SETTINGS, **options))
