@@ -3,6 +3,8 @@ checkpoints that resume exactly (on another number of ranks too), the gathered s
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 from helpers import (
@@ -15,13 +17,15 @@ from helpers import (
     train_until_killed,
 )
 from torch import nn
-from transformers import AutoModelForCausalLM
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 import student_train.checkpoint as checkpoint_module
 from student_train.__main__ import main
 from student_train.checkpoint import SHARDS_DIR, load_checkpoint
 from student_train.config import ConfigError
-from student_train.runtime import decoder_layers
+from student_train.model import DistillationObjective, build_student
+from student_train.runtime import checkpoint_activations, decoder_layers
 from student_train.train import train
 
 # Two decoder layers: one FSDP unit that reshards after its forward, one that does not. Five
@@ -114,6 +118,44 @@ def test_activation_checkpointing_and_fsdp_on_one_process_are_the_plain_run(cach
                           **SETTINGS))
         # One process sums in the same order: equal to the last bit.
         assert_same_run(tmp_path / "plain", out, FIGURES, rel=0, atol=0)
+
+
+class CountOps(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.counts = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.counts[func] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def backward_ops(mode: str) -> Counter:
+    """The aten ops the backward of a 2-layer student runs, by op, under checkpointing MODE."""
+    config = LlamaConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, intermediate_size=64)
+    student = build_student(config, seed=0)
+    checkpoint_activations(student, mode)
+    objective = DistillationObjective(student, divergence="fkl", temperature=1.0, ce_weight=1.0,
+                                      kd_weight=1.0)
+    gen = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, 64, (2, 8), generator=gen)
+    topk_logprobs, topk_ids = torch.log_softmax(torch.randn(2, 8, 64, generator=gen), -1).topk(4)
+    loss, _ = objective(input_ids, input_ids.roll(-1, 1), topk_ids, topk_logprobs)
+    with CountOps() as ops:
+        loss.backward()
+    return ops.counts
+
+
+def test_checkpointing_recomputes_in_the_backward_what_it_did_not_keep():
+    silu, mm = torch.ops.aten.silu.default, torch.ops.aten.mm.default
+    plain, full, selective = (backward_ops(mode) for mode in ("none", "full", "selective"))
+    assert plain[silu] == 0  # the plain backward uses the saved activations
+    # Full: each layer's forward again, SiLU and matmuls too: q, k, v, o, gate and up, not down
+    # (the recomputation stops once it has every tensor the backward needs).
+    assert (full[silu], full[mm] - plain[mm]) == (2, 2 * 6)
+    # Selective: the SiLU again, not the matmuls, whose outputs it kept.
+    assert (selective[silu], selective[mm]) == (2, plain[mm])
 
 
 def test_the_compiled_decoder_with_activation_checkpointing_under_fsdp(cache_dir, tmp_path):
