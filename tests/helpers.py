@@ -235,14 +235,22 @@ def cli_flags(config: TrainConfig) -> list[str]:
     return flags
 
 
+def torchrun_command(config: TrainConfig, nproc: int = 2) -> list[str]:
+    """`torchrun --standalone --nproc_per_node NPROC` training CONFIG."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+            str(nproc), "-m", "student_train", *cli_flags(config)]
+
+
+def one_thread_env() -> dict[str, str]:
+    """This environment with one compute thread per process (two ranks share two cores)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
 def torchrun(config: TrainConfig, nproc: int = 2) -> subprocess.CompletedProcess:
-    """Train CONFIG under `torchrun --standalone --nproc_per_node NPROC`, a thread per rank; the
-    finished process (its stdout and stderr captured), which must have succeeded."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-         str(nproc), "-m", "student_train", *cli_flags(config)], env=env, capture_output=True,
-        text=True, timeout=300)
+    """Train CONFIG under torchrun, a thread per rank; the finished process (its stdout and
+    stderr captured), which must have succeeded."""
+    result = subprocess.run(torchrun_command(config, nproc), env=one_thread_env(),
+                            capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 

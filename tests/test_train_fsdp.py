@@ -3,7 +3,12 @@ checkpoints that resume exactly (on another number of ranks too), the gathered s
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import time
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,8 +17,10 @@ from helpers import (
     TRAINING_FIGURES,
     assert_same_run,
     cli_flags,
+    one_thread_env,
     tiny_config,
     torchrun,
+    torchrun_command,
     train_until_killed,
 )
 from torch import nn
@@ -22,7 +29,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 import student_train.checkpoint as checkpoint_module
 from student_train.__main__ import main
-from student_train.checkpoint import SHARDS_DIR, load_checkpoint
+from student_train.checkpoint import CHECKPOINT_FILE, SHARDS_DIR, load_checkpoint
 from student_train.config import ConfigError
 from student_train.model import DistillationObjective, build_student
 from student_train.runtime import checkpoint_activations, decoder_layers
@@ -80,6 +87,37 @@ def test_a_sharded_checkpoint_of_two_ranks_resumes_on_one(cache_dir, tmp_path):
     train(tiny_config(cache_dir, tmp_path / "resumed", resume=True, **settings))
     # Measured: 1.2e-7 relative on the figures, 2.9e-7 absolute on the weights.
     assert_same_run(tmp_path / "straight", tmp_path / "resumed", FIGURES, rel=2e-6, atol=3e-6)
+
+
+def children(pid: int) -> list[int]:
+    return [int(child) for path in Path(f"/proc/{pid}/task").glob("*/children")
+            for child in path.read_text().split()]
+
+
+@pytest.mark.slow
+def test_two_fsdp_ranks_killed_with_sigkill_resume_exactly(cache_dir, tmp_path):
+    settings = dict(SETTINGS, max_steps=60, eval_every=0, checkpoint_every=5, log_every=10,
+                    parallel="fsdp")
+    torchrun(tiny_config(cache_dir, tmp_path / "straight", **settings))
+    out = tmp_path / "resumed"
+    # Both ranks killed as soon as a first checkpoint is there: mid-step, or while they write the
+    # next one. (torchrun then ends, having reaped them.)
+    run = subprocess.Popen(torchrun_command(tiny_config(cache_dir, out, **settings)),
+                           env=one_thread_env(), stdout=subprocess.DEVNULL,
+                           stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (out / CHECKPOINT_FILE).exists():
+        assert run.poll() is None and time.monotonic() < deadline
+        time.sleep(0.02)
+    ranks = children(run.pid)
+    assert len(ranks) == 2
+    for pid in ranks:
+        os.kill(pid, signal.SIGKILL)
+    assert run.wait(timeout=60) != 0
+    assert not (out / "summary.json").exists()  # killed before the end
+    torchrun(tiny_config(cache_dir, out, resume=True, **settings))
+    # The same ranks summing in the same order: equal to the last bit.
+    assert_same_run(tmp_path / "straight", out, FIGURES, rel=0, atol=0)
 
 
 def test_fsdp_killed_after_a_checkpoint_or_inside_one_resumes_exactly(cache_dir, tmp_path,
