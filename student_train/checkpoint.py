@@ -22,10 +22,12 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from student_train.config import ConfigError
-from teacher_cache.storage import atomic_output
+from teacher_cache.errors import CacheError, one_line
+from teacher_cache.storage import USER_FIXABLE_ERRNOS, atomic_output
 
 CHECKPOINT_FILE = "checkpoint.pt"
 # 2: loadable with weights_only=True. Version 1 (pickled numpy state) is refused, never unpickled.
@@ -105,9 +107,19 @@ def save_sharded_checkpoint(run_dir: str | os.PathLike, state: dict[str, Any], m
     name = [f"step-{state['step']}-{secrets.token_hex(4)}"]
     dist.broadcast_object_list(name, src=0)
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    shards.mkdir(exist_ok=True)
-    dcp.save({"model": model_state, "optimizer": optimizer_state},
-             checkpoint_id=shards / name[0])
+    try:
+        shards.mkdir(exist_ok=True)
+        dcp.save({"model": model_state, "optimizer": optimizer_state},
+                 checkpoint_id=shards / name[0])
+    except (OSError, CheckpointException) as e:  # DCP raises every rank's failures on each rank
+        errors = [e] if isinstance(e, OSError) else [f for f, _ in e.failures.values()]
+        fixable = [f for f in errors if isinstance(f, OSError) and f.errno in USER_FIXABLE_ERRNOS]
+        if not fixable:
+            raise
+        raise CacheError(f"cannot write the checkpoint {shards / name[0]}: "
+                         f"{os.strerror(fixable[0].errno)} (the previous checkpoint is kept); "
+                         f"make room or fix the permissions, then rerun the same command with "
+                         f"--resume") from None
     if rank == 0:
         save_checkpoint(run_dir, {**state, "shards": name[0]})
         for entry in os.scandir(shards):
@@ -120,14 +132,19 @@ def load_sharded_checkpoint(run_dir: str | os.PathLike, checkpoint: dict[str, An
     """The weights and optimizer states CHECKPOINT names into MODEL and OPTIMIZER, resharded to
     this run's ranks, whatever their number when it was written."""
     path = Path(run_dir) / SHARDS_DIR / checkpoint["shards"]
+    where = (f"{path}: the sharded weights and optimizer states of "
+             f"{Path(run_dir) / CHECKPOINT_FILE}")
+    advice = "start over (--overwrite or a new --out)"
+    if not (path / ".metadata").is_file():  # DCP would print its traceback before raising
+        raise CheckpointError(f"{where} are missing (no {path / '.metadata'}); {advice}")
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
     try:
         dcp.load(state, checkpoint_id=path)
-    except Exception as e:  # a missing or torn folder: DCP wraps each rank's error in its own
-        raise CheckpointError(f"{path}: the sharded weights of {Path(run_dir) / CHECKPOINT_FILE} "
-                              f"are unreadable ({str(e).strip().splitlines()[0]}); start over "
-                              f"(--overwrite or a new --out)") from None
+    except (Exception, CheckpointException) as e:  # a damaged folder
+        error = e.failures[min(e.failures)][0] if isinstance(e, CheckpointException) else e
+        reason = type(error).__name__ + (f": {one_line(error)}" if one_line(error) else "")
+        raise CheckpointError(f"{where} are unreadable ({reason}); {advice}") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"],
                    optim_state_dict=state["optimizer"])
 

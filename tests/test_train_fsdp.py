@@ -3,6 +3,7 @@ checkpoints that resume exactly (on another number of ranks too), the gathered s
 
 from __future__ import annotations
 
+import errno
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint.filesystem as dcp_files
 from helpers import (
     TINY,
     TRAINING_FIGURES,
@@ -148,6 +150,45 @@ def test_fsdp_killed_after_a_checkpoint_or_inside_one_resumes_exactly(cache_dir,
     assert_same_run(tmp_path / "straight", tmp_path / "resumed", FIGURES, rel=0, atol=0)
 
 
+def assert_one_line(capsys, *expected: str) -> None:
+    """The error is one line of stderr (after the progress bar, if training had started)."""
+    *bar, line = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: ") and len(bar) <= 1, (bar, line)
+    assert all(text in line for text in expected), line
+
+
+def test_a_damaged_or_missing_sharded_checkpoint_is_one_line(cache_dir, tmp_path, capsys):
+    train(tiny_config(cache_dir, tmp_path, max_steps=2, eval_every=0, parallel="fsdp"))
+    shards = tmp_path / SHARDS_DIR / load_checkpoint(tmp_path)["shards"]
+    resume = cli_flags(tiny_config(cache_dir, tmp_path, max_steps=4, eval_every=0,
+                                   parallel="fsdp", resume=True))
+    capsys.readouterr()
+    (shards / "__0_0.distcp").write_bytes((shards / "__0_0.distcp").read_bytes()[:100])
+    assert main(resume) == 2
+    assert_one_line(capsys, f"{shards}: the sharded weights", "are unreadable (", "--overwrite")
+    (shards / ".metadata").unlink()
+    assert main(resume) == 2
+    assert_one_line(capsys, f"{shards}: the sharded weights", "are missing (no ")
+
+
+def test_a_full_disk_while_the_ranks_write_is_one_line_and_keeps_the_last_checkpoint(
+        cache_dir, tmp_path, capsys, monkeypatch):
+    config = tiny_config(cache_dir, tmp_path, max_steps=2, eval_every=0, parallel="fsdp")
+    train(config)
+    kept = load_checkpoint(tmp_path)
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(dcp_files, "_write_item", full_disk)
+    capsys.readouterr()
+    assert main(cli_flags(tiny_config(cache_dir, tmp_path, max_steps=4, eval_every=0,
+                                      parallel="fsdp", resume=True))) == 2
+    assert_one_line(capsys, "cannot write the checkpoint", "No space left on device",
+                    "the previous checkpoint is kept")
+    assert load_checkpoint(tmp_path)["shards"] == kept["shards"]
+
+
 def test_activation_checkpointing_and_fsdp_on_one_process_are_the_plain_run(cache_dir, tmp_path):
     train(tiny_config(cache_dir, tmp_path / "plain", **SETTINGS))
     for mode in ("full", "selective"):
@@ -213,9 +254,7 @@ def test_resuming_under_the_other_parallelism_is_one_line(cache_dir, tmp_path, c
     flags = cli_flags(tiny_config(cache_dir, tmp_path, max_steps=4, eval_every=0,
                                   parallel="fsdp", resume=True))
     assert main(flags) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error: ") and len(err.splitlines()) == 1
-    assert "--resume with a different configuration (parallel: 'ddp' -> 'fsdp')" in err
+    assert_one_line(capsys, "--resume with a different configuration (parallel: 'ddp' -> 'fsdp')")
 
 
 def test_a_decoder_without_a_list_of_layers_is_refused():
