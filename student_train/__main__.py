@@ -1,6 +1,7 @@
 """`python -m student_train --cache DIR --student xs --out DIR --max-steps N ...`
 
-Under `torchrun --nproc_per_node N -m student_train ...` every process runs this and the run is DDP.
+Under `torchrun --nproc_per_node N -m student_train ...` every process runs this and the run is DDP
+(FSDP with `--parallel fsdp`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,9 @@
 """Atomic training checkpoints: everything needed to continue a run as if it never stopped.
 
 A checkpoint holds tensors, plain containers and numbers only, so it loads with
-`torch.load(weights_only=True)`: resuming never runs code a crafted file carries.
+`torch.load(weights_only=True)`: resuming never runs code a crafted file carries. A sharded (FSDP)
+run's checkpoint.pt holds the trainer's state and names a torch.distributed.checkpoint folder in
+SHARDS_DIR with the weights and optimizer states, which every rank writes its part of.
 """
 
 from __future__ import annotations
@@ -9,18 +11,28 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import re
+import secrets
+import shutil
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-from teacher_cache.errors import CheckpointError
-from teacher_cache.storage import atomic_output
+from teacher_cache.errors import CacheError, CheckpointError, one_line
+from teacher_cache.storage import USER_FIXABLE_ERRNOS, atomic_output
 
 CHECKPOINT_FILE = "checkpoint.pt"
 # 2: loadable with weights_only=True. Version 1 (pickled numpy state) is refused, never unpickled.
 CHECKPOINT_FORMAT = 2
+SHARDS_DIR = "checkpoint-shards"
+SHARDS_NAME = re.compile(r"step-\d+-[0-9a-f]{8}\Z")  # one folder per sharded checkpoint
 
 
 def rng_state() -> dict[str, Any]:
@@ -77,6 +89,59 @@ def save_checkpoint(run_dir: str | os.PathLike, state: dict[str, Any]) -> Path:
                 raise
             raise file.error from None  # atomic_output turns it into its one line
     return target
+
+
+def save_sharded_checkpoint(run_dir: str | os.PathLike, state: dict[str, Any], model: nn.Module,
+                            optimizer: torch.optim.Optimizer, rank: int) -> None:
+    """On every rank: MODEL's and OPTIMIZER's shards into a new folder of RUN_DIR/SHARDS_DIR (no
+    rank gathers the whole model), then on rank 0 `state` naming that folder into checkpoint.pt
+    (save_checkpoint). checkpoint.pt names the folder only once every rank has written its part
+    (dcp.save returns on rank 0 after the others): a kill at any moment leaves the previous
+    checkpoint or the new one. The folders no checkpoint names go once a new one is written."""
+    shards = Path(run_dir) / SHARDS_DIR
+    name = [f"step-{state['step']}-{secrets.token_hex(4)}"]
+    dist.broadcast_object_list(name, src=0)
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    try:
+        shards.mkdir(exist_ok=True)
+        dcp.save({"model": model_state, "optimizer": optimizer_state},
+                 checkpoint_id=shards / name[0])
+    except (OSError, CheckpointException) as e:  # DCP raises every rank's failures on each rank
+        errors = [e] if isinstance(e, OSError) else [f for f, _ in e.failures.values()]
+        fixable = [f for f in errors if isinstance(f, OSError) and f.errno in USER_FIXABLE_ERRNOS]
+        if not fixable:
+            raise
+        raise CacheError(f"cannot write the checkpoint {shards / name[0]}: "
+                         f"{os.strerror(fixable[0].errno)} (the previous checkpoint is kept); "
+                         f"make room or fix the permissions, then rerun the same command with "
+                         f"--resume") from None
+    if rank == 0:
+        save_checkpoint(run_dir, {**state, "shards": name[0]})
+        for entry in os.scandir(shards):
+            if entry.name != name[0]:
+                shutil.rmtree(entry.path)
+
+
+def load_sharded_checkpoint(run_dir: str | os.PathLike, checkpoint: dict[str, Any],
+                            model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """The weights and optimizer states CHECKPOINT names into MODEL and OPTIMIZER, resharded to
+    this run's ranks, whatever their number when it was written."""
+    path = Path(run_dir) / SHARDS_DIR / checkpoint["shards"]
+    where = (f"{path}: the sharded weights and optimizer states of "
+             f"{Path(run_dir) / CHECKPOINT_FILE}")
+    advice = "start over (--overwrite or a new --out)"
+    if not (path / ".metadata").is_file():  # DCP would print its traceback before raising
+        raise CheckpointError(f"{where} are missing (no {path / '.metadata'}); {advice}")
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    try:
+        dcp.load(state, checkpoint_id=path)
+    except (Exception, CheckpointException) as e:  # a damaged folder
+        error = e.failures[min(e.failures)][0] if isinstance(e, CheckpointException) else e
+        reason = type(error).__name__ + (f": {one_line(error)}" if one_line(error) else "")
+        raise CheckpointError(f"{where} are unreadable ({reason}); {advice}") from None
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optimizer"])
 
 
 def load_checkpoint(run_dir: str | os.PathLike) -> dict[str, Any] | None:

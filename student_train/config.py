@@ -18,6 +18,8 @@ InitMode = Literal["auto", "random", "pretrained"]
 CompileBackend = Literal["inductor", "aot_eager"]
 Tracker = Literal["none", "tensorboard", "wandb", "trackio"]
 DocMaskMode = Literal["auto", "on", "off"]
+Parallel = Literal["ddp", "fsdp"]
+ActivationCheckpointing = Literal["none", "full", "selective"]
 
 
 @dataclass
@@ -99,6 +101,14 @@ class TrainConfig:
                                  "(sdpa, eager, flex_attention on architectures that mask from "
                                  "position ids: Llama, Qwen2, Mistral...), off elsewhere "
                                  "(flash_attention_* too); on: refused elsewhere")
+    parallel: Parallel = _opt("ddp", "how the ranks under torchrun share the student: ddp (each "
+                              "holds all of it) or fsdp (FSDP2: weights, gradients and optimizer "
+                              "states sharded over the ranks; also on one process). "
+                              "docs/training-at-scale.md")
+    activation_checkpointing: ActivationCheckpointing = _opt(
+        "none", "recompute activations in the backward instead of keeping them: full (each "
+        "decoder layer keeps only its input) or selective (each layer keeps its matmul and "
+        "attention outputs and recomputes the rest). docs/training-at-scale.md")
 
     def __post_init__(self) -> None:
         self.overrides = dict(self.overrides or {})
@@ -169,4 +179,5 @@ RESUMABLE_CHANGES = frozenset({
     "overwrite", "device", "workers", "eval_batch_size", "compile", "compile_backend",
     "chat_template",  # what the saved student's tokenizer carries, not what it learned
     "report_to",
+    "activation_checkpointing",  # recomputes the same activations
     "data_parts", "data_slots"})  # these two: checked against the checkpoint's stream layout

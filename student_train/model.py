@@ -8,8 +8,9 @@ import os
 import re
 import secrets
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import SafetensorError
@@ -17,12 +18,15 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from kernels import IGNORE_INDEX, sparse_kd_loss
-from student_train.config import ConfigError
+from student_train.data import Batch
 from student_train.model_card import write_model_card
-from teacher_cache.errors import CacheError
+from teacher_cache.errors import CacheError, ConfigError
 from teacher_cache.format import TRAINING_FILE, Manifest
 from teacher_cache.storage import USER_FIXABLE_ERRNOS, replace_directory, write_json
 from teacher_cache.teacher import quiet_transformers_bars
+
+if TYPE_CHECKING:
+    from student_train.evaluate import EvalMetrics
 
 log = logging.getLogger(__name__)
 
@@ -95,9 +99,9 @@ def resolve_doc_mask(mode: str, student: PreTrainedModel, where: str) -> bool:
 
 class DistillationObjective(nn.Module):
     """CE on the true next token plus a divergence to the teacher's cached targets (its sampled
-    ids or its top-k), as one module so DistributedDataParallel wraps the whole step. The full
-    [tokens, vocab] logits never exist: the loss kernel takes the final hidden states and the
-    output layer's weight."""
+    ids or its top-k), as one module so DistributedDataParallel (or FSDP, as its root) wraps the
+    whole step. The full [tokens, vocab] logits never exist: the loss kernel takes the final hidden
+    states and the output layer's weight."""
 
     def __init__(self, student: PreTrainedModel, *, divergence: str, temperature: float,
                  ce_weight: float, kd_weight: float, impl: str = "auto"):
@@ -117,6 +121,14 @@ class DistillationObjective(nn.Module):
         return sparse_kd_loss(hidden.flatten(0, 1), output_weight(self.student), labels.flatten(),
                               topk_ids.flatten(0, 1), topk_logprobs.flatten(0, 1),
                               **self.loss_options, return_terms=True)
+
+    def evaluate(self, batches: Iterable[Batch], device: torch.device, impl: str,
+                 doc_mask: bool) -> EvalMetrics:
+        """The student's held-out metrics (student_train.evaluate): a method of the objective so
+        that FSDP gathers the weights outside the decoder layers for it, as for `forward`."""
+        from student_train.evaluate import evaluate  # which imports this module
+
+        return evaluate(self.student, batches, device, impl=impl, doc_mask=doc_mask)
 
 
 def special_token_ids(manifest: Manifest) -> dict[str, int | None]:
@@ -138,12 +150,14 @@ def set_special_tokens(student: PreTrainedModel, manifest: Manifest) -> None:
 
 
 def save_student(student: PreTrainedModel, out_dir: str | os.PathLike, manifest: Manifest,
-                 training: dict[str, Any] | None = None, chat_template: bool = False) -> Path:
+                 training: dict[str, Any] | None = None, chat_template: bool = False,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """A Hugging Face model directory that `AutoModelForCausalLM` loads and generates with (KV
     cache on), the teacher's tokenizer when its path in the manifest exists on this machine
     (without its chat template unless `chat_template`: a student trained on raw text is a base
     model), the run's `training` summary in TRAINING_FILE (which the cache's `score` records for a
-    reference) and a model card.
+    reference) and a model card. `state_dict`: the weights to write in place of the student's own
+    (a sharded student's, gathered).
 
     Written whole into a temp folder beside OUT_DIR, then renamed into place (an earlier student
     there is replaced only then), so OUT_DIR is never partial; its files get the umask's mode. A
@@ -153,7 +167,7 @@ def save_student(student: PreTrainedModel, out_dir: str | os.PathLike, manifest:
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         staging.mkdir(0o777)  # the mode the umask gives, which its files get too (below)
-        _write_student(student, staging, manifest, training, chat_template)
+        _write_student(student, staging, manifest, training, chat_template, state_dict)
         file_mode = staging.stat().st_mode & 0o666
         for entry in os.scandir(staging):  # safetensors writes through a temp file of mode 0600
             if entry.is_file(follow_symlinks=False):
@@ -196,14 +210,15 @@ def _os_error(error: SafetensorError) -> int | None:
 
 
 def _write_student(student: PreTrainedModel, out: Path, manifest: Manifest,
-                   training: dict[str, Any] | None, chat_template: bool) -> None:
+                   training: dict[str, Any] | None, chat_template: bool,
+                   state_dict: dict[str, torch.Tensor] | None) -> None:
     training_cache = student.config.use_cache
     student.config.use_cache = True  # off while training, where nothing is generated
     if student.generation_config is not None:
         student.generation_config.use_cache = True
     try:
         with quiet_transformers_bars():
-            student.save_pretrained(out, safe_serialization=True)
+            student.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
     finally:
         student.config.use_cache = training_cache
     if training is not None:

@@ -18,7 +18,7 @@ import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
-from student_train.checkpoint import CHECKPOINT_FILE, is_checkpoint
+from student_train.checkpoint import CHECKPOINT_FILE, SHARDS_DIR, SHARDS_NAME, is_checkpoint
 from student_train.config import TrainConfig
 from teacher_cache.errors import ConfigError
 from teacher_cache.format import TRAINING_FILE
@@ -29,7 +29,7 @@ CONFIG_FILE = "config.json"  # the finished run's TrainConfig: `--config OUT/con
 STUDENT_DIR = "student"
 TENSORBOARD_DIR = "tensorboard"  # --report-to tensorboard's event files
 LOCK_FILE = "run.lock"
-RUN_FILES = (CHECKPOINT_FILE, STUDENT_DIR, SUMMARY_FILE, METRICS_FILE, CONFIG_FILE,
+RUN_FILES = (CHECKPOINT_FILE, SHARDS_DIR, STUDENT_DIR, SUMMARY_FILE, METRICS_FILE, CONFIG_FILE,
              TENSORBOARD_DIR)
 # The temp names of atomic writes (teacher_cache.storage: `.tmp-<12 hex>-NAME`) of RUN_FILES; the
 # student is written into such a folder too (student_train.model.save_student).
@@ -142,6 +142,9 @@ def foreign(path: Path) -> str | None:
         return f"a folder without the {TRAINING_FILE} of a student this tool saved"
     if path.name == CHECKPOINT_FILE and not is_checkpoint(path):
         return "not a checkpoint of this version of student_train"
+    if path.name == SHARDS_DIR and not (path.is_dir() and all(
+            SHARDS_NAME.match(entry.name) for entry in os.scandir(path))):
+        return "not a folder of sharded checkpoints of student_train"
     return None
 
 
@@ -195,7 +198,7 @@ def prepare_run_dir(config: TrainConfig) -> None:
             raise ConfigError(f"{out / name}: {why}, not what a run of student_train wrote; "
                               f"{flag} only that: move it away or choose another --out")
     if config.overwrite:
-        for name in (STUDENT_DIR, TENSORBOARD_DIR):
+        for name in (STUDENT_DIR, SHARDS_DIR, TENSORBOARD_DIR):
             if (out / name).exists():
                 shutil.rmtree(out / name)
         for name in (CHECKPOINT_FILE, SUMMARY_FILE, METRICS_FILE, CONFIG_FILE):

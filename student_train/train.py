@@ -1,4 +1,5 @@
-"""The training loop: one student, one cache, CE + sparse KD, resumable, single process or DDP."""
+"""The training loop: one student, one cache, CE + sparse KD, resumable, single process, DDP or
+FSDP."""
 
 from __future__ import annotations
 
@@ -14,20 +15,26 @@ from typing import Any, NoReturn
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from kernels import IGNORE_INDEX
 from student_train.checkpoint import (
     CHECKPOINT_FILE,
     load_checkpoint,
+    load_sharded_checkpoint,
     rng_state,
     save_checkpoint,
+    save_sharded_checkpoint,
     set_rng_state,
 )
 from student_train.config import RESUMABLE_CHANGES, TrainConfig
 from student_train.data import (
     DATA_ORDER,
+    Batch,
     RowSplit,
     StreamLayout,
     TrainStream,
@@ -36,7 +43,7 @@ from student_train.data import (
     split_rows,
     stream_position,
 )
-from student_train.evaluate import EvalMetrics, evaluate
+from student_train.evaluate import EvalMetrics
 from student_train.model import (
     DistillationObjective,
     count_parameters,
@@ -52,9 +59,11 @@ from student_train.run_dir import (
     claim_run_dir,
 )
 from student_train.runtime import (
+    checkpoint_activations,
     compile_decoder,
     init_distributed,
     on_main,
+    shard,
     use_bf16,
     use_compile,
 )
@@ -145,9 +154,9 @@ class MetricsLog:
 
 
 def check_resumable(saved: dict[str, Any], config: TrainConfig) -> None:
-    # Before --init every student was built as auto builds it; before --doc-mask every row was
-    # attended as one sequence.
-    saved = {"init": "auto", "doc_mask": "off"} | saved
+    # Before --init every student was built as auto builds it, before --doc-mask every row was
+    # attended as one sequence, before --parallel every run was DDP.
+    saved = {"init": "auto", "doc_mask": "off", "parallel": "ddp"} | saved
     changed = [f.name for f in fields(TrainConfig)
                if f.name not in RESUMABLE_CHANGES and saved.get(f.name) != getattr(config, f.name)]
     if changed:
@@ -219,7 +228,7 @@ class Trainer:
 
     def __init__(self, config: TrainConfig):
         self.config = config
-        self.env = init_distributed(config.device)
+        self.env = init_distributed(config.device, config.parallel)
         self.out = Path(config.out)
         self.metrics: MetricsLog | None = None
         self.lock: RunLock | None = on_main(self.env, lambda: claim_run_dir(config))
@@ -235,6 +244,7 @@ class Trainer:
             self.metrics.close()
         if self.lock is not None:
             self.lock.release()
+        self.env.close()
 
     def _setup(self) -> None:
         config, env = self.config, self.env
@@ -265,9 +275,17 @@ class Trainer:
                                          f"student {config.student}")
         self.student = self.built.model.to(env.device)
         self.parameters = count_parameters(self.student)
-        objective = DistillationObjective(
+        self.objective = DistillationObjective(
             self.student, divergence=config.divergence, temperature=config.temperature,
             ce_weight=config.ce_weight, kd_weight=config.kd_weight, impl=config.loss_impl)
+        self.bf16 = use_bf16(config.precision, env.device)
+        checkpoint_activations(self.student, config.activation_checkpointing)
+        self.compiled = use_compile(config.compile, env.device)
+        if self.compiled:
+            compile_decoder(self.student, config.compile_backend, env.device)
+        self.sharded = config.parallel == "fsdp"
+        if self.sharded:  # before the optimizer: fully_shard replaces the parameters
+            shard(self.objective, env, self.bf16)
         self.optimizer = make_optimizer(self.student, config, env.device)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, config))
@@ -276,11 +294,10 @@ class Trainer:
         # A rerun over a finished run returns its summary and rewrites nothing, measured figures
         # (tokens/s, seconds) included.
         self.finished: dict[str, Any] | None = None
-        self.compiled = use_compile(config.compile, env.device)
-        if self.compiled:
-            compile_decoder(self.student, config.compile_backend, env.device)
         self.checkpoint_step = None if checkpoint is None else checkpoint["step"]
-        if checkpoint is not None:
+        if checkpoint is not None and "shards" in checkpoint:
+            load_sharded_checkpoint(self.out, checkpoint, self.objective, self.optimizer)
+        elif checkpoint is not None:
             try:
                 self.student.load_state_dict(checkpoint["model"])
             except RuntimeError as e:  # another vocabulary or architecture
@@ -290,6 +307,7 @@ class Trainer:
                     f"the cache it trained on, or start over (--overwrite or a new --out)"
                 ) from None
             self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if checkpoint is not None:
             self.scheduler.load_state_dict(checkpoint["scheduler"])
             set_rng_state(checkpoint["rng"])
             self.step, self.train_seconds = checkpoint["step"], checkpoint["train_seconds"]
@@ -298,10 +316,11 @@ class Trainer:
                 self.interval.load_state_dict(checkpoint["log_interval"])
             if self.step >= config.max_steps:
                 self.finished = finished_summary(self.out, self.step)
-        self.model: torch.nn.Module = objective
-        if env.world_size > 1:
+        self.model: torch.nn.Module = self.objective
+        if env.world_size > 1 and not self.sharded:
             self.model = DistributedDataParallel(
-                objective, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+                self.objective,
+                device_ids=[env.device.index] if env.device.type == "cuda" else None)
 
         stream = TrainStream(config.cache, self.split.train, global_batch=config.batch_size,
                              rank=env.rank, world_size=env.world_size, seed=config.seed,
@@ -312,7 +331,6 @@ class Trainer:
             stream, batch_size=None, num_workers=config.workers,
             pin_memory=env.device.type == "cuda")))
         self.tokens_per_step = config.rows_per_step * self.manifest.seq_len
-        self.bf16 = use_bf16(config.precision, env.device)
         self.metrics = (MetricsLog(self.out / METRICS_FILE, self.step, open_tracker(config))
                         if env.is_main else None)
         # The first step whose loss or gradient norm was not finite (0: none). Kept on the
@@ -328,6 +346,8 @@ class Trainer:
         for micro in range(config.grad_accum):
             batch = next(self.batches).to(self.env.device)
             last = micro == config.grad_accum - 1
+            if self.sharded:  # reduce-scatter the gradients once, in the last micro-step
+                self.objective.set_requires_gradient_sync(last)
             with self.model.no_sync() if ddp and not last else nullcontext():
                 with torch.autocast(self.env.device.type, dtype=torch.bfloat16,
                                     enabled=self.bf16):
@@ -338,12 +358,14 @@ class Trainer:
             figures += torch.cat([loss.detach()[None], terms / config.grad_accum])
         grad_norm = (torch.nn.utils.clip_grad_norm_(self.student.parameters(), config.grad_clip)
                      if config.grad_clip > 0 else None)
+        if isinstance(grad_norm, DTensor):  # the norm over every rank's shards
+            grad_norm = grad_norm.full_tensor()
         self.step_lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        if ddp:
+        if self.env.world_size > 1:
             dist.all_reduce(figures, op=dist.ReduceOp.AVG)
         finite = torch.isfinite(figures[0])
         if grad_norm is not None:
@@ -356,9 +378,12 @@ class Trainer:
     def check_finite(self) -> None:
         """TrainingDiverged if a step's loss or gradient norm was not finite, or the weights are
         not: called before anything of a step is logged or written, so nothing poisoned is."""
-        weights_finite = torch.stack([p.isfinite().all() for p in self.student.parameters()])
-        bad_step, weights_ok = torch.stack([self.first_bad_step,
-                                            weights_finite.all().long()]).tolist()
+        weights_finite = torch.stack([
+            (p.to_local() if isinstance(p, DTensor) else p).isfinite().all()
+            for p in self.student.parameters()]).all().long()
+        if self.sharded:  # each rank checked its shards: all ranks stop together, or none
+            dist.all_reduce(weights_finite, op=dist.ReduceOp.MIN)
+        bad_step, weights_ok = torch.stack([self.first_bad_step, weights_finite]).tolist()
         if bad_step:
             self.diverged(f"the loss or its gradient norm is NaN or infinite at step {bad_step}")
         if not weights_ok:
@@ -382,10 +407,14 @@ class Trainer:
             self._val_batches = list(eval_batches(self.cache, self.split.val,
                                                   self.config.eval_batch_size, env.rank,
                                                   env.world_size))
+            if self.sharded:
+                self._val_batches = self._padded_to_longest(self._val_batches)
         # Eager: a no-grad graph and the last, smaller batch would each cost another compile.
         with torch.compiler.set_stance("force_eager"):
-            result = evaluate(self.student, iter(self._val_batches), env.device,
-                              impl=self.config.loss_impl, doc_mask=self.doc_mask)
+            result = self.objective.evaluate(iter(self._val_batches), env.device,
+                                             self.config.loss_impl, self.doc_mask)
+        if self.sharded:  # the root does not reshard after a forward (the backward would gather)
+            self.objective.reshard()
         record = {"step": self.step, "tokens": self.step * self.tokens_per_step,
                   **result.as_record()}
         if not all(map(math.isfinite, asdict(result).values())):
@@ -394,21 +423,39 @@ class Trainer:
         self.log(record)
         return record
 
+    def _padded_to_longest(self, batches: list[Batch]) -> list[Batch]:
+        """Every FSDP forward gathers weights from all ranks: each runs as many held-out batches
+        as the rank with most, its extra ones a row whose labels are all ignored (which adds
+        nothing to the figures)."""
+        count = torch.tensor(len(batches), device=self.env.device)
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+        shape = (1, self.manifest.seq_len)
+        targets = torch.zeros((*shape, self.manifest.top_k))
+        ignored = Batch(seq_ids=torch.zeros(1, dtype=torch.int64),
+                        input_ids=torch.zeros(shape, dtype=torch.int64),
+                        labels=torch.full(shape, IGNORE_INDEX), topk_ids=targets.long(),
+                        topk_logprobs=targets,
+                        position_ids=torch.arange(shape[1]).expand(shape).clone())
+        return batches + [ignored] * (int(count) - len(batches))
+
     def save_checkpoint(self) -> None:
         self.check_finite()
-        if self.env.is_main:
-            save_checkpoint(self.out, {
-                "step": self.step, "model": self.student.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
-                "train_seconds": self.train_seconds, "timed_steps": self.timed_steps,
-                "log_interval": self.interval.state_dict(),
-                "config": asdict(self.config), "student": self.built.checkpoint_entry(),
-                "cache": self.cache_identity,
-                "data": stream_position(self.step * self.config.grad_accum,
-                                        self.config.batch_size, len(self.split.train),
-                                        self.layout),
-            })
+        state = {
+            "step": self.step, "scheduler": self.scheduler.state_dict(), "rng": rng_state(),
+            "train_seconds": self.train_seconds, "timed_steps": self.timed_steps,
+            "log_interval": self.interval.state_dict(),
+            "config": asdict(self.config), "student": self.built.checkpoint_entry(),
+            "cache": self.cache_identity,
+            "data": stream_position(self.step * self.config.grad_accum,
+                                    self.config.batch_size, len(self.split.train),
+                                    self.layout),
+        }
+        if self.sharded:
+            save_sharded_checkpoint(self.out, state, self.objective, self.optimizer,
+                                    self.env.rank)
+        elif self.env.is_main:
+            save_checkpoint(self.out, {**state, "model": self.student.state_dict(),
+                                       "optimizer": self.optimizer.state_dict()})
         self.checkpoint_step = self.step
         if self.env.world_size > 1:
             dist.barrier()
@@ -459,11 +506,14 @@ class Trainer:
                       f"(--overwrite retrains it)")
             return self.finished
         if env.is_main:
+            checkpointing = ("" if config.activation_checkpointing == "none" else
+                             f", {config.activation_checkpointing} activation checkpointing")
             print(f"student {config.student} ({self.built.record['init']} init): "
                   f"{self.parameters / 1e6:.2f}M parameters, "
                   f"{len(self.split.train)} training / {len(self.split.val)} held-out sequences, "
                   f"{self.tokens_per_step} tokens per step, {env.world_size} rank(s) on "
-                  f"{env.device}{', bf16 autocast' if self.bf16 else ''}"
+                  f"{env.device}{', FSDP' if self.sharded else ''}"
+                  f"{', bf16 autocast' if self.bf16 else ''}{checkpointing}"
                   f"{', compiled decoder' if self.compiled else ''}"
                   f"{', attention within documents' if self.doc_mask else ''}")
             if config.doc_mask == "auto" and not self.doc_mask:
@@ -506,9 +556,12 @@ class Trainer:
             **{k: v for k, v in last_eval.items() if k.startswith("val_")},
             "distill_version": distill_version(),
         }
+        # A sharded student is gathered on rank 0 (on the CPU, a tensor at a time): on every rank.
+        weights = (get_model_state_dict(self.student, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True)) if self.sharded else None)
         if env.is_main:
             save_student(self.student, self.out / STUDENT_DIR, self.manifest, training=summary,
-                         chat_template=config.chat_template)
+                         chat_template=config.chat_template, state_dict=weights)
             write_json(self.out / SUMMARY_FILE, summary)
             write_json(self.out / CONFIG_FILE, asdict(config))
             figures = ("" if summary["val_ce"] is None else

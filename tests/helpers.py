@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -237,20 +237,57 @@ def tiny_config(cache_dir, out, **changes) -> TrainConfig:
 
 
 def train_until_killed(config: TrainConfig, monkeypatch, at_step: int = 4) -> None:
-    """Train, as if the process were killed right after the checkpoint of `at_step`."""
+    """Train, as if the process were killed right after the checkpoint of `at_step` (whole or
+    sharded)."""
     import student_train.train as train_module
 
-    save = train_module.save_checkpoint
-
-    def save_then_crash(run_dir, state):
-        save(run_dir, state)
-        if state["step"] == at_step:
-            raise KeyboardInterrupt
+    def then_crash(save):
+        def save_then_crash(run_dir, state, *rest):
+            save(run_dir, state, *rest)
+            if state["step"] == at_step:
+                raise KeyboardInterrupt
+        return save_then_crash
 
     with monkeypatch.context() as patch:
-        patch.setattr(train_module, "save_checkpoint", save_then_crash)
+        for name in ("save_checkpoint", "save_sharded_checkpoint"):
+            patch.setattr(train_module, name, then_crash(getattr(train_module, name)))
         with pytest.raises(KeyboardInterrupt):
             train_module.train(config)
+
+
+def cli_flags(config: TrainConfig) -> list[str]:
+    """The command line of `python -m student_train` that trains CONFIG."""
+    flags = []
+    for f in fields(TrainConfig):
+        value = getattr(config, f.name)
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "overrides":
+            flags += [arg for key, v in value.items() for arg in ("--set", f"{key}={v}")]
+        elif f.type == "bool":
+            flags += [flag] if value else []
+        elif value is not None and (f.default is MISSING or value != f.default):
+            flags += [flag, str(value)]
+    return flags
+
+
+def torchrun_command(config: TrainConfig, nproc: int = 2) -> list[str]:
+    """`torchrun --standalone --nproc_per_node NPROC` training CONFIG."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+            str(nproc), "-m", "student_train", *cli_flags(config)]
+
+
+def one_thread_env() -> dict[str, str]:
+    """This environment with one compute thread per process (two ranks share two cores)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(config: TrainConfig, nproc: int = 2) -> subprocess.CompletedProcess:
+    """Train CONFIG under torchrun, a thread per rank; the finished process (its stdout and
+    stderr captured), which must have succeeded."""
+    result = subprocess.run(torchrun_command(config, nproc), env=one_thread_env(),
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
 
 
 def records(out, key) -> list[dict]:

@@ -4,10 +4,7 @@ cache's teacher, and the saved student as others use it."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -20,6 +17,7 @@ from helpers import (
     records,
     run_vllm_script,
     tiny_config,
+    torchrun,
     train_until_killed,
 )
 from transformers import (
@@ -231,15 +229,7 @@ def test_ddp_ranks_share_one_pruning_plan_and_match_one_process(tiny_cache, tmp_
     settings = dict(student=student, overrides={}, batch_size=4, max_steps=4, eval_every=2,
                     data_parts=2)
     train(tiny_config(str(tiny_cache), tmp_path / "single", **settings))
-    flags = ["--cache", str(tiny_cache), "--out", str(tmp_path / "ddp"), "--student", student,
-             "--max-steps", "4", "--batch-size", "4", "--lr", "1e-2", "--warmup", "2",
-             "--eval-every", "2", "--checkpoint-every", "4", "--log-every", "1",
-             "--val-fraction", "0.2", "--shuffle-buffer", "8", "--eval-batch-size", "4"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "student_train", *flags], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    torchrun(tiny_config(str(tiny_cache), tmp_path / "ddp", **(settings | {"data_parts": None})))
     single, ddp = (json.loads((tmp_path / run / "student" / "training.json").read_text())
                    ["init_details"]["prune"] for run in ("single", "ddp"))
     assert (ddp["plan"], ddp["calibration"]) == (single["plan"], single["calibration"])

@@ -8,10 +8,6 @@ inductor takes minutes on a small CPU (benchmarks/bench_train.py measures induct
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from helpers import (
@@ -20,6 +16,7 @@ from helpers import (
     assert_same_run,
     records,
     tiny_config,
+    torchrun,
     train_until_killed,
 )
 from safetensors.torch import load_file
@@ -124,17 +121,8 @@ def test_inductor_without_a_cpp_compiler_is_one_clear_error(cache_dir, tmp_path,
 def test_ddp_wraps_the_compiled_decoder(cache_dir, tmp_path):
     # One process reading the two data parts that two ranks read.
     train(tiny_config(cache_dir, tmp_path / "single", max_steps=4, eval_every=2, data_parts=2))
-    flags = ["--cache", cache_dir, "--out", str(tmp_path / "ddp"), "--max-steps", "4",
-             "--batch-size", "4", "--lr", "1e-2", "--warmup", "2", "--eval-every", "2",
-             "--checkpoint-every", "4", "--log-every", "1", "--val-fraction", "0.2",
-             "--shuffle-buffer", "8", "--eval-batch-size", "4", "--compile", "on",
-             "--compile-backend", "aot_eager",
-             *[f for k, v in TINY.items() for f in ("--set", f"{k}={v}")]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "student_train", *flags], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = torchrun(tiny_config(cache_dir, tmp_path / "ddp", max_steps=4, eval_every=2,
+                                  compile="on", compile_backend="aot_eager"))
     assert "compiled decoder" in result.stdout
     assert_same_run(tmp_path / "single", tmp_path / "ddp", (*TRAINING_FIGURES, "val_ce", "val_kl"),
                     rel=1e-4, atol=1e-5)

@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from helpers import (
-    TINY,
     TRAINING_FIGURES,
     assert_same_run,
     brute_force_metrics,
     records,
     tiny_config,
+    torchrun,
     train_until_killed,
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -119,18 +116,8 @@ def test_student_of_a_real_cache_ships_the_teachers_tokenizer(tiny_cache, tmp_pa
 @pytest.mark.slow
 def test_ddp_on_two_processes_matches_one_process(cache_dir, tmp_path):
     # One process reading the two data parts that two ranks read (the default: a part per rank).
-    single = tiny_config(cache_dir, tmp_path / "single", max_steps=4, eval_every=2, data_parts=2)
-    train(single)
-    flags = ["--cache", cache_dir, "--out", str(tmp_path / "ddp"), "--max-steps", "4",
-             "--batch-size", "4", "--lr", "1e-2", "--warmup", "2", "--eval-every", "2",
-             "--checkpoint-every", "4", "--log-every", "1", "--val-fraction", "0.2",
-             "--shuffle-buffer", "8", "--eval-batch-size", "4",
-             *[f for k, v in TINY.items() for f in ("--set", f"{k}={v}")]]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "student_train", *flags], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    train(tiny_config(cache_dir, tmp_path / "single", max_steps=4, eval_every=2, data_parts=2))
+    torchrun(tiny_config(cache_dir, tmp_path / "ddp", max_steps=4, eval_every=2))
     assert_same_run(tmp_path / "single", tmp_path / "ddp",
                     (*TRAINING_FIGURES, "val_ce", "val_kl", "val_top1"), rel=1e-4, atol=1e-5)
 
