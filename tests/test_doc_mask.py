@@ -210,6 +210,20 @@ def test_changing_the_mask_is_refused_on_resume(tmp_path):
         Trainer(tiny_config(packed, tmp_path / "run", max_steps=4, resume=True, doc_mask="off"))
 
 
+def test_fsdp_with_activation_checkpointing_masks_as_the_plain_run(tmp_path):
+    packed = packed_cache(tmp_path / "packed", boundaries=True)
+    settings = dict(max_steps=3, eval_every=2, val_max_rows=5, eval_batch_size=2)
+    train(tiny_config(packed, tmp_path / "plain", **settings))
+    train(tiny_config(packed, tmp_path / "fsdp", parallel="fsdp", activation_checkpointing="full",
+                      **settings))
+    # One process sums in the same order: equal to the last bit.
+    assert_same_run(tmp_path / "plain", tmp_path / "fsdp", (*TRAINING_FIGURES, "val_ce"), rel=0,
+                    atol=0)
+    train(tiny_config(packed, tmp_path / "off", doc_mask="off", **settings))
+    with pytest.raises(AssertionError):
+        assert_same_run(tmp_path / "plain", tmp_path / "off", ("val_ce",), rel=1e-6, atol=0)
+
+
 def test_a_run_from_before_the_flag_resumes_without_the_mask_under_auto(tmp_path):
     packed = packed_cache(tmp_path / "packed", boundaries=True)
     train(tiny_config(packed, tmp_path / "run", max_steps=2, eval_every=0, doc_mask="off"))
