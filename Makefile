@@ -141,7 +141,7 @@ bench-targets: $(STAMP)
 bench-scale: $(STAMP)
 	$(PY) benchmarks/bench_scale.py $(if $(SIZES),--sizes $(SIZES))
 
-# The GPU report (BENCHMARKS.md): every GPU figure in one run of at most ~6.5 min on one
+# The GPU report (BENCHMARKS.md): every GPU figure in one run of at most ~7 min on one
 # H100/H200, sections and budgets in benchmarks/bench_gpu.py; SECTIONS="kernel student" runs some
 # of them; DRY=1: every section at tiny shapes on the CPU (what the tests run). Not behind
 # $(STAMP): a GPU machine may have torch, triton, transformers and pyarrow and no package

@@ -9,7 +9,8 @@ repository (torch, triton, transformers and pyarrow installed).
 
 Sections (each its own module, bench_gpu_<name>.py, over the existing benchmarks):
   kernel   the fused loss kernel vs the torch reference (eager, compiled), Liger, naive, GEMM floor
-  student  presets l and m, eager and compiled, through the real trainer on a synthetic cache
+  student  presets l and m, eager and compiled, through the real trainer on a synthetic cache;
+           l also under FSDP2 and with full activation checkpointing
   teacher  the torch teacher backend (sample:8, topk:64) vs the model's forward (+ logits)
   stream   the training data stream's tokens/s for 0, 1 and 4 data loader workers
 

@@ -41,7 +41,7 @@ COLUMNS = {
                ("peak_mib", "peak MiB", "count")],
     "student": [("preset", "preset", "text"), ("parameters_m", "params (M)", "one"),
                 ("batch", "batch", "text"), ("precision", "precision", "text"),
-                ("decoder", "decoder", "text"), ("tokens_per_s", "tokens/s", "count"),
+                ("mode", "mode", "text"), ("tokens_per_s", "tokens/s", "count"),
                 ("step_ms", "ms/step", "one"), ("first_step_s", "first step s", "one"),
                 ("tflops", "TFLOP/s", "one"), ("mfu", "MFU", "percent"),
                 ("speedup", "vs eager", "ratio"), ("peak_gib", "peak GiB", "one")],
