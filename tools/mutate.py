@@ -111,6 +111,15 @@ MUTATIONS = [
              "dtype=torch.bfloat16,\n                                    enabled=self.bf16)",
              "dtype=torch.bfloat16,\n                                    enabled=False)",
              ("tests/test_train_loop.py::test_bf16_autocast_follows_the_float32_run",)),
+    Mutation("--doc-mask not passed to the training forward", "student_train/train.py",
+             "batch.topk_logprobs, batch.positions(self.doc_mask))",
+             "batch.topk_logprobs, batch.positions(False))",
+             ("tests/test_doc_mask.py::test_training_with_the_mask_changes_only_the_rows_with_"
+              "boundaries",)),
+    Mutation("FSDP evaluates without gathering the root's weights", "student_train/runtime.py",
+             'register_fsdp_forward_method(objective, "evaluate")', "pass",
+             ("tests/test_train_fsdp.py::test_activation_checkpointing_and_fsdp_on_one_process_"
+              "are_the_plain_run",)),
     Mutation("rescore markers ignored (every shard recomputed on resume)",
              "teacher_cache/score.py",
              "if location.exists(journal, marker):", "if False:",
