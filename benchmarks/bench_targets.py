@@ -42,8 +42,9 @@ from transformers import LlamaForCausalLM
 from student_train.config import TrainConfig
 from student_train.data import eval_batches, split_rows
 from student_train.evaluate import evaluate
+from student_train.run_dir import STUDENT_DIR
 from student_train.selection import Selection
-from student_train.train import STUDENT_DIR, train
+from student_train.train import train
 from teacher_cache.backends import torch_backend
 from teacher_cache.build import BuildConfig, build_cache
 from teacher_cache.corpus import CorpusConfig, package_sources

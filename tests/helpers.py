@@ -21,6 +21,7 @@ from kernels import IGNORE_INDEX
 from kernels.divergences import TAIL_EPS, KDSpec, KDTargets
 from student_train.config import TrainConfig
 from student_train.data import Batch
+from student_train.run_dir import METRICS_FILE, STUDENT_DIR
 from teacher_cache.dataclass_cli import leaves
 from teacher_cache.reader import TeacherCache, open_cache
 from teacher_cache.synth import write_synthetic_cache
@@ -291,7 +292,7 @@ def torchrun(config: TrainConfig, nproc: int = 2) -> subprocess.CompletedProcess
 
 
 def records(out, key) -> list[dict]:
-    lines = (Path(out) / "metrics.jsonl").read_text().splitlines()
+    lines = (Path(out) / METRICS_FILE).read_text().splitlines()
     return [r for r in map(json.loads, lines) if key in r]
 
 
@@ -306,8 +307,8 @@ def assert_same_run(expected: Path, got: Path, keys: tuple[str, ...], rel: float
         want, have = records(expected, key), records(got, key)
         assert [r["step"] for r in have] == [r["step"] for r in want]
         assert [r[key] for r in have] == pytest.approx([r[key] for r in want], rel=rel)
-    want_weights = load_file(expected / "student" / "model.safetensors")
-    have_weights = load_file(got / "student" / "model.safetensors")
+    want_weights = load_file(expected / STUDENT_DIR / "model.safetensors")
+    have_weights = load_file(got / STUDENT_DIR / "model.safetensors")
     for name, tensor in want_weights.items():
         torch.testing.assert_close(have_weights[name], tensor, rtol=rel, atol=atol)
 

@@ -14,6 +14,7 @@ from conftest import TINY_SEQ_LEN
 from helpers import shard_bytes, synthetic_cache
 
 from student_train.config import TrainConfig
+from student_train.run_dir import STUDENT_DIR
 from student_train.train import train
 from teacher_cache import CacheError, open_cache
 from teacher_cache import build as build_module
@@ -227,7 +228,7 @@ def test_the_distill_version_is_recorded_in_the_manifest_and_the_training_record
     cache = synthetic_cache(tmp_path / "cache", sequences=12, seq_len=16, top_k=4, vocab_size=64)
     assert cache.manifest.distill_version == version("distill")
     summary = train(train_config(tmp_path / "cache", tmp_path / "run"))
-    training = json.loads((tmp_path / "run" / "student" / TRAINING_FILE).read_text())
+    training = json.loads((tmp_path / "run" / STUDENT_DIR / TRAINING_FILE).read_text())
     assert summary["distill_version"] == training["distill_version"] == version("distill")
 
 

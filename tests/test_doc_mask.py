@@ -19,6 +19,7 @@ from student_train.data import make_batch, row_positions
 from student_train.heldout import HeldoutText, text_ce
 from student_train.model import build_student, final_hidden, output_weight, resolve_doc_mask
 from student_train.presets import llama_config, resolve_preset
+from student_train.run_dir import STUDENT_DIR, SUMMARY_FILE
 from student_train.train import Trainer, train
 from teacher_cache.errors import ConfigError
 from teacher_cache.reader import open_cache
@@ -189,7 +190,7 @@ def test_a_config_only_qwen2_student_masks_and_records_it(tmp_path):
     summary = train(tiny_config(packed, tmp_path / "run", student=str(config / "config.json"),
                                 overrides={}, max_steps=2, eval_every=0, checkpoint_every=0))
     assert summary["doc_mask"] is True
-    assert json.loads((tmp_path / "run" / "student" / "training.json").read_text())["doc_mask"]
+    assert json.loads((tmp_path / "run" / STUDENT_DIR / "training.json").read_text())["doc_mask"]
     assert load_checkpoint(tmp_path / "run")["config"]["doc_mask"] == "auto"
 
 
@@ -200,7 +201,7 @@ def test_a_killed_masked_run_resumes_exactly(tmp_path, monkeypatch):
     train(tiny_config(packed, tmp_path / "resumed", resume=True))
     assert_same_run(tmp_path / "straight", tmp_path / "resumed", (*TRAINING_FIGURES, "val_ce"),
                     rel=1e-5, atol=1e-6)
-    assert json.loads((tmp_path / "resumed" / "summary.json").read_text())["doc_mask"] is True
+    assert json.loads((tmp_path / "resumed" / SUMMARY_FILE).read_text())["doc_mask"] is True
 
 
 def test_changing_the_mask_is_refused_on_resume(tmp_path):
@@ -251,4 +252,4 @@ def test_a_student_whose_attention_crosses_documents_is_refused_on_and_off_by_de
     assert len(err.splitlines()) == 1 and "--doc-mask on:" in err and "BloomForCausalLM" in err, err
     assert train_main([*flags, "--out", str(tmp_path / "auto")]) == 0
     assert "--doc-mask auto is off for this student" in capsys.readouterr().err
-    assert json.loads((tmp_path / "auto" / "summary.json").read_text())["doc_mask"] is False
+    assert json.loads((tmp_path / "auto" / SUMMARY_FILE).read_text())["doc_mask"] is False

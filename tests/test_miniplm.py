@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 from student_train.__main__ import main as train_main
 from student_train.data import TrainStream, split_rows
 from student_train.model import build_student, save_student
+from student_train.run_dir import STUDENT_DIR, SUMMARY_FILE
 from student_train.selection import Selection
 from teacher_cache.build import build_cache
 from teacher_cache.cli import main as cache_main
@@ -43,19 +44,19 @@ def test_reference_trained_on_a_subset_scores_the_cache_and_top_selects(
                        "--kd-weight", "0", "--select", "random:0.5", "--seed", "1234",
                        "--max-steps", "3", "--batch-size", "2", "--val-fraction", "0.2",
                        "--eval-every", "0"]) == 0
-    assert cache_main(["score", "--cache", str(cache), "--reference", str(run / "student"),
+    assert cache_main(["score", "--cache", str(cache), "--reference", str(run / STUDENT_DIR),
                        "--dtype", "fp32", "--no-progress"]) == 0
 
     manifest = open_cache(cache).manifest
     training = manifest.score["reference"]["training"]
-    assert training == json.loads((run / "summary.json").read_text())
+    assert training == json.loads((run / SUMMARY_FILE).read_text())
     assert training["steps"] == 3 and training["kd_weight"] == 0.0
     assert training["tokens_seen"] == 3 * 2 * manifest.seq_len
 
     seq_ids, scores = open_cache(cache).read_scores()
     input_ids = np.concatenate([open_cache(cache).read_shard(i).input_ids
                                 for i in manifest.shards])
-    want = brute_force_scores(input_ids, tiny_teacher_dir, run / "student")
+    want = brute_force_scores(input_ids, tiny_teacher_dir, run / STUDENT_DIR)
     np.testing.assert_allclose(scores, want, rtol=1e-4, atol=1e-4)
     split = split_rows(open_cache(cache), 0.2, Selection.parse("top:0.5"), seed=0)
     candidates = np.setdiff1d(seq_ids, split.val)
@@ -64,7 +65,7 @@ def test_reference_trained_on_a_subset_scores_the_cache_and_top_selects(
 
     # A rerun (as `make cache` does) finds the cache scored by this reference and rewrites nothing.
     files = {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()}
-    assert cache_main(["score", "--cache", str(cache), "--reference", str(run / "student"),
+    assert cache_main(["score", "--cache", str(cache), "--reference", str(run / STUDENT_DIR),
                        "--no-progress"]) == 0
     assert {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()} == files
 

@@ -13,8 +13,15 @@ import torch
 from helpers import TINY_ARGS
 
 from student_train.__main__ import main as train_main
-from student_train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from student_train.checkpoint import (
+    CHECKPOINT_FILE,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from student_train.pretrain import main as pretrain_main
+from student_train.run_dir import STUDENT_DIR, SUMMARY_FILE
 
 
 def train(cache, out, *extra) -> int:
@@ -51,7 +58,7 @@ def test_resume_refuses_a_checkpoint_that_does_not_load_safely(cli_cache_dir, tm
                                                                kind, message):
     out, marker = tmp_path / "run", tmp_path / "code-ran"
     out.mkdir()
-    checkpoint = out / "checkpoint.pt"
+    checkpoint = out / CHECKPOINT_FILE
     if kind in ("crafted", "torn"):
         torch.save({"step": 1, "model": TouchOnLoad(marker)}, checkpoint)
     elif kind == "older_version":
@@ -68,7 +75,7 @@ def test_resume_refuses_a_checkpoint_that_does_not_load_safely(cli_cache_dir, tm
     one_error_line(capsys, train(cli_cache_dir, out, "--resume"), str(checkpoint), message,
                    "move it away")
     assert not marker.exists()
-    assert not (out / "student").exists()
+    assert not (out / STUDENT_DIR).exists()
 
 
 def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
@@ -76,7 +83,7 @@ def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
     np.random.normal()  # leaves a cached Gaussian in numpy's state
     save_checkpoint(tmp_path, {"rng": rng_state()})
     expected = (random.random(), np.random.normal(), np.random.randint(1 << 30), torch.rand(3))
-    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # loads without error
+    state = torch.load(tmp_path / CHECKPOINT_FILE, weights_only=True)  # loads without error
     set_rng_state(state["rng"])
     got = (random.random(), np.random.normal(), np.random.randint(1 << 30), torch.rand(3))
     assert got[:3] == expected[:3]
@@ -88,22 +95,22 @@ def test_a_finished_run_is_not_replaced_without_resume_or_overwrite(cli_cache_di
                                                                     capsys):
     out = tmp_path / "run"
     assert train(cli_cache_dir, out) == 0
-    weights = (out / "student" / "model.safetensors").read_bytes()
-    summary = json.loads((out / "summary.json").read_text())
+    weights = (out / STUDENT_DIR / "model.safetensors").read_bytes()
+    summary = json.loads((out / SUMMARY_FILE).read_text())
     capsys.readouterr()
 
     one_error_line(capsys, train(cli_cache_dir, out, "--max-steps", "1"), str(out),
                    "checkpoint.pt and student", "--resume", "--overwrite")
-    assert (out / "student" / "model.safetensors").read_bytes() == weights
-    assert json.loads((out / "summary.json").read_text()) == summary
+    assert (out / STUDENT_DIR / "model.safetensors").read_bytes() == weights
+    assert json.loads((out / SUMMARY_FILE).read_text()) == summary
 
     # Only the student left (checkpoint deleted): still a run.
-    (out / "checkpoint.pt").unlink()
+    (out / CHECKPOINT_FILE).unlink()
     one_error_line(capsys, train(cli_cache_dir, out), str(out), "(student)")
     one_error_line(capsys, train(cli_cache_dir, out, "--resume", "--overwrite"), "--overwrite")
 
     assert train(cli_cache_dir, out, "--overwrite", "--max-steps", "3") == 0
-    assert json.loads((out / "summary.json").read_text())["steps"] == 3
+    assert json.loads((out / SUMMARY_FILE).read_text())["steps"] == 3
     assert load_checkpoint(out)["step"] == 3
 
 
@@ -145,10 +152,10 @@ def test_a_run_killed_before_its_summary_reports_the_checkpointed_figures(cli_ca
     run = out / "xs"
     checkpointed = load_checkpoint(run)["train_seconds"]
     assert checkpointed > 0
-    (run / "summary.json").unlink()
-    shutil.rmtree(run / "student")
+    (run / SUMMARY_FILE).unlink()
+    shutil.rmtree(run / STUDENT_DIR)
 
     assert pretrain(cli_cache_dir, out) == 0
-    summary = json.loads((run / "summary.json").read_text())
+    summary = json.loads((run / SUMMARY_FILE).read_text())
     assert summary["train_seconds"] == checkpointed
     assert summary["tokens_per_s"] == pytest.approx(4 * 2 * 8 / checkpointed)

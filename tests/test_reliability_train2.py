@@ -22,8 +22,15 @@ import student_train.checkpoint as checkpoint_module
 import teacher_cache.synth as synth_module
 from kernels import sparse_kd_loss
 from kernels.choices import DIVERGENCES
-from student_train.checkpoint import load_checkpoint, save_checkpoint
-from student_train.run_dir import RunLock, check_run_dir_path
+from student_train.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
+from student_train.run_dir import (
+    LOCK_FILE,
+    METRICS_FILE,
+    STUDENT_DIR,
+    SUMMARY_FILE,
+    RunLock,
+    check_run_dir_path,
+)
 from teacher_cache.errors import ConfigError
 from teacher_cache.synth import write_synthetic_cache
 
@@ -57,12 +64,12 @@ def run_files(out) -> dict[str, bytes]:
 def test_overwrite_refuses_a_student_folder_this_tool_did_not_save(cli_cache_dir, tmp_path,
                                                                    capsys):
     out = tmp_path / "proj"
-    (out / "student").mkdir(parents=True)
-    (out / "student" / "thesis.tex").write_text("years of work")
-    one_error_line(capsys, train(cli_cache_dir, out, "--overwrite"), str(out / "student"),
+    (out / STUDENT_DIR).mkdir(parents=True)
+    (out / STUDENT_DIR / "thesis.tex").write_text("years of work")
+    one_error_line(capsys, train(cli_cache_dir, out, "--overwrite"), str(out / STUDENT_DIR),
                    "training.json", "move it away")
-    assert (out / "student" / "thesis.tex").read_text() == "years of work"
-    assert not (out / "checkpoint.pt").exists()
+    assert (out / STUDENT_DIR / "thesis.tex").read_text() == "years of work"
+    assert not (out / CHECKPOINT_FILE).exists()
 
 
 def test_overwrite_never_deletes_or_writes_through_a_symbolic_link(cli_cache_dir, tmp_path,
@@ -72,8 +79,8 @@ def test_overwrite_never_deletes_or_writes_through_a_symbolic_link(cli_cache_dir
     before = run_files(elsewhere)
     capsys.readouterr()
     out.mkdir()
-    (out / "student").symlink_to(elsewhere / "student")
-    one_error_line(capsys, train(cli_cache_dir, out, "--overwrite"), str(out / "student"),
+    (out / STUDENT_DIR).symlink_to(elsewhere / STUDENT_DIR)
+    one_error_line(capsys, train(cli_cache_dir, out, "--overwrite"), str(out / STUDENT_DIR),
                    "symbolic link")
     one_error_line(capsys, train(cli_cache_dir, out, "--resume"), "symbolic link")
     assert run_files(elsewhere) == before
@@ -97,11 +104,11 @@ def test_a_run_directory_that_is_a_link_or_the_root_is_refused(cli_cache_dir, tm
 def test_overwrite_refuses_a_checkpoint_of_another_tool(cli_cache_dir, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
-    torch.save({"epoch": 3, "weights": torch.ones(2)}, out / "checkpoint.pt")
-    before = (out / "checkpoint.pt").read_bytes()
-    one_error_line(capsys, train(cli_cache_dir, out, "--overwrite"), str(out / "checkpoint.pt"),
+    torch.save({"epoch": 3, "weights": torch.ones(2)}, out / CHECKPOINT_FILE)
+    before = (out / CHECKPOINT_FILE).read_bytes()
+    one_error_line(capsys, train(cli_cache_dir, out, "--overwrite"), str(out / CHECKPOINT_FILE),
                    "not a checkpoint of this version")
-    assert (out / "checkpoint.pt").read_bytes() == before
+    assert (out / CHECKPOINT_FILE).read_bytes() == before
 
 
 # --- NaN and inf ---
@@ -206,8 +213,8 @@ def test_non_finite_teacher_logprobs_in_the_cache_stop_the_run_naming_the_step(t
     err = error_line(capsys, code, "diverged", "at step")
     step = int(err.split("at step ")[1].split(";")[0])
     assert load_checkpoint(out) is None if step == 1 else load_checkpoint(out)["step"] == step - 1
-    assert not (out / "student").exists() and not (out / "summary.json").exists()
-    records = [strict_json(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert not (out / STUDENT_DIR).exists() and not (out / SUMMARY_FILE).exists()
+    records = [strict_json(line) for line in (out / METRICS_FILE).read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, step))
 
 
@@ -215,9 +222,9 @@ def test_a_huge_learning_rate_never_writes_nan(cli_cache_dir, tmp_path, capsys):
     out = tmp_path / "run"
     error_line(capsys, train(cli_cache_dir, out, "--lr", "1e30", "--max-steps", "6",
                                  "--log-every", "1", "--checkpoint-every", "1"), "diverged")
-    for line in (out / "metrics.jsonl").read_text().splitlines():
+    for line in (out / METRICS_FILE).read_text().splitlines():
         strict_json(line)
-    assert not (out / "student").exists() and not (out / "summary.json").exists()
+    assert not (out / STUDENT_DIR).exists() and not (out / SUMMARY_FILE).exists()
     state = load_checkpoint(out)
     assert state is None or all(torch.isfinite(t).all() for t in state["model"].values())
 
@@ -237,7 +244,7 @@ def test_resume_follows_a_moved_cache_and_refuses_another_one(cli_cache_dir, tmp
                           rows_per_shard=8, seed=1)
     capsys.readouterr()
     error_line(capsys, train(other, out, "--resume", "--max-steps", "4"),
-                   str(out / "checkpoint.pt"), "another cache", "build:")
+                   str(out / CHECKPOINT_FILE), "another cache", "build:")
 
 
 def test_resume_on_another_vocabulary_is_one_line(cli_cache_dir, tmp_path, capsys):
@@ -263,17 +270,17 @@ def test_a_run_directory_in_use_is_refused_and_a_dead_runs_lock_taken_over(cli_c
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         lock = {"host": socket.gethostname(), "pid": holder.pid}
-        (out / "run.lock").write_text(json.dumps(lock))
+        (out / LOCK_FILE).write_text(json.dumps(lock))
         one_error_line(capsys, train(cli_cache_dir, out), "in use", f"pid {holder.pid}",
-                       str(out / "run.lock"))
-        assert sorted(os.listdir(out)) == ["run.lock"]
+                       str(out / LOCK_FILE))
+        assert sorted(os.listdir(out)) == [LOCK_FILE]
     finally:
         holder.kill()
         holder.wait()
     assert train(cli_cache_dir, out) == 0  # its holder is gone: taken over, then released
-    assert not (out / "run.lock").exists()
+    assert not (out / LOCK_FILE).exists()
 
-    (out / "run.lock").write_text(json.dumps({"host": "another-machine", "pid": 1}))
+    (out / LOCK_FILE).write_text(json.dumps({"host": "another-machine", "pid": 1}))
     capsys.readouterr()
     one_error_line(capsys, train(cli_cache_dir, out, "--resume", "--max-steps", "3"),
                    "pid 1 on another-machine")
@@ -284,7 +291,7 @@ def test_two_runs_finding_the_same_dead_lock_do_not_both_take_it_over(tmp_path, 
     out.mkdir()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    (out / "run.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid}))
+    (out / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid}))
     judged, go = threading.Event(), threading.Event()
     stale = RunLock._stale
 
@@ -315,9 +322,9 @@ def test_two_runs_finding_the_same_dead_lock_do_not_both_take_it_over(tmp_path, 
     held = [o for o in outcomes if isinstance(o, RunLock)]
     refused = [str(o) for o in outcomes if isinstance(o, ConfigError)]
     assert len(held) == 1 and len(refused) == 1 and "in use" in refused[0]
-    assert json.loads((out / "run.lock").read_text())["pid"] == os.getpid()
+    assert json.loads((out / LOCK_FILE).read_text())["pid"] == os.getpid()
     held[0].release()
-    assert not (out / "run.lock").exists()
+    assert not (out / LOCK_FILE).exists()
 
 
 def test_a_run_holds_its_lock_while_it_trains(cli_cache_dir, tmp_path, monkeypatch):
@@ -327,13 +334,13 @@ def test_a_run_holds_its_lock_while_it_trains(cli_cache_dir, tmp_path, monkeypat
     save = train_module.save_checkpoint
 
     def save_and_look(run_dir, state):
-        seen.append(json.loads((out / "run.lock").read_text()))
+        seen.append(json.loads((out / LOCK_FILE).read_text()))
         save(run_dir, state)
 
     monkeypatch.setattr(train_module, "save_checkpoint", save_and_look)
     assert train(cli_cache_dir, out) == 0
     assert seen == [{"host": socket.gethostname(), "pid": os.getpid()}]
-    assert not (out / "run.lock").exists()
+    assert not (out / LOCK_FILE).exists()
 
 
 # --- kills and full disks ---
@@ -355,7 +362,7 @@ def test_the_saved_student_gets_the_umasks_mode(cli_cache_dir, tmp_path):
         assert train(cli_cache_dir, tmp_path / "run") == 0
     finally:
         os.umask(previous)
-    student = tmp_path / "run" / "student"
+    student = tmp_path / "run" / STUDENT_DIR
     assert student.stat().st_mode & 0o777 == 0o755
     assert {p.name: p.stat().st_mode & 0o777 for p in student.iterdir()} == {
         p.name: 0o644 for p in student.iterdir()}
@@ -367,7 +374,7 @@ def test_a_full_disk_while_saving_the_student_keeps_the_previous_one(cli_cache_d
 
     out = tmp_path / "run"
     assert train(cli_cache_dir, out) == 0
-    student = run_files(out / "student")
+    student = run_files(out / STUDENT_DIR)
 
     def full(*args, **kwargs):
         raise SafetensorError("Error while serializing: I/O error: No space left on device "
@@ -378,17 +385,17 @@ def test_a_full_disk_while_saving_the_student_keeps_the_previous_one(cli_cache_d
         patch.setattr(modeling_utils, "safe_save_file", full)
         error_line(capsys, train(cli_cache_dir, out, "--resume", "--max-steps", "3"),
                        f"cannot write the student {out / 'student'}", "No space left on device")
-    assert run_files(out / "student") == student
+    assert run_files(out / STUDENT_DIR) == student
     assert not [p for p in out.iterdir() if p.name.startswith(".tmp-")]
     assert train(cli_cache_dir, out, "--resume", "--max-steps", "3") == 0
-    assert strict_json((out / "student" / "training.json").read_text())["steps"] == 3
+    assert strict_json((out / STUDENT_DIR / "training.json").read_text())["steps"] == 3
 
 
 def test_a_full_disk_while_writing_a_checkpoint_is_one_line(cli_cache_dir, tmp_path, capsys,
                                                             monkeypatch):
     out = tmp_path / "run"
     assert train(cli_cache_dir, out) == 0
-    before = (out / "checkpoint.pt").read_bytes()
+    before = (out / CHECKPOINT_FILE).read_bytes()
     real = checkpoint_module.atomic_output
 
     class FillsUp:  # a disk with room for 100 more bytes
@@ -412,16 +419,16 @@ def test_a_full_disk_while_writing_a_checkpoint_is_one_line(cli_cache_dir, tmp_p
     monkeypatch.setattr(checkpoint_module, "atomic_output", full_disk)
     capsys.readouterr()
     error_line(capsys, train(cli_cache_dir, out, "--resume", "--max-steps", "3"),
-                   str(out / "checkpoint.pt"), "No space left on device")
-    assert (out / "checkpoint.pt").read_bytes() == before
+                   str(out / CHECKPOINT_FILE), "No space left on device")
+    assert (out / CHECKPOINT_FILE).read_bytes() == before
 
 
 def test_no_held_out_sequences_warn_once_and_write_no_nan(cli_cache_dir, tmp_path, capsys):
     out = tmp_path / "run"
     assert train(cli_cache_dir, out, "--val-fraction", "0", "--eval-every", "1") == 0
     assert capsys.readouterr().err.count("no held-out sequences") == 1
-    summary = strict_json((out / "summary.json").read_text())
+    summary = strict_json((out / SUMMARY_FILE).read_text())
     assert summary["val_ce"] is None
-    assert strict_json((out / "student" / "training.json").read_text())["val_ce"] is None
-    for line in (out / "metrics.jsonl").read_text().splitlines():
+    assert strict_json((out / STUDENT_DIR / "training.json").read_text())["val_ce"] is None
+    for line in (out / METRICS_FILE).read_text().splitlines():
         strict_json(line)

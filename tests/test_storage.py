@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from student_train.checkpoint import load_checkpoint, save_checkpoint
+from student_train.checkpoint import CHECKPOINT_FILE, load_checkpoint, save_checkpoint
 from teacher_cache.errors import CacheError
 from teacher_cache.storage import atomic_output, replace_directory, resolve
 
@@ -55,7 +55,7 @@ def test_an_interrupted_checkpoint_leaves_the_previous_one(tmp_path: Path):
     with pytest.raises(Interrupted):
         save_checkpoint(tmp_path, {"step": 2, "bad": Unpicklable()})
     assert load_checkpoint(tmp_path)["step"] == 1
-    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+    assert [p.name for p in tmp_path.iterdir()] == [CHECKPOINT_FILE]
 
 
 def test_replace_directory_moves_a_built_directory_into_place(tmp_path: Path):

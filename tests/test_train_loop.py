@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from student_train.checkpoint import load_checkpoint
 from student_train.data import TrainStream, eval_batches, split_rows
 from student_train.model import DistillationObjective, build_student
+from student_train.run_dir import METRICS_FILE, STUDENT_DIR
 from student_train.selection import Selection
 from student_train.train import lr_factor, train
 from teacher_cache.reader import open_cache
@@ -35,7 +36,7 @@ def test_a_few_steps_lower_the_loss(cache_dir, tmp_path):
     assert evals[-1]["val_kl"] < evals[0]["val_kl"]
     assert summary["tokens_seen"] == 30 * 4 * 16
     # The summary's metrics are those of the saved student, recomputed from their definitions.
-    student = AutoModelForCausalLM.from_pretrained(tmp_path / "student").eval()
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / STUDENT_DIR).eval()
     config = tiny_config(cache_dir, tmp_path)
     split = split_rows(open_cache(cache_dir), config.val_fraction, Selection(), config.seed)
     want = brute_force_metrics(student, eval_batches(open_cache(cache_dir), split.val, 4))
@@ -54,7 +55,7 @@ def test_resume_continues_exactly(cache_dir, tmp_path, monkeypatch):
     checkpoint = load_checkpoint(tmp_path / "resumed")
     assert checkpoint["step"] == 4
     assert checkpoint["data"]["micro_batches"] == 8
-    with (tmp_path / "resumed" / "metrics.jsonl").open("a") as f:  # written after the checkpoint
+    with (tmp_path / "resumed" / METRICS_FILE).open("a") as f:  # written after the checkpoint
         f.write(json.dumps({"step": 5, "loss": 123.0}) + "\n")
     train(tiny_config(cache_dir, tmp_path / "resumed", grad_accum=2, resume=True))
 
@@ -90,7 +91,7 @@ def test_saved_student_loads_and_gives_the_training_logits(cache_dir, tmp_path):
     config = tiny_config(cache_dir, tmp_path, max_steps=3)
     train(config)
     checkpoint = load_checkpoint(tmp_path)
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / STUDENT_DIR)
     assert isinstance(loaded, LlamaForCausalLM)
     trained = LlamaForCausalLM(loaded.config)
     trained.load_state_dict(checkpoint["model"])
@@ -106,8 +107,8 @@ def test_saved_student_loads_and_gives_the_training_logits(cache_dir, tmp_path):
 def test_student_of_a_real_cache_ships_the_teachers_tokenizer(tiny_cache, tmp_path):
     train(tiny_config(str(tiny_cache), tmp_path, max_steps=2, eval_every=0, batch_size=2))
     manifest = open_cache(tiny_cache).manifest
-    student = AutoModelForCausalLM.from_pretrained(tmp_path / "student")
-    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "student")
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / STUDENT_DIR)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / STUDENT_DIR)
     assert student.config.vocab_size == manifest.vocab_size == len(tokenizer)
     ids = tokenizer("The quick brown fox", return_tensors="pt").input_ids
     assert student(input_ids=ids).logits.shape == (1, ids.shape[1], manifest.vocab_size)

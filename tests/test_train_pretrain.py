@@ -11,7 +11,7 @@ from transformers import LlamaForCausalLM
 from student_train.heldout import load_heldout_text, text_ce
 from student_train.presets import LEARNING_RATES
 from student_train.pretrain import comparisons, format_comparison, main
-from student_train.train import STUDENT_DIR
+from student_train.run_dir import STUDENT_DIR
 from teacher_cache import open_cache
 from teacher_cache.synth import write_synthetic_cache
 
@@ -96,7 +96,7 @@ def test_a_family_with_a_pruned_student_compares_it_with_its_shape_from_random_i
     twin = next(line for line in printed.splitlines()
                 if "pruned from the teacher vs the same shape from random init" in line)
     assert twin.split()[0] == "prune-layers1" and ("better by" in twin or "WORSE by" in twin)
-    card = (out / "prune-layers1" / "student" / "README.md").read_text()
+    card = (out / "prune-layers1" / STUDENT_DIR / "README.md").read_text()
     assert "CE on json .py sources" in card and f"{results[1]['heldout_ce']:.3f}" in card
 
 
