@@ -21,23 +21,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from bench_train import describe_machine, synchronize
 
 from student_train.config import TrainConfig
 from student_train.train import Trainer
-from teacher_cache.synth import write_synthetic_cache
-
-
-def document_starts(rows: int, seq_len: int, mean_tokens: int, seed: int) -> list[list[int]]:
-    """Each row's document starts when documents of geometric lengths (mean `mean_tokens`) are
-    packed end to end, as teacher_cache.packing lays them out."""
-    rng = np.random.default_rng(seed)
-    lengths = rng.geometric(1 / mean_tokens, size=rows * seq_len // mean_tokens * 2 + 1)
-    starts = np.concatenate([[0], np.cumsum(lengths)])
-    starts = starts[starts < rows * seq_len]
-    return [(starts[(starts >= r * seq_len) & (starts < (r + 1) * seq_len)] - r * seq_len).tolist()
-            for r in range(rows)]
+from teacher_cache.synth import document_starts, write_synthetic_cache
 
 
 def main() -> None:

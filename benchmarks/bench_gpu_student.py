@@ -1,8 +1,9 @@
 """Section 2 of the GPU report: the student's optimizer step through the real trainer
 (`student_train.train.Trainer.train_step`: data loading, CE + sparse KD loss, backward, AdamW),
 eager and with the compiled decoder, on the synthetic sample:8 cache; for the compile target
-preset also under FSDP2 on this one GPU (the wrapping's cost, no sharding gain) and with full
-activation checkpointing (its time and its peak memory against eager).
+preset also under FSDP2 on this one GPU (the wrapping's cost, no sharding gain), with full
+activation checkpointing (its time and its peak memory against eager) and without the document
+mask that every other row applies (`--doc-mask off`: the mask's cost, from the ratio).
 
 Per trainer: the first step is timed apart (for a compiled decoder, the compile), then a few
 untimed steps, then the timed steps with one device synchronisation at their end (the CPU may run
@@ -36,7 +37,8 @@ from student_train.train import Trainer
 # Each mode's TrainConfig settings; eager first, the others' "vs eager".
 MODES = {"eager": {"compile": "off"}, "compiled": {"compile": "on"},
          "fsdp": {"compile": "off", "parallel": "fsdp"},
-         "checkpointed": {"compile": "off", "activation_checkpointing": "full"}}
+         "checkpointed": {"compile": "off", "activation_checkpointing": "full"},
+         "no doc mask": {"compile": "off", "doc_mask": "off"}}
 EVERY_PRESET = ("eager", "compiled")
 
 

@@ -73,6 +73,17 @@ def _sampled_targets(rng: np.random.Generator, tokens: np.ndarray, k: int,
         return ids, np.log(counts / k).astype(np.float32)
 
 
+def document_starts(rows: int, seq_len: int, mean_tokens: int, seed: int) -> list[list[int]]:
+    """Each row's document starts when documents of geometric lengths (mean `mean_tokens`) are
+    packed end to end, as teacher_cache.packing lays them out."""
+    rng = np.random.default_rng(seed)
+    lengths = rng.geometric(1 / mean_tokens, size=rows * seq_len // mean_tokens * 2 + 1)
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    starts = starts[starts < rows * seq_len]
+    return [(starts[(starts >= r * seq_len) & (starts < (r + 1) * seq_len)] - r * seq_len).tolist()
+            for r in range(rows)]
+
+
 def write_synthetic_cache(path: str | os.PathLike, *, sequences: int, seq_len: int, top_k: int,
                           vocab_size: int, rows_per_shard: int, seed: int = 0,
                           scores: np.ndarray | None = None, complete: bool = True,

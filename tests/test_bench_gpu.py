@@ -27,7 +27,7 @@ MACHINE_FIELDS = ("date", "python", "machine", "cpu", "cpus", "torch", "triton",
 # The value each section's measured rows carry.
 MEASURED = {"kernel": "ms", "student": "tokens_per_s", "teacher": "tokens_per_s",
             "stream": "tokens_per_s"}
-ROWS_PER_SECTION = {"kernel": 6 * len(DRY.kernel_shapes), "student": 2 * len(DRY.presets) + 2,
+ROWS_PER_SECTION = {"kernel": 6 * len(DRY.kernel_shapes), "student": 2 * len(DRY.presets) + 3,
                     "teacher": 5 * len(DRY.teachers), "stream": len(DRY.stream_workers)}
 
 

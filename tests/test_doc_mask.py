@@ -23,7 +23,7 @@ from student_train.run_dir import STUDENT_DIR, SUMMARY_FILE
 from student_train.train import Trainer, train
 from teacher_cache.errors import ConfigError
 from teacher_cache.reader import open_cache
-from teacher_cache.synth import write_synthetic_cache
+from teacher_cache.synth import document_starts, write_synthetic_cache
 
 L = 16
 SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
@@ -253,3 +253,11 @@ def test_a_student_whose_attention_crosses_documents_is_refused_on_and_off_by_de
     assert train_main([*flags, "--out", str(tmp_path / "auto")]) == 0
     assert "--doc-mask auto is off for this student" in capsys.readouterr().err
     assert json.loads((tmp_path / "auto" / SUMMARY_FILE).read_text())["doc_mask"] is False
+
+
+def test_synthetic_document_starts_pack_documents_of_the_mean_length():
+    starts = document_starts(64, 512, 128, seed=0)
+    offsets = [r * 512 + s for r, row in enumerate(starts) for s in row]
+    assert offsets[0] == 0 and offsets == sorted(set(offsets))
+    assert all(0 <= s < 512 for row in starts for s in row)
+    assert 100 < 64 * 512 / len(offsets) < 160  # mean document length, geometric around 128
