@@ -273,7 +273,10 @@ class Trainer:
         # Probed on the CPU, where every student is built, before it moves or compiles.
         self.doc_mask = resolve_doc_mask(config.doc_mask, self.built.model,
                                          f"student {config.student}")
-        self.student = self.built.model.to(env.device)
+        self.sharded = config.parallel == "fsdp"
+        # fully_shard moves each unit to the device as it shards it: no device ever holds the
+        # whole student, only one layer of it besides the shards.
+        self.student = self.built.model if self.sharded else self.built.model.to(env.device)
         self.parameters = count_parameters(self.student)
         self.objective = DistillationObjective(
             self.student, divergence=config.divergence, temperature=config.temperature,
@@ -283,7 +286,6 @@ class Trainer:
         self.compiled = use_compile(config.compile, env.device)
         if self.compiled:
             compile_decoder(self.student, config.compile_backend, env.device)
-        self.sharded = config.parallel == "fsdp"
         if self.sharded:  # before the optimizer: fully_shard replaces the parameters
             shard(self.objective, env, self.bf16)
         self.optimizer = make_optimizer(self.student, config, env.device)
