@@ -81,9 +81,10 @@ def model_card(manifest: Manifest, training: dict[str, Any],
                    if targets.kind == "sample" else f"{targets.spec} (its top-k logprobs)")
     loss = ("cross-entropy plus a sparse KL to the teacher" if get("kd_weight", 0) > 0
             else "cross-entropy only")
+    first_target = "its most drawn token" if targets.kind == "sample" else "its top-1"
     rows = [("validation CE (nats/token)", get("val_ce")),
             ("KL to the teacher's targets", get("val_kl")),
-            ("top-1 agreement with the teacher", get("val_top1"))]
+            (f"argmax = the teacher's first target ({first_target})", get("val_top1"))]
     if outside_text is not None:
         rows.append((f"CE on {outside_text[0]}", outside_text[1]))
     table = "\n".join(f"| {what} | {value:.3f} |" for what, value in rows if value is not None)

@@ -203,7 +203,8 @@ def test_the_saved_student_generates_with_its_cache_and_the_caches_tokens(tiny_c
     assert generated == greedy[0, ids.shape[1]:len(generated) + ids.shape[1]].tolist()
     card = (tmp_path / STUDENT_DIR / "README.md").read_text()
     for fact in ("Pruned from the teacher (layers 2 -> 1)", "block importance",
-                 f"{manifest.totals['tokens']:,} tokens", "validation CE", "library_name"):
+                 f"{manifest.totals['tokens']:,} tokens", "validation CE", "library_name",
+                 "the teacher's first target (its top-1)"):
         assert fact in card
 
 
