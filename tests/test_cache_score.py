@@ -75,15 +75,21 @@ def test_rescore_changes_only_the_score_column(tmp_path: Path, scored_cache: Pat
     assert not (out / "rescore").exists()
 
 
+def rescore_killed_on_second_shard(cache: Path, out: Path, reference: Path,
+                                   monkeypatch) -> None:
+    """A copy of CACHE at OUT whose rescore with REFERENCE was killed in its second shard."""
+    shutil.copytree(cache, out)
+    crash_on_second_shard(monkeypatch)
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        rescore_cache(str(out), str(reference), dtype="fp32", progress=False)
+    monkeypatch.undo()
+
+
 def test_rescore_resumes_after_a_crash(tmp_path: Path, tiny_cache: Path, scored_cache: Path,
                                        tiny_reference_dir: Path, monkeypatch):
     out = tmp_path / "cache"
-    shutil.copytree(tiny_cache, out)
-    crash_on_second_shard(monkeypatch)
-    with pytest.raises(RuntimeError, match="simulated kill"):
-        rescore_cache(str(out), str(tiny_reference_dir), dtype="fp32", progress=False)
+    rescore_killed_on_second_shard(tiny_cache, out, tiny_reference_dir, monkeypatch)
     assert open_cache(out).manifest == open_cache(tiny_cache).manifest  # the old version, whole
-    monkeypatch.undo()
 
     # The resume skips the shard finished before the crash (its marker) and rescores the rest.
     real_rescore_shard, written = score_module._rescore_shard, []
@@ -105,11 +111,7 @@ def test_a_damaged_rescore_journal_is_one_line_or_a_fresh_start(
         tmp_path: Path, tiny_cache: Path, scored_cache: Path, tiny_teacher_dir: Path,
         tiny_reference_dir: Path, monkeypatch):
     out = tmp_path / "cache"
-    shutil.copytree(tiny_cache, out)
-    crash_on_second_shard(monkeypatch)
-    with pytest.raises(RuntimeError, match="simulated kill"):
-        rescore_cache(str(out), str(tiny_reference_dir), dtype="fp32", progress=False)
-    monkeypatch.undo()
+    rescore_killed_on_second_shard(tiny_cache, out, tiny_reference_dir, monkeypatch)
     [journal] = (out / "rescore").glob("*/started.json")
     journal.write_text("{not json")
     with pytest.raises(CacheError, match="an interrupted `score` with reference .* is pending"):
