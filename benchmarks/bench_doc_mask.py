@@ -18,10 +18,9 @@ import argparse
 import os
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
-from bench_train import describe_machine, synchronize
+from bench_train import describe_machine, timed_step
 
 from student_train.config import TrainConfig
 from student_train.train import Trainer
@@ -65,13 +64,9 @@ def main() -> None:
             for step in range(args.steps):
                 # off, on, on, off, ...: neither mode always follows the other
                 for mode in ("off", "on") if step % 2 == 0 else ("on", "off"):
-                    trainer = trainers[mode]
-                    synchronize()
-                    started, started_cpu = time.perf_counter(), time.process_time()
-                    trainer.train_step()
-                    synchronize()
-                    wall[mode].append(time.perf_counter() - started)
-                    cpu[mode].append(time.process_time() - started_cpu)
+                    seconds, cpu_seconds = timed_step(trainers[mode])
+                    wall[mode].append(seconds)
+                    cpu[mode].append(cpu_seconds)
             for mode, trainer in trainers.items():
                 ratios = [statistics.median(t[mode]) / statistics.median(t["off"])
                           for t in (wall, cpu)]

@@ -45,6 +45,15 @@ def synchronize() -> None:
         torch.cuda.synchronize()
 
 
+def timed_step(trainer) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one `trainer.train_step()`."""
+    synchronize()
+    started, started_cpu = time.perf_counter(), time.process_time()
+    trainer.train_step()
+    synchronize()
+    return time.perf_counter() - started, time.process_time() - started_cpu
+
+
 def describe_machine() -> None:
     print(f"machine: {platform.machine()} {os.cpu_count()} CPUs, torch threads "
           f"{torch.get_num_threads()}, CUDA {torch.cuda.is_available()}, load average "
@@ -145,12 +154,9 @@ def main() -> None:
                 cpu = {mode: [] for mode in trainers}
                 for _ in range(args.steps):
                     for mode, trainer in trainers.items():
-                        synchronize()
-                        started, started_cpu = time.perf_counter(), time.process_time()
-                        trainer.train_step()
-                        synchronize()
-                        wall[mode].append(time.perf_counter() - started)
-                        cpu[mode].append(time.process_time() - started_cpu)
+                        seconds, cpu_seconds = timed_step(trainer)
+                        wall[mode].append(seconds)
+                        cpu[mode].append(cpu_seconds)
                 eager_rate = None
                 for mode, trainer in trainers.items():
                     tokens = trainer.tokens_per_step
